@@ -1,0 +1,57 @@
+"""`krasis-compile MODEL -o OUT.krs`: the command line of the compiler."""
+
+from __future__ import annotations
+
+import signal
+import sys
+from pathlib import Path
+
+import typer
+
+from krasis_run.format import KrsError
+
+app = typer.Typer(add_completion=False, pretty_exceptions_enable=False)
+
+
+@app.command(help="Compile a Hugging Face BF16 safetensors checkpoint (folder or Hub repo id) into one "
+                  ".krs artifact that krasis-run memory-maps.")
+def compile_cmd(
+    model: str = typer.Argument(..., help="Checkpoint folder, or Hub repo id such as Qwen/Qwen3-30B-A3B "
+                                          "(fetched into the Hub cache; works offline once cached)."),
+    out: Path = typer.Option(..., "-o", "--out", help="Output artifact path (written atomically)."),
+    quant: str = typer.Option("q4", "--quant", help="Routed-expert codec: q4 (4-bit, groups of 32), q8, bf16."),
+    dense_quant: str = typer.Option("q8", "--dense-quant",
+                                    help="Codec of attention, dense MLP and lm_head matrices: q8 or bf16."),
+    sections: str = typer.Option("gpu,cpu", "--sections",
+                                 help="Expert layouts to write: gpu (stacked tiles), cpu (per-expert blocks)."),
+    revision: str = typer.Option(None, "--revision", help="Hub revision (branch, tag or commit)."),
+    no_search: bool = typer.Option(False, "--no-scale-search",
+                                   help="Plain min/max scales instead of the per-group clipping search."),
+    quiet: bool = typer.Option(False, "-q", "--quiet", help="No progress bar."),
+) -> None:
+    from .compile import compile_model  # torch import deferred until the arguments are good
+
+    report = compile_model(
+        model, out, quant=quant, dense_quant=dense_quant,
+        sections=tuple(s.strip() for s in sections.split(",") if s.strip()),
+        revision=revision, progress=not quiet, search=not no_search,
+    )
+    gbps = report.bytes_read / report.seconds / 1e9
+    print(
+        f"wrote {report.out} ({report.file_size / 1e9:.3f} GB) in {report.seconds:.1f} s: "
+        f"read {report.bytes_read / 1e9:.3f} GB at {gbps:.2f} GB/s, peak RSS {report.peak_rss / 2**30:.2f} GiB, "
+        f"quantization rel. L2 error {report.quant_error}",
+        file=sys.stderr,
+    )
+
+
+def main() -> None:
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # unwind so the temporary file is removed
+    try:
+        app()
+    except KrsError as e:
+        print(f"krasis-compile: error: {e}", file=sys.stderr)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        print("krasis-compile: interrupted; nothing written", file=sys.stderr)
+        sys.exit(130)

@@ -1,0 +1,44 @@
+"""The KV cache: mutable run state, kept apart from the read-only mapped weights."""
+
+from __future__ import annotations
+
+import torch
+
+
+class KVCache:
+    """Per layer K and V as [capacity, kv_heads, head_dim]; grows by doubling; `length` tokens are valid."""
+
+    def __init__(self, layers: int, kv_heads: int, head_dim: int, capacity: int = 256,
+                 dtype: torch.dtype = torch.bfloat16, device: str = "cpu"):
+        self.shape, self.dtype, self.device = (kv_heads, head_dim), dtype, device
+        self.keys = [torch.empty(capacity, kv_heads, head_dim, dtype=dtype, device=device) for _ in range(layers)]
+        self.values = [torch.empty_like(k) for k in self.keys]
+        self.length = 0
+
+    @property
+    def capacity(self) -> int:
+        return self.keys[0].shape[0]
+
+    def reserve(self, tokens: int) -> None:
+        if tokens <= self.capacity:
+            return
+        capacity = max(tokens, 2 * self.capacity)
+        for store in (self.keys, self.values):
+            for i, old in enumerate(store):
+                new = torch.empty(capacity, *self.shape, dtype=self.dtype, device=self.device)
+                new[: self.length] = old[: self.length]
+                store[i] = new
+
+    def update(self, layer: int, start: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Store k/v [T, kv_heads, head_dim] at positions start..; return all keys/values up to them."""
+        end = start + k.shape[0]
+        self.reserve(end)
+        self.keys[layer][start:end] = k
+        self.values[layer][start:end] = v
+        return self.keys[layer][:end], self.values[layer][:end]
+
+    def advance(self, length: int) -> None:
+        self.length = length
+
+    def truncate(self, length: int) -> None:
+        self.length = min(self.length, length)

@@ -1,0 +1,92 @@
+"""`krasis-run ART --prompt ...`: generate text from a .krs artifact, streaming to stdout."""
+
+from __future__ import annotations
+
+import sys
+import time
+from pathlib import Path
+
+import typer
+
+from .format import KrsError
+
+app = typer.Typer(add_completion=False, pretty_exceptions_enable=False)
+
+
+def _status(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+@app.command(help="Memory-map a .krs artifact and generate text. The prompt goes through the model's chat "
+                  "template unless --no-chat; text streams to stdout, speeds go to stderr.")
+def run(
+    artifact: Path = typer.Argument(..., help="The .krs artifact written by krasis-compile."),
+    prompt: str = typer.Option(..., "--prompt", "-p", help="Prompt text ('-' reads standard input)."),
+    max_tokens: int = typer.Option(256, "--max-tokens", "-n", min=1, help="Most tokens to generate."),
+    temperature: float = typer.Option(None, "--temperature", min=0.0,
+                                      help="0 = greedy. Default: the model's generation_config, else 0."),
+    top_p: float = typer.Option(None, "--top-p", min=0.0, max=1.0, help="Nucleus sampling mass."),
+    top_k: int = typer.Option(None, "--top-k", min=0, help="Sample among the k most likely (0 = all)."),
+    seed: int = typer.Option(None, "--seed", help="Random seed for sampling."),
+    stop: list[str] = typer.Option([], "--stop", help="Stop when this text appears (repeatable)."),
+    system: str = typer.Option(None, "--system", help="System message for the chat template."),
+    no_chat: bool = typer.Option(False, "--no-chat", help="Feed the prompt raw, without the chat template."),
+    threads: int = typer.Option(None, "--threads", min=1, help="CPU threads (default: physical cores)."),
+    device: str = typer.Option("auto", "--device", help="cpu, cuda or auto (this version runs on the CPU)."),
+    verify: bool = typer.Option(False, "--verify", help="Check every chunk's checksum before running."),
+) -> None:
+    from .runtime import load, resident_bytes  # torch import deferred until the arguments are good
+
+    if prompt == "-":
+        prompt = sys.stdin.read()
+    started = time.perf_counter()
+    rt = load(artifact, device="cpu" if device == "auto" else device, threads=threads, verify=verify,
+              progress=True)
+    _status(f"loaded {artifact} in {time.perf_counter() - started:.2f} s: {rt.args.num_hidden_layers} layers, "
+            f"{rt.threads} threads, kernels {rt.ops.describe()}, resident {resident_bytes() / 2**20:.0f} MiB "
+            f"(weights stay in the {rt.placement.mapped_bytes / 2**20:.0f} MiB mapping)")
+    gen = rt.generation_config
+    sampling = gen.get("do_sample", False)
+    temperature = temperature if temperature is not None else (gen.get("temperature", 1.0) if sampling else 0.0)
+    top_p = top_p if top_p is not None else (gen.get("top_p", 1.0) if sampling else 1.0)
+    top_k = top_k if top_k is not None else (gen.get("top_k", 0) if sampling else 0)
+    tok = rt.tokenizer
+    if no_chat:
+        text = prompt
+    else:
+        messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt}]
+        text = tok.apply_chat_template(messages, add_generation_prompt=True)
+    ids = tok.encode(text)
+    if not ids:
+        raise KrsError("the prompt encodes to no tokens")
+    if len(ids) >= rt.context_length:
+        raise KrsError(f"prompt has {len(ids)} tokens; the model's context holds {rt.context_length}")
+    from .tokenizer import StopStrings
+
+    decoder, stops = tok.stream(), StopStrings(stop)
+    for token in rt.generate(ids, max_new_tokens=max_tokens, temperature=temperature, top_p=top_p,
+                             top_k=top_k, seed=seed):
+        out, stopped = stops.feed(decoder.push(token))
+        sys.stdout.write(out)
+        sys.stdout.flush()
+        if stopped:
+            break
+    else:
+        sys.stdout.write(stops.feed(decoder.flush())[0] + stops.flush())
+    sys.stdout.write("\n")
+    sys.stdout.flush()
+    t = rt.timings
+    _status(f"prompt: {t.prompt_tokens} tokens, {t.prompt_tok_s():.1f} tok/s; "
+            f"decode: {t.decode_tokens} tokens, {t.decode_tok_s():.2f} tok/s")
+
+
+def main() -> None:
+    try:
+        app()
+    except KrsError as e:
+        print(f"krasis-run: error: {e}", file=sys.stderr)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        sys.exit(130)
+    except BrokenPipeError:
+        sys.exit(0)

@@ -1,0 +1,137 @@
+"""Qwen3-MoE (Qwen3MoeForCausalLM: Qwen3-30B-A3B, Qwen3-Coder-30B-A3B, Qwen3-235B-A22B).
+
+The config dataclass mirrors the HF config; the layer math runs on float32 activations and calls
+the kernels only through `ops` (dense matmuls, the routed experts), so the same code serves every
+placement of the weights.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from .base import (
+    ConfigError,
+    apply_rope,
+    causal_attention,
+    from_hf_fields,
+    rms_norm,
+    rope_cos_sin,
+    rope_inv_freq,
+    rope_theta_and_type,
+)
+
+ARCHITECTURE = "Qwen3MoeForCausalLM"
+
+
+@dataclass
+class ModelArgs:
+    vocab_size: int
+    hidden_size: int
+    num_hidden_layers: int
+    num_attention_heads: int
+    num_key_value_heads: int
+    moe_intermediate_size: int
+    num_experts: int
+    num_experts_per_tok: int
+    intermediate_size: int = 0
+    head_dim: int = 0
+    norm_topk_prob: bool = False
+    rms_norm_eps: float = 1e-6
+    max_position_embeddings: int = 32768
+    tie_word_embeddings: bool = False
+    decoder_sparse_step: int = 1
+    mlp_only_layers: list[int] = field(default_factory=list)
+    attention_bias: bool = False
+    hidden_act: str = "silu"
+    rope_theta: float = 10000.0
+
+    @classmethod
+    def from_hf(cls, config: dict[str, Any]) -> ModelArgs:
+        args = from_hf_fields(cls, config, aliases={"num_local_experts": "num_experts"})
+        args.rope_theta, rope_type = rope_theta_and_type(config)
+        if rope_type != "default":
+            raise ConfigError(f"rope type {rope_type!r} is not supported yet (only 'default')")
+        if args.hidden_act != "silu":
+            raise ConfigError(f"hidden_act {args.hidden_act!r} is not supported (only 'silu')")
+        if not args.head_dim:
+            args.head_dim = args.hidden_size // args.num_attention_heads
+        if args.num_attention_heads % args.num_key_value_heads:
+            raise ConfigError("num_attention_heads must be a multiple of num_key_value_heads")
+        return args
+
+    def is_sparse(self, layer: int) -> bool:
+        return (
+            layer not in self.mlp_only_layers
+            and self.num_experts > 0
+            and (layer + 1) % self.decoder_sparse_step == 0
+        )
+
+
+def layer_tensor_names(args: ModelArgs, layer: int) -> dict[str, str]:
+    """Role -> artifact tensor name for one decoder layer (the compiler writes exactly these)."""
+    p = f"layers.{layer}."
+    names = {r: p + r for r in ("attn_norm", "q_proj", "k_proj", "v_proj", "o_proj", "q_norm", "k_norm")}
+    names["mlp_norm"] = p + "mlp_norm"
+    if args.attention_bias:
+        names.update({f"{r}_bias": p + f"{r}_bias" for r in ("q_proj", "k_proj", "v_proj", "o_proj")})
+    if args.is_sparse(layer):
+        names.update(router=p + "router", experts_gpu_gate_up=p + "experts.gate_up",
+                     experts_gpu_down=p + "experts.down", experts_cpu=p + "experts_cpu")
+    else:
+        names.update(mlp_gate_up=p + "mlp.gate_up", mlp_down=p + "mlp.down")
+    return names
+
+
+class Model:
+    """Forward pass over `weights` (artifact tensor name -> weight object) using `ops` for the matmuls."""
+
+    def __init__(self, args: ModelArgs, weights, ops):
+        self.args, self.w, self.ops = args, weights, ops
+        self.inv_freq = rope_inv_freq(args.head_dim, args.rope_theta)
+        self.layer_names = [layer_tensor_names(args, i) for i in range(args.num_hidden_layers)]
+
+    def attention(self, i: int, x: torch.Tensor, cache, start_pos: int, cos, sin) -> torch.Tensor:
+        a, n, w = self.args, self.layer_names[i], self.w
+        t = x.shape[0]
+
+        def proj(role: str) -> torch.Tensor:
+            y = self.ops.linear(x, w[n[role]])
+            return y + w[n[role + "_bias"]] if a.attention_bias else y
+
+        q = proj("q_proj").view(t, a.num_attention_heads, a.head_dim)
+        k = proj("k_proj").view(t, a.num_key_value_heads, a.head_dim)
+        v = proj("v_proj").view(t, a.num_key_value_heads, a.head_dim)
+        q = apply_rope(rms_norm(q, w[n["q_norm"]], a.rms_norm_eps), cos, sin)
+        k = apply_rope(rms_norm(k, w[n["k_norm"]], a.rms_norm_eps), cos, sin)
+        keys, values = cache.update(i, start_pos, k, v)
+        out = self.ops.linear(causal_attention(q, keys, values, start_pos), w[n["o_proj"]])
+        return out + w[n["o_proj_bias"]] if a.attention_bias else out
+
+    def mlp(self, i: int, x: torch.Tensor) -> torch.Tensor:
+        a, n, w = self.args, self.layer_names[i], self.w
+        if not a.is_sparse(i):
+            gate, up = self.ops.linear(x, w[n["mlp_gate_up"]]).chunk(2, dim=-1)
+            return self.ops.linear(F.silu(gate) * up, w[n["mlp_down"]])
+        router_logits = self.ops.linear(x, w[n["router"]])
+        probs = torch.softmax(router_logits.float(), dim=-1)
+        topk_weights, topk_ids = torch.topk(probs, a.num_experts_per_tok, dim=-1)
+        if a.norm_topk_prob:
+            topk_weights = topk_weights / topk_weights.sum(-1, keepdim=True)
+        return self.ops.experts(x, topk_ids, topk_weights, w[n["experts_cpu"]], layer=i)
+
+    def forward(self, tokens: torch.Tensor, cache, start_pos: int, all_logits: bool = False) -> torch.Tensor:
+        """tokens [T] at positions start_pos.. -> logits [T, vocab] (or [1, vocab] for the last token)."""
+        a, w = self.args, self.w
+        x = self.ops.embed(tokens, w["embed"])
+        cos, sin = rope_cos_sin(self.inv_freq, torch.arange(start_pos, start_pos + tokens.shape[0]))
+        for i, n in enumerate(self.layer_names):
+            x = x + self.attention(i, rms_norm(x, w[n["attn_norm"]], a.rms_norm_eps), cache, start_pos, cos, sin)
+            x = x + self.mlp(i, rms_norm(x, w[n["mlp_norm"]], a.rms_norm_eps))
+        cache.advance(start_pos + tokens.shape[0])
+        if not all_logits:
+            x = x[-1:]
+        return self.ops.linear(rms_norm(x, w["norm"], a.rms_norm_eps), w["lm_head"])

@@ -1,0 +1,118 @@
+"""`krasis_run.load(path)`: open, validate, plan, place weights, and expose logits / generate / tokenizer."""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from .artifact import Artifact
+from .engine import CpuEngine
+from .format import KrsError
+from .kernels.cpu import CpuOps
+from .models import MODELS
+from .planner import place_weights, plan, set_threads
+from .sampling import sample
+from .tokenizer import Tokenizer
+
+
+@dataclass
+class Timings:
+    prompt_tokens: int = 0
+    prefill_seconds: float = 0.0
+    decode_tokens: int = 0
+    decode_seconds: float = 0.0
+
+    def prompt_tok_s(self) -> float:
+        return self.prompt_tokens / self.prefill_seconds if self.prefill_seconds else 0.0
+
+    def decode_tok_s(self) -> float:
+        return self.decode_tokens / self.decode_seconds if self.decode_seconds else 0.0
+
+
+def resident_bytes() -> int:
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 0
+
+
+class Runtime:
+    def __init__(self, path: str | os.PathLike, device: str = "cpu", threads: int | None = None,
+                 verify: bool = False, kernel: str | None = None, progress: bool = False):
+        self.artifact = Artifact(path)
+        if verify:
+            self.artifact.verify(progress=progress)
+        header = self.artifact.header
+        arch = MODELS.get(header.get("architecture"))
+        if arch is None:
+            raise KrsError(
+                f"artifact is for architecture {header.get('architecture')!r}, which this krasis does not "
+                f"support (supported: {', '.join(sorted(MODELS))})"
+            )
+        self.threads = set_threads(threads)
+        self.args = arch.ModelArgs.from_hf(header["config"])
+        self.placement = plan(self.artifact, device)
+        self.ops = CpuOps(kernel)
+        self.model = arch.Model(self.args, place_weights(self.artifact, self.placement), self.ops)
+        self.engine = CpuEngine(self.model)
+        tok = header.get("tokenizer", {})
+        self.tokenizer = Tokenizer(self.artifact.blob("tokenizer.json"), tok.get("config", {}),
+                                   tok.get("chat_template"), header.get("generation_config"))
+        self.generation_config = header.get("generation_config") or {}
+        self.timings = Timings()
+
+    @property
+    def context_length(self) -> int:
+        return self.args.max_position_embeddings
+
+    def _check_tokens(self, token_ids: list[int]) -> None:
+        if not token_ids:
+            raise KrsError("empty prompt")
+        if min(token_ids) < 0 or max(token_ids) >= self.args.vocab_size:
+            raise KrsError(f"token ids must be in [0, {self.args.vocab_size})")
+
+    def logits(self, token_ids: list[int]) -> np.ndarray:
+        """Float32 logits [T, vocab] for every position of one prefill pass from an empty cache."""
+        self._check_tokens(token_ids)
+        cache = self.engine.new_cache(len(token_ids))
+        return self.engine.prefill(list(token_ids), cache, all_logits=True).float().numpy()
+
+    def generate(self, token_ids: list[int], max_new_tokens: int = 256, temperature: float = 0.0,
+                 top_p: float = 1.0, top_k: int = 0, seed: int | None = None,
+                 stop_token_ids: set[int] | None = None) -> Iterator[int]:
+        """Yield new token ids; stops at an EOS/stop token (not yielded), max_new_tokens or the context end."""
+        self._check_tokens(token_ids)
+        stops = self.tokenizer.eos_token_ids if stop_token_ids is None else stop_token_ids
+        limit = min(max_new_tokens, self.context_length - len(token_ids))
+        if limit < 0:
+            raise KrsError(f"prompt has {len(token_ids)} tokens; the context holds {self.context_length}")
+        generator = torch.Generator().manual_seed(seed) if seed is not None else None
+        self.timings = t = Timings(prompt_tokens=len(token_ids))
+        cache = self.engine.new_cache(len(token_ids) + limit)
+        started = time.perf_counter()
+        logits = self.engine.prefill(list(token_ids), cache)
+        t.prefill_seconds = time.perf_counter() - started
+        for step in range(limit):
+            token = sample(logits, temperature, top_k, top_p, generator)
+            if token in stops:
+                return
+            yield token
+            if step + 1 == limit:
+                return
+            started = time.perf_counter()
+            logits = self.engine.decode(token, cache)
+            t.decode_seconds += time.perf_counter() - started
+            t.decode_tokens += 1
+
+
+def load(path: str | os.PathLike, device: str = "cpu", **kwargs) -> Runtime:
+    return Runtime(path, device=device, **kwargs)

@@ -1,0 +1,105 @@
+"""Tiny Qwen3-MoE checkpoints built with transformers' own classes, every parameter perturbed."""
+
+from __future__ import annotations
+
+import json
+import sysconfig
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+CHAT_TEMPLATE = (
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+
+def corpus() -> list[str]:
+    stdlib = Path(sysconfig.get_paths()["stdlib"])
+    texts = [(stdlib / name).read_text() for name in ("textwrap.py", "json/__init__.py", "colorsys.py")]
+    texts.append("Grüße, naïve café — 日本語のテキスト。 emoji 🙂🚀 and ünïcödé text.")
+    return texts
+
+
+def make_tokenizer(folder: Path, vocab_size: int = 400) -> Tokenizer:
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size, special_tokens=SPECIALS, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
+    )
+    tok.train_from_iterator(corpus(), trainer)
+    folder.mkdir(parents=True, exist_ok=True)
+    tok.save(str(folder / "tokenizer.json"))
+    (folder / "tokenizer_config.json").write_text(json.dumps({
+        "eos_token": "<|im_end|>", "pad_token": "<|endoftext|>", "bos_token": None,
+        "chat_template": CHAT_TEMPLATE, "model_max_length": 512,
+    }))
+    return tok
+
+
+def tiny_config(**overrides):
+    from transformers import Qwen3MoeConfig
+
+    base = dict(
+        vocab_size=400, hidden_size=64, intermediate_size=96, moe_intermediate_size=32,
+        num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+        num_experts=8, num_experts_per_tok=2, norm_topk_prob=True, max_position_embeddings=512,
+        rope_theta=10000.0, rms_norm_eps=1e-6, tie_word_embeddings=False,
+    )
+    base.update(overrides)
+    return Qwen3MoeConfig(**base)
+
+
+def make_model(config, seed: int = 0):
+    """A Qwen3MoeForCausalLM whose every parameter (norms included) is randomly perturbed, rounded to bf16.
+
+    Shaped like a trained model where it matters for error bounds: unit-scale embeddings carry the
+    residual stream and each block adds a smaller update (o_proj / down_proj at half scale), so a
+    0.5% weight error doesn't turn into a different model, while dropping any one norm still moves
+    the logits by several percent.
+    """
+    from transformers import Qwen3MoeForCausalLM
+
+    torch.manual_seed(seed)
+    model = Qwen3MoeForCausalLM(config).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.dim() == 1:  # norms (and biases): around 1, different per channel
+                p.copy_(1.0 + 0.2 * torch.randn_like(p))
+            elif "embed_tokens" in name:
+                p.copy_(torch.randn_like(p))
+            else:
+                scale = 0.5 if ("o_proj" in name or "down_proj" in name) else 1.0
+                p.copy_(torch.randn_like(p) * scale / p.shape[-1] ** 0.5)
+            p.copy_(p.to(torch.bfloat16).float())  # the checkpoint stores bf16: oracle runs on the same values
+    return model
+
+
+def save_checkpoint(model, folder: Path, expert_layout: str = "per_expert") -> Path:
+    """Save as bf16 safetensors with experts per-expert (hub style) or stacked (gate_up_proj/down_proj)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(folder, safe_serialization=True)  # config.json, generation_config.json, weights
+    if expert_layout == "stacked":
+        for f in folder.glob("*.safetensors"):
+            f.unlink()
+        tensors = {n: p.detach().to(torch.bfloat16).contiguous() for n, p in model.state_dict().items()}
+        save_file(tensors, str(folder / "model.safetensors"), metadata={"format": "pt"})
+    else:
+        from safetensors.torch import load_file
+
+        for f in folder.glob("*.safetensors"):
+            tensors = {n: t.to(torch.bfloat16).contiguous() for n, t in load_file(str(f)).items()}
+            save_file(tensors, str(f), metadata={"format": "pt"})
+    return folder
+
+
+def build(folder: Path, expert_layout: str = "per_expert", seed: int = 0, **overrides):
+    config = tiny_config(**overrides)
+    model = make_model(config, seed)
+    save_checkpoint(model, folder, expert_layout)
+    make_tokenizer(folder, config.vocab_size)
+    return model
