@@ -25,8 +25,9 @@ def compile_cmd(
     sections: str = typer.Option("gpu,cpu", "--sections",
                                  help="Expert layouts to write: gpu (stacked tiles), cpu (per-expert blocks)."),
     revision: str = typer.Option(None, "--revision", help="Hub revision (branch, tag or commit)."),
-    no_search: bool = typer.Option(False, "--no-scale-search",
-                                   help="Plain min/max scales instead of the per-group clipping search."),
+    rounding: str = typer.Option("refit", "--rounding",
+                                 help="refit: least-squares refit of each group's scales (lower error); "
+                                      "minmax: plain min/max rounding (faster)."),
     quiet: bool = typer.Option(False, "-q", "--quiet", help="No progress bar."),
 ) -> None:
     from .compile import compile_model  # torch import deferred until the arguments are good
@@ -34,7 +35,7 @@ def compile_cmd(
     report = compile_model(
         model, out, quant=quant, dense_quant=dense_quant,
         sections=tuple(s.strip() for s in sections.split(",") if s.strip()),
-        revision=revision, progress=not quiet, search=not no_search,
+        revision=revision, progress=not quiet, rounding=rounding,
     )
     gbps = report.bytes_read / report.seconds / 1e9
     print(

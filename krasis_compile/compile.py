@@ -18,7 +18,7 @@ from . import __version__
 from .checkpoint import Checkpoint, CompileError, read_json, resolve
 from .layout import KIND_CODEC, Group, PlannedChunk, cpu_block_parts, plan_chunks
 from .models import qwen3_moe
-from .quantize import quantize
+from .quantize import ROUNDINGS, quantize
 from .writer import ArtifactWriter
 
 ARCHITECTURES = {qwen3_moe.ARCHITECTURE: qwen3_moe}
@@ -73,14 +73,14 @@ def _compress(data: bytes) -> tuple[bytes, str]:
 
 
 def _write_dense(w: ArtifactWriter, group: Group, chunk: PlannedChunk, dense_codec: str, stats: ErrorStats,
-                 search: bool) -> None:
+                 rounding: str) -> None:
     for spec, planned in zip(group.tensors, chunk.tensors, strict=True):
         weight = spec.load()
         codec = KIND_CODEC.get(spec.kind, dense_codec)
         if codec == "f32":
             encoded = {"w": weight.float()}
         else:
-            quantized = quantize(codec, weight, search)
+            quantized = quantize(codec, weight, rounding)
             if spec.kind == "matrix":
                 stats.add("dense", weight, quantized["sq_err"])
             encoded = encode_parts(codec, "rows", quantized)
@@ -89,7 +89,7 @@ def _write_dense(w: ArtifactWriter, group: Group, chunk: PlannedChunk, dense_cod
 
 
 def _write_experts(w: ArtifactWriter, group: Group, codec: str, sections: tuple[str, ...], stats: ErrorStats,
-                   search: bool) -> None:
+                   rounding: str) -> None:
     src = group.experts
     per_expert = 4 * (math.prod(src.gate_up_shape) + math.prod(src.down_shape))
     step = max(1, EXPERT_SLICE_BYTES // per_expert)
@@ -98,7 +98,7 @@ def _write_experts(w: ArtifactWriter, group: Group, codec: str, sections: tuple[
     cpu_blocks: list[dict] = []
     for start in range(0, src.count, step):
         gate_up, down = src.load(start, min(start + step, src.count))
-        q_gate_up, q_down = quantize(codec, gate_up, search), quantize(codec, down, search)
+        q_gate_up, q_down = quantize(codec, gate_up, rounding), quantize(codec, down, rounding)
         stats.add("experts", gate_up, q_gate_up["sq_err"])
         stats.add("experts", down, q_down["sq_err"])
         if "gpu" in sections:
@@ -120,11 +120,13 @@ def _write_experts(w: ArtifactWriter, group: Group, codec: str, sections: tuple[
 
 def compile_model(model: str, out: str | Path, quant: str = "q4", dense_quant: str = "q8",
                   sections: tuple[str, ...] = ("gpu", "cpu"), revision: str | None = None,
-                  progress: bool = True, search: bool = True) -> CompileReport:
+                  progress: bool = True, rounding: str = "refit") -> CompileReport:
     if quant not in CODECS:
         raise CompileError(f"--quant must be one of {', '.join(CODECS)}, not {quant!r}")
     if dense_quant not in DENSE_CODECS:
         raise CompileError(f"--dense-quant must be one of {', '.join(DENSE_CODECS)}, not {dense_quant!r}")
+    if rounding not in ROUNDINGS:
+        raise CompileError(f"--rounding must be one of {', '.join(ROUNDINGS)}, not {rounding!r}")
     if not sections or set(sections) - {"gpu", "cpu"}:
         raise CompileError("--sections takes gpu, cpu or gpu,cpu")
     started = time.perf_counter()
@@ -149,7 +151,7 @@ def compile_model(model: str, out: str | Path, quant: str = "q4", dense_quant: s
         "generation_config": read_json(source.folder, "generation_config.json", required=False),
         "tokenizer": {"blob": "tokenizer.json", "config": tokenizer_config, "chat_template": chat_template},
         "quant": {
-            "experts": quant, "dense": dense_quant, "rounding": "clip-search" if search else "minmax",
+            "experts": quant, "dense": dense_quant, "rounding": rounding,
             "rel_l2_error": {"experts": ERROR_PLACEHOLDER, "dense": ERROR_PLACEHOLDER},
         },
         "sections": list(sections),
@@ -162,9 +164,9 @@ def compile_model(model: str, out: str | Path, quant: str = "q4", dense_quant: s
         w.write("tokenizer.json", None, blob)
         for group in tqdm(groups, desc="compile", unit="layer", disable=not progress):
             dense_chunk = chunk_of[group.name if group.layer is None else f"{group.name}.dense"]
-            _write_dense(w, group, dense_chunk, dense_quant, stats, search)
+            _write_dense(w, group, dense_chunk, dense_quant, stats, rounding)
             if group.experts is not None:
-                _write_experts(w, group, quant, sections, stats, search)
+                _write_experts(w, group, quant, sections, stats, rounding)
         header["quant"]["rel_l2_error"].update(stats.relative())
         size = w.finish()
     return CompileReport(

@@ -101,6 +101,9 @@ class ArtifactWriter:
         except OSError as e:
             self._discard()
             raise self._os_error(e) from e
+        except BaseException:  # SIGTERM/Ctrl-C before the with-block owns the file
+            self._discard()
+            raise
         self._pos = self.data_start
         return self
 

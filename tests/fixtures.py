@@ -103,3 +103,8 @@ def build(folder: Path, expert_layout: str = "per_expert", seed: int = 0, **over
     save_checkpoint(model, folder, expert_layout)
     make_tokenizer(folder, config.vocab_size)
     return model
+
+
+def prompt_ids(vocab: int, n: int = 48, seed: int = 0) -> list[int]:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(3, vocab, (n,), generator=g).tolist()

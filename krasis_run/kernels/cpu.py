@@ -63,7 +63,7 @@ class CpuOps:
 
     def matmul(self, x: torch.Tensor, codec: str, layout: str, parts: dict[str, torch.Tensor]) -> torch.Tensor:
         """x [M, K] float32 @ W[N, K]^T -> [M, N] float32."""
-        if self.kernel == "reference" or codec == "f32":
+        if self.kernel == "reference" or codec == "f32" or (codec == "q4" and not self.int4_in_place):
             return F.linear(x, dequant_parts(codec, layout, parts))
         # The packed kernels take bf16 activations. Rounding x to bf16 costs ~1% in the logits, so x
         # goes in as two bf16 rows, hi + lo, and the two results are summed in float32: same weight
@@ -75,12 +75,12 @@ class CpuOps:
             y = F.linear(xb, parts["w"])
         elif codec == "q8":
             y = torch.ops.aten._weight_int8pack_mm(xb, parts["q"], parts["scale"])
-        elif self.int4_in_place and layout == "cpu_blocks":
+        elif codec == "q4" and layout == "cpu_blocks":
             q = parts["q"]
             packed = q.view(q.shape[0] * q.shape[2] * 2, q.shape[1] // 2)
             y = torch.ops.aten._weight_int4pack_mm_for_cpu(xb, packed, Q4_GROUP, parts["scale_zero"])
         else:
-            y = F.linear(xb, dequant_parts(codec, layout, parts).to(torch.bfloat16))
+            raise ValueError(f"no CPU kernel for {codec} in the {layout} layout")
         y = y.float()
         return y[:m] + y[m:]
 

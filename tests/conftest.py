@@ -1,0 +1,50 @@
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+import fixtures  # noqa: E402
+
+from krasis_compile.compile import compile_model  # noqa: E402
+
+torch.set_num_threads(1)  # CI has 2 cores; tiny models gain nothing from threads
+
+
+class TinyModel:
+    """A tiny checkpoint on disk, its transformers model (the oracle) and artifacts compiled from it."""
+
+    def __init__(self, folder: Path, model, layout: str):
+        self.folder, self.model, self.layout = folder, model, layout
+        self._artifacts: dict[tuple[str, str], Path] = {}
+
+    def artifact(self, quant: str = "q4", dense_quant: str = "q8") -> Path:
+        key = (quant, dense_quant)
+        if key not in self._artifacts:
+            out = self.folder.parent / f"{self.folder.name}-{quant}-{dense_quant}.krs"
+            compile_model(str(self.folder), out, quant=quant, dense_quant=dense_quant, progress=False)
+            self._artifacts[key] = out
+        return self._artifacts[key]
+
+    @torch.no_grad()
+    def reference_logits(self, ids: list[int]) -> torch.Tensor:
+        return self.model(torch.tensor([ids])).logits[0].float()
+
+
+@pytest.fixture(scope="session", params=["per_expert", "stacked"])
+def tiny(request, tmp_path_factory) -> TinyModel:
+    folder = tmp_path_factory.mktemp("models") / f"tiny-{request.param}"
+    seed = 0 if request.param == "per_expert" else 1
+    model = fixtures.build(folder, request.param, seed=seed)
+    return TinyModel(folder, model, request.param)
+
+
+@pytest.fixture(scope="session")
+def tiny_per_expert(tmp_path_factory) -> TinyModel:
+    folder = tmp_path_factory.mktemp("models") / "tiny-main"
+    return TinyModel(folder, fixtures.build(folder, "per_expert", seed=2), "per_expert")
+
