@@ -22,7 +22,7 @@ from .quantize import ROUNDINGS, quantize
 from .writer import ArtifactWriter
 
 ARCHITECTURES = {qwen3_moe.ARCHITECTURE: qwen3_moe}
-EXPERT_SLICE_BYTES = 256 << 20  # float32 working set per quantization slice
+EXPERT_SLICE_BYTES = 64 << 20  # bf16 experts loaded per step; quantize() works on smaller pieces
 ERROR_PLACEHOLDER = f"{0.0:.6e}"
 
 
@@ -91,7 +91,7 @@ def _write_dense(w: ArtifactWriter, group: Group, chunk: PlannedChunk, dense_cod
 def _write_experts(w: ArtifactWriter, group: Group, codec: str, sections: tuple[str, ...], stats: ErrorStats,
                    rounding: str) -> None:
     src = group.experts
-    per_expert = 4 * (math.prod(src.gate_up_shape) + math.prod(src.down_shape))
+    per_expert = 2 * (math.prod(src.gate_up_shape) + math.prod(src.down_shape))
     step = max(1, EXPERT_SLICE_BYTES // per_expert)
     gpu_gate_up: list[dict] = []
     gpu_down: list[dict] = []

@@ -15,6 +15,7 @@ import torch
 from krasis_run.format import Q4_GROUP, Q4_OFFSET, Q8_MAX
 
 ROUNDINGS = ("refit", "minmax")
+SLICE_ELEMENTS = 1 << 20
 REFIT_STEPS = 2
 
 
@@ -75,10 +76,27 @@ def quantize_q8(w: torch.Tensor) -> dict[str, torch.Tensor]:
     return {"q": q.to(torch.int8), "scale": scale.to(torch.bfloat16), "sq_err": err.sum()}
 
 
-def quantize(codec: str, w: torch.Tensor, rounding: str = "refit") -> dict[str, torch.Tensor]:
+def _quantize_rows(codec: str, w: torch.Tensor, rounding: str) -> dict[str, torch.Tensor]:
     if codec == "q4":
         return quantize_q4(w, rounding)
     if codec == "q8":
         return quantize_q8(w)
     stored = w.to(torch.bfloat16)
     return {"w": stored, "sq_err": (stored.float() - w.float()).square().sum()}
+
+
+def quantize(codec: str, w: torch.Tensor, rounding: str = "refit") -> dict[str, torch.Tensor]:
+    """Quantize w [..., N, K] a few rows at a time: float32 temporaries stay small and cache-resident,
+    so a 600 MB lm_head costs tens of MB of working memory, not gigabytes."""
+    *lead, n, k = w.shape
+    rows = w.reshape(-1, k)
+    step = max(1, SLICE_ELEMENTS // k)
+    pieces = [_quantize_rows(codec, rows[i:i + step], rounding) for i in range(0, rows.shape[0], step)]
+    out = {}
+    for name in pieces[0]:
+        if name == "sq_err":
+            out[name] = sum(p[name] for p in pieces)
+        else:
+            joined = torch.cat([p[name] for p in pieces])
+            out[name] = joined.reshape(*lead, n, *joined.shape[1:])
+    return out

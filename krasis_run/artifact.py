@@ -21,6 +21,7 @@ from .codecs import TORCH_DTYPES, matrix_parts, part_nbytes
 from .format import (
     ALIGN,
     DTYPE_SIZES,
+    PART_ALIGN,
     PREAMBLE_SIZE,
     KrsError,
     Preamble,
@@ -88,9 +89,15 @@ class Artifact:
         self.version = preamble.version
         self.header = decode_header(self._file.read(preamble.header_len), preamble.header_crc32)
         self.data_start = data_start(preamble.header_len)
+        if self.header.get("format_version") != self.version:
+            raise KrsError("corrupt artifact: header and preamble disagree on the format version")
         self._mm = mmap.mmap(self._file.fileno(), 0, access=mmap.ACCESS_READ)
-        self.chunks = self._validate_chunks()
-        self._tensor_specs = self._validate_tensors()
+        try:
+            self.chunks = self._validate_chunks()
+            self._tensor_specs = self._validate_tensors()
+            self._validate_blobs()
+        except (AttributeError, KeyError, TypeError, ValueError) as e:  # a field of the wrong JSON type
+            raise KrsError(f"corrupt artifact: malformed header entry ({type(e).__name__}: {e})") from e
         self._views: dict[str, TensorView] = {}
 
     # ------------------------------------------------------------ validation
@@ -132,6 +139,8 @@ class Artifact:
                 raise KrsError(f"corrupt artifact: tensor {name!r} names an unknown chunk")
             offset = _check_int(spec.get("offset"), f"tensor {name!r} offset")
             length = _check_int(spec.get("length"), f"tensor {name!r} length")
+            if offset % PART_ALIGN or spec.get("expert_stride", 0) % PART_ALIGN:
+                raise KrsError(f"corrupt artifact: tensor {name!r} is not aligned to {PART_ALIGN} bytes")
             if offset < chunk.offset or offset + length > chunk.offset + chunk.length:
                 raise KrsError(f"corrupt artifact: tensor {name!r} lies outside its chunk {chunk.name!r}")
             span = length
@@ -142,6 +151,15 @@ class Artifact:
                     raise KrsError(f"corrupt artifact: tensor {name!r} experts overrun the tensor")
             self._check_parts(name, spec, span)
         return raw
+
+    def _validate_blobs(self) -> None:
+        for name, spec in (self.header.get("blobs") or {}).items():
+            chunk = self.chunks.get(spec.get("chunk"))
+            offset, length = _check_int(spec.get("offset"), name), _check_int(spec.get("length"), name)
+            if chunk is None or offset < chunk.offset or offset + length > chunk.offset + chunk.length:
+                raise KrsError(f"corrupt artifact: blob {name!r} lies outside its chunk")
+            if spec.get("compression") not in ("zstd", "none"):
+                raise KrsError(f"corrupt artifact: blob {name!r} has unknown compression")
 
     def _check_parts(self, name: str, spec: dict, span: int) -> None:
         """Every part inside the tensor (or one expert's span), sizes as the codec says."""
@@ -208,13 +226,7 @@ class Artifact:
         spec = (self.header.get("blobs") or {}).get(name)
         if spec is None:
             raise KrsError(f"artifact has no {name!r}")
-        chunk = self.chunks.get(spec.get("chunk"))
-        if chunk is None:
-            raise KrsError(f"corrupt artifact: blob {name!r} names an unknown chunk")
-        offset, length = _check_int(spec.get("offset"), name), _check_int(spec.get("length"), name)
-        if offset < chunk.offset or offset + length > chunk.offset + chunk.length:
-            raise KrsError(f"corrupt artifact: blob {name!r} lies outside its chunk")
-        data = bytes(self._mm[offset:offset + length])
+        data = bytes(self._mm[spec["offset"]:spec["offset"] + spec["length"]])  # range checked at open
         if spec.get("compression") == "zstd":
             try:
                 import zstandard  # lazily: only artifacts with compressed blobs need it
@@ -224,6 +236,8 @@ class Artifact:
                 data = zstandard.ZstdDecompressor().decompress(data, max_output_size=spec.get("raw_length", 0))
             except zstandard.ZstdError as e:
                 raise KrsError(f"corrupt artifact: {name} does not decompress ({e})") from e
+        if len(data) != spec.get("raw_length", len(data)):
+            raise KrsError(f"corrupt artifact: {name} has {len(data)} bytes, the header says {spec['raw_length']}")
         return data
 
     # ------------------------------------------------------------ checksums

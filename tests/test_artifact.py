@@ -150,6 +150,13 @@ def test_damaged_preamble_and_header(tiny_per_expert, tmp_path):
     (lambda h: h["tensors"]["layers.0.q_proj"]["parts"]["q"].update(shape=[4096, 4096]), "wrong dtype or shape"),
     (lambda h: h["tensors"]["layers.0.q_proj"].update(codec="q4"), "do not match its codec"),
     (lambda h: h["tensors"]["layers.0.q_proj"]["parts"]["q"].update(offset=-8), "non-negative"),
+    (lambda h: h["tensors"]["layers.0.q_proj"].update(offset=h["tensors"]["layers.0.q_proj"]["offset"] + 2),
+     "not aligned"),
+    (lambda h: h["chunks"].__setitem__(2, "oops"), "malformed header entry"),
+    (lambda h: h["tensors"]["layers.0.q_proj"].update(chunk=["x"]), "malformed header entry"),
+    (lambda h: h["tensors"]["layers.0.q_proj"].update(parts=[1, 2]), "malformed header entry|no parts"),
+    (lambda h: h["blobs"]["tokenizer.json"].update(length=1 << 40), "blob"),
+    (lambda h: h.update(format_version=2), "disagree"),
 ])
 def test_hostile_header_ranges_are_refused(tiny_per_expert, tmp_path, edit, message):
     bad = tmp_path / "hostile.krs"

@@ -1,0 +1,201 @@
+"""Decode speed on a synthetic model with real Qwen3-30B-A3B layer shapes, compiled by the real compiler.
+
+    python scripts/bench_decode.py --layers 4 --quant q4,q8 [--threads N] [--json out.json]
+
+Writes a random BF16 checkpoint (hidden 2048, 32/4 heads of 128, 128 experts, top-8, expert width 768,
+vocab 151,936; --layers of them), compiles it with krasis-compile in a subprocess (its input GB/s and
+peak RSS are reported), then decodes greedily and prints tok/s next to the weight bytes read per token,
+the effective GB/s and this machine's measured read bandwidth, so the gap is a ratio.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+
+SHAPE = dict(
+    vocab_size=151936, hidden_size=2048, num_attention_heads=32, num_key_value_heads=4, head_dim=128,
+    num_experts=128, num_experts_per_tok=8, moe_intermediate_size=768, intermediate_size=6144,
+)
+
+
+def write_checkpoint(folder: Path, layers: int) -> int:
+    """Random bf16 weights in hub naming, one shard per layer; returns bytes written."""
+    from tokenizers import Tokenizer, models
+
+    folder.mkdir(parents=True, exist_ok=True)
+    s, g = SHAPE, torch.Generator().manual_seed(0)
+    h, hd, e, i = s["hidden_size"], s["head_dim"], s["num_experts"], s["moe_intermediate_size"]
+
+    def rand(*shape: int) -> torch.Tensor:
+        return (torch.randn(*shape, generator=g) * shape[-1] ** -0.5).to(torch.bfloat16)
+
+    total = 0
+
+    def save(tensors: dict, name: str) -> None:
+        nonlocal total
+        total += sum(t.numel() * 2 for t in tensors.values())
+        save_file(tensors, str(folder / name), metadata={"format": "pt"})
+
+    save({"model.embed_tokens.weight": rand(s["vocab_size"], h), "lm_head.weight": rand(s["vocab_size"], h),
+          "model.norm.weight": torch.ones(h, dtype=torch.bfloat16)}, "model-globals.safetensors")
+    for layer in range(layers):
+        p = f"model.layers.{layer}."
+        t = {
+            p + "input_layernorm.weight": torch.ones(h, dtype=torch.bfloat16),
+            p + "post_attention_layernorm.weight": torch.ones(h, dtype=torch.bfloat16),
+            p + "self_attn.q_proj.weight": rand(s["num_attention_heads"] * hd, h),
+            p + "self_attn.k_proj.weight": rand(s["num_key_value_heads"] * hd, h),
+            p + "self_attn.v_proj.weight": rand(s["num_key_value_heads"] * hd, h),
+            p + "self_attn.o_proj.weight": rand(h, s["num_attention_heads"] * hd),
+            p + "self_attn.q_norm.weight": torch.ones(hd, dtype=torch.bfloat16),
+            p + "self_attn.k_norm.weight": torch.ones(hd, dtype=torch.bfloat16),
+            p + "mlp.gate.weight": rand(e, h),
+        }
+        for x in range(e):
+            t[p + f"mlp.experts.{x}.gate_proj.weight"] = rand(i, h)
+            t[p + f"mlp.experts.{x}.up_proj.weight"] = rand(i, h)
+            t[p + f"mlp.experts.{x}.down_proj.weight"] = rand(h, i)
+        save(t, f"model-layer{layer:03d}.safetensors")
+    config = dict(SHAPE, architectures=["Qwen3MoeForCausalLM"], model_type="qwen3_moe", num_hidden_layers=layers,
+                  rope_theta=1e6, rms_norm_eps=1e-6, norm_topk_prob=True, max_position_embeddings=40960,
+                  tie_word_embeddings=False, torch_dtype="bfloat16")
+    (folder / "config.json").write_text(json.dumps(config))
+    tok = Tokenizer(models.WordLevel({"<unk>": 0, "a": 1, "b": 2}, unk_token="<unk>"))
+    tok.save(str(folder / "tokenizer.json"))
+    return total
+
+
+def compile_artifact(folder: Path, out: Path, quant: str, dense_quant: str) -> dict:
+    """Compile in a fresh process so its peak RSS is the compiler's alone."""
+    code = (
+        "import json,sys; from krasis_compile.compile import compile_model;"
+        f"r = compile_model({str(folder)!r}, {str(out)!r}, quant={quant!r}, dense_quant={dense_quant!r});"
+        "print(json.dumps(dict(size=r.file_size, read=r.bytes_read, seconds=r.seconds, peak_rss=r.peak_rss)))"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    report = json.loads(result.stdout.strip().splitlines()[-1])
+    report["input_gb_s"] = report["read"] / report["seconds"] / 1e9
+    return report
+
+
+def read_bandwidth(threads: int, gib: float = 2.0) -> float:
+    """GB/s of a multi-threaded sum over a buffer much larger than the caches (best of 5)."""
+    torch.set_num_threads(threads)
+    x = torch.ones(int(gib * 2**30) // 4, dtype=torch.float32)
+    best = 0.0
+    for _ in range(5):
+        start = time.perf_counter()
+        x.sum()
+        best = max(best, x.numel() * 4 / (time.perf_counter() - start) / 1e9)
+    return best
+
+
+def bytes_per_token(artifact) -> int:
+    """Weight bytes one decode step reads: every dense matrix, norms, routers, top-k experts, lm_head."""
+    header = artifact.header
+    k = header["config"]["num_experts_per_tok"]
+    total = 0
+    for name, t in header["tensors"].items():
+        section = artifact.chunks[t["chunk"]].section
+        if section == "experts_gpu" or name == "embed":
+            continue  # other engine's copy; one embedding row is negligible
+        if section == "experts_cpu":
+            total += k * sum(_nbytes(p) for p in t["parts"].values())
+        else:
+            total += t["length"]
+    return total
+
+
+def _nbytes(part: dict) -> int:
+    n = {"u8": 1, "i8": 1, "bf16": 2, "f32": 4}[part["dtype"]]
+    for d in part["shape"]:
+        n *= d
+    return n
+
+
+def bench_decode(path: Path, threads: int, prompt_len: int, tokens: int) -> dict:
+    import krasis_run
+    from krasis_run.runtime import resident_bytes
+
+    rt = krasis_run.load(path, threads=threads)
+    g = torch.Generator().manual_seed(1)
+    prompt = torch.randint(0, rt.args.vocab_size, (prompt_len,), generator=g).tolist()
+    list(rt.generate(prompt, max_new_tokens=4, stop_token_ids=set()))  # warm-up: page in, allocate
+    list(rt.generate(prompt, max_new_tokens=tokens + 1, stop_token_ids=set()))
+    t = rt.timings
+    per_token = bytes_per_token(rt.artifact)
+    return dict(
+        decode_tok_s=t.decode_tok_s(), prefill_tok_s=t.prompt_tok_s(), bytes_per_token=per_token,
+        effective_gb_s=per_token * t.decode_tok_s() / 1e9, kernels=rt.ops.describe(),
+        resident_gib=resident_bytes() / 2**30,
+    )
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--layers", type=int, default=4)
+    ap.add_argument("--quant", default="q4,q8", help="comma-separated expert codecs")
+    ap.add_argument("--dense-quant", default="q8")
+    ap.add_argument("--threads", type=int, default=None, help="default: physical cores")
+    ap.add_argument("--prompt", type=int, default=32, help="prompt tokens before decode")
+    ap.add_argument("--tokens", type=int, default=16, help="decode tokens timed")
+    ap.add_argument("--workdir", type=Path, default=None)
+    ap.add_argument("--json", type=Path, default=None, help="write the results here")
+    args = ap.parse_args()
+
+    from krasis_run.planner import physical_cores
+
+    threads = args.threads or physical_cores()
+    work = args.workdir or Path(tempfile.mkdtemp(prefix="krasis-bench-"))
+    folder = work / "checkpoint"
+    if not (folder / "config.json").exists():
+        start = time.perf_counter()
+        size = write_checkpoint(folder, args.layers)
+        print(f"wrote {size / 1e9:.2f} GB synthetic checkpoint in {time.perf_counter() - start:.0f} s", flush=True)
+    bandwidth = read_bandwidth(threads)
+    results = dict(machine=platform.node(), cpu=platform.processor() or platform.machine(), threads=threads,
+                   layers=args.layers, torch=torch.__version__, read_gb_s=bandwidth,
+                   cpu_capability=torch.backends.cpu.get_cpu_capability(), runs=[])
+    print(f"read bandwidth ({threads} threads): {bandwidth:.1f} GB/s", flush=True)
+    for quant in args.quant.split(","):
+        out = work / f"bench-{quant}-{args.dense_quant}.krs"
+        compiled = compile_artifact(folder, out, quant, args.dense_quant)
+        decode = bench_decode(out, threads, args.prompt, args.tokens)
+        run = dict(quant=quant, dense_quant=args.dense_quant, compile=compiled, **decode)
+        results["runs"].append(run)
+        ceiling = bandwidth * 1e9 / decode["bytes_per_token"]
+        print(
+            f"{quant}/{args.dense_quant}: decode {decode['decode_tok_s']:.2f} tok/s "
+            f"({decode['bytes_per_token'] / 1e6:.1f} MB/token, {decode['effective_gb_s']:.2f} GB/s effective "
+            f"= {decode['effective_gb_s'] / bandwidth:.1%} of {bandwidth:.1f} GB/s read bandwidth; "
+            f"ceiling {ceiling:.1f} tok/s) | prefill {decode['prefill_tok_s']:.1f} tok/s | "
+            f"kernels: {decode['kernels']} | resident {decode['resident_gib']:.2f} GiB | "
+            f"compile {compiled['input_gb_s']:.3f} GB/s input, peak RSS {compiled['peak_rss'] / 2**30:.2f} GiB, "
+            f"artifact {compiled['size'] / 1e9:.2f} GB",
+            flush=True,
+        )
+        if args.workdir is None:
+            out.unlink()
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(results, indent=1))
+    if args.workdir is None:
+        import shutil
+
+        shutil.rmtree(work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    main()
