@@ -13,6 +13,10 @@ from .format import KrsError
 app = typer.Typer(add_completion=False, pretty_exceptions_enable=False)
 
 
+def _size(n: int) -> str:
+    return f"{n / 2**30:.2f} GiB" if n >= 2**30 else f"{n / 2**20:.1f} MiB"
+
+
 def _status(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
 
@@ -43,8 +47,9 @@ def run(
     rt = load(artifact, device="cpu" if device == "auto" else device, threads=threads, verify=verify,
               progress=True)
     _status(f"loaded {artifact} in {time.perf_counter() - started:.2f} s: {rt.args.num_hidden_layers} layers, "
-            f"{rt.threads} threads, kernels {rt.ops.describe()}, resident {resident_bytes() / 2**20:.0f} MiB "
-            f"(weights stay in the {rt.placement.mapped_bytes / 2**20:.0f} MiB mapping)")
+            f"{rt.threads} threads, kernels {rt.ops.describe()}; resident {_size(resident_bytes())} "
+            f"(heap {_size(resident_bytes('RssAnon'))}, mapped pages {_size(resident_bytes('RssFile'))}: weights are "
+            f"read in place from the {_size(rt.placement.mapped_bytes)} mapping)")
     gen = rt.generation_config
     sampling = gen.get("do_sample", False)
     temperature = temperature if temperature is not None else (gen.get("temperature", 1.0) if sampling else 0.0)

@@ -34,11 +34,12 @@ class Timings:
         return self.decode_tokens / self.decode_seconds if self.decode_seconds else 0.0
 
 
-def resident_bytes() -> int:
+def resident_bytes(kind: str = "VmRSS") -> int:
+    """Resident memory from /proc: VmRSS (all), RssAnon (heap: copies) or RssFile (mapped file pages)."""
     try:
         with open("/proc/self/status") as f:
             for line in f:
-                if line.startswith("VmRSS:"):
+                if line.startswith(kind + ":"):
                     return int(line.split()[1]) * 1024
     except OSError:
         pass

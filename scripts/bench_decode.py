@@ -138,7 +138,7 @@ def bench_decode(path: Path, threads: int, prompt_len: int, tokens: int) -> dict
     return dict(
         decode_tok_s=t.decode_tok_s(), prefill_tok_s=t.prompt_tok_s(), bytes_per_token=per_token,
         effective_gb_s=per_token * t.decode_tok_s() / 1e9, kernels=rt.ops.describe(),
-        resident_gib=resident_bytes() / 2**30,
+        resident_gib=resident_bytes() / 2**30, heap_gib=resident_bytes("RssAnon") / 2**30,
     )
 
 
@@ -180,7 +180,8 @@ def main() -> None:
             f"({decode['bytes_per_token'] / 1e6:.1f} MB/token, {decode['effective_gb_s']:.2f} GB/s effective "
             f"= {decode['effective_gb_s'] / bandwidth:.1%} of {bandwidth:.1f} GB/s read bandwidth; "
             f"ceiling {ceiling:.1f} tok/s) | prefill {decode['prefill_tok_s']:.1f} tok/s | "
-            f"kernels: {decode['kernels']} | resident {decode['resident_gib']:.2f} GiB | "
+            f"kernels: {decode['kernels']} | resident {decode['resident_gib']:.2f} GiB "
+            f"(heap {decode['heap_gib']:.2f}) | "
             f"compile {compiled['input_gb_s']:.3f} GB/s input, peak RSS {compiled['peak_rss'] / 2**30:.2f} GiB, "
             f"artifact {compiled['size'] / 1e9:.2f} GB",
             flush=True,

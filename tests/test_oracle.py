@@ -26,13 +26,24 @@ def test_logits_match_transformers(tiny, quant, dense_quant, bound, kernel):
     assert err <= bound
 
 
+def clear_greedy_prompt(model, vocab: int, new_tokens: int) -> tuple[list[int], list[int]]:
+    """A prompt whose greedy continuation never hinges on a near-tie (top-2 logit gap >= 0.02 at every step),
+    so the comparison tests the implementation rather than the last bit of float rounding."""
+    for seed in range(50):
+        ids = prompt_ids(vocab, 16, seed=seed)
+        with torch.no_grad():
+            out = model.generate(torch.tensor([ids]), max_new_tokens=new_tokens, min_new_tokens=new_tokens,
+                                 do_sample=False, eos_token_id=None, pad_token_id=0, output_scores=True,
+                                 return_dict_in_generate=True)
+        gaps = [float(s[0].topk(2).values.diff().abs()) for s in out.scores]
+        if min(gaps) >= 0.02:
+            return ids, out.sequences[0, len(ids):].tolist()
+    raise AssertionError("no prompt with a clear greedy path in 50 tries")
+
+
 def test_greedy_tokens_match_transformers(tiny):
     rt = krasis_run.load(tiny.artifact("bf16", "bf16"), threads=1)
-    ids = prompt_ids(rt.args.vocab_size, 16, seed=3)
-    with torch.no_grad():
-        out = tiny.model.generate(torch.tensor([ids]), max_new_tokens=20, min_new_tokens=20, do_sample=False,
-                                  eos_token_id=None, pad_token_id=0)
-    want = out[0, len(ids):].tolist()
+    ids, want = clear_greedy_prompt(tiny.model, rt.args.vocab_size, 20)
     got = list(rt.generate(ids, max_new_tokens=20, stop_token_ids=set()))
     assert got == want
 
