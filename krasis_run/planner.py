@@ -43,7 +43,9 @@ def place_weights(artifact: Artifact, placement: Placement) -> dict:
         if artifact.chunks[spec["chunk"]].section in expert_sections:
             continue  # the other expert layout is for the other engine; never touch its pages
         view = artifact.tensor(name)
-        if view.codec == "f32":
+        if view.experts:  # the engines address a layer's experts by layer, whichever layout holds them
+            weights[f"layers.{artifact.chunks[spec['chunk']].layer}.experts"] = view
+        elif view.codec == "f32":
             weights[name] = view.parts["w"]  # norms and biases, used as they are in the mapping
         elif name.endswith(".router"):
             weights[name] = view.parts["w"].float()  # routing decisions in float32, as in the reference

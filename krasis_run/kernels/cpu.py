@@ -17,6 +17,7 @@ import torch.nn.functional as F
 
 from ..codecs import dequant_parts, pack_q4_blocks, split_gate_up_output
 from ..format import Q4_GROUP
+from .attention import causal_attention
 
 KERNEL_ENV = "KRASIS_KERNEL"  # "torch" (default) or "reference"
 
@@ -89,8 +90,10 @@ class CpuOps:
             return F.linear(x, w)
         return self.matmul(x, w.codec, w.layout, w.parts)
 
-    def experts(self, x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor, blocks,
-                layer: int = 0) -> torch.Tensor:
+    def attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, start_pos: int) -> torch.Tensor:
+        return causal_attention(q, k, v, start_pos)
+
+    def experts(self, x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor, blocks) -> torch.Tensor:
         """Routed experts from the CPU blocks: tokens grouped by expert, only selected experts are read."""
         t, k = topk_ids.shape
         flat_ids = topk_ids.flatten()

@@ -16,7 +16,6 @@ import torch.nn.functional as F
 from .base import (
     ConfigError,
     apply_rope,
-    causal_attention,
     from_hf_fields,
     rms_norm,
     rope_cos_sin,
@@ -80,7 +79,8 @@ def layer_tensor_names(args: ModelArgs, layer: int) -> dict[str, str]:
         names.update({f"{r}_bias": p + f"{r}_bias" for r in ("q_proj", "k_proj", "v_proj", "o_proj")})
     if args.is_sparse(layer):
         names.update(router=p + "router", experts_gpu_gate_up=p + "experts.gate_up",
-                     experts_gpu_down=p + "experts.down", experts_cpu=p + "experts_cpu")
+                     experts_gpu_down=p + "experts.down", experts_cpu=p + "experts_cpu",
+                     experts=p + "experts")  # the engine's handle on this layer's experts, either layout
     else:
         names.update(mlp_gate_up=p + "mlp.gate_up", mlp_down=p + "mlp.down")
     return names
@@ -108,7 +108,7 @@ class Model:
         q = apply_rope(rms_norm(q, w[n["q_norm"]], a.rms_norm_eps), cos, sin)
         k = apply_rope(rms_norm(k, w[n["k_norm"]], a.rms_norm_eps), cos, sin)
         keys, values = cache.update(i, start_pos, k, v)
-        out = self.ops.linear(causal_attention(q, keys, values, start_pos), w[n["o_proj"]])
+        out = self.ops.linear(self.ops.attention(q, keys, values, start_pos), w[n["o_proj"]])
         return out + w[n["o_proj_bias"]] if a.attention_bias else out
 
     def mlp(self, i: int, x: torch.Tensor) -> torch.Tensor:
@@ -121,7 +121,7 @@ class Model:
         topk_weights, topk_ids = torch.topk(probs, a.num_experts_per_tok, dim=-1)
         if a.norm_topk_prob:
             topk_weights = topk_weights / topk_weights.sum(-1, keepdim=True)
-        return self.ops.experts(x, topk_ids, topk_weights, w[n["experts_cpu"]], layer=i)
+        return self.ops.experts(x, topk_ids, topk_weights, w[n["experts"]])
 
     def forward(self, tokens: torch.Tensor, cache, start_pos: int, all_logits: bool = False) -> torch.Tensor:
         """tokens [T] at positions start_pos.. -> logits [T, vocab] (or [1, vocab] for the last token)."""
