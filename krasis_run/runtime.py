@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import numpy as np
@@ -89,8 +89,13 @@ class Runtime:
 
     def generate(self, token_ids: list[int], max_new_tokens: int = 256, temperature: float = 0.0,
                  top_p: float = 1.0, top_k: int = 0, seed: int | None = None,
-                 stop_token_ids: set[int] | None = None) -> Iterator[int]:
-        """Yield new token ids; stops at an EOS/stop token (not yielded), max_new_tokens or the context end."""
+                 stop_token_ids: set[int] | None = None,
+                 logits_processor: Callable[[torch.Tensor], torch.Tensor] | None = None) -> Iterator[int]:
+        """Yield new token ids; stops at an EOS/stop token (not yielded), max_new_tokens or the context end.
+
+        `logits_processor` (e.g. the server's presence/frequency penalties) maps each step's [vocab] logits
+        before sampling. Closing the generator (or dropping it) stops generation after the current step.
+        """
         self._check_tokens(token_ids)
         stops = self.tokenizer.eos_token_ids if stop_token_ids is None else stop_token_ids
         limit = min(max_new_tokens, self.context_length - len(token_ids))
@@ -103,6 +108,8 @@ class Runtime:
         logits = self.engine.prefill(list(token_ids), cache)
         t.prefill_seconds = time.perf_counter() - started
         for step in range(limit):
+            if logits_processor is not None:
+                logits = logits_processor(logits)
             token = sample(logits, temperature, top_k, top_p, generator)
             if token in stops:
                 return
