@@ -9,11 +9,15 @@ class KVCache:
     """Per layer K and V as [capacity, kv_heads, head_dim]; grows by doubling; `length` tokens are valid."""
 
     def __init__(self, layers: int, kv_heads: int, head_dim: int, capacity: int = 256,
-                 dtype: torch.dtype = torch.bfloat16, device: str = "cpu"):
-        self.shape, self.dtype, self.device = (kv_heads, head_dim), dtype, device
-        self.keys = [torch.empty(capacity, kv_heads, head_dim, dtype=dtype, device=device) for _ in range(layers)]
-        self.values = [torch.empty_like(k) for k in self.keys]
+                 dtype: torch.dtype = torch.bfloat16, pin_memory: bool = False):
+        self.shape, self.dtype, self.pin_memory = (kv_heads, head_dim), dtype, pin_memory
+        self.keys = [self._alloc(capacity) for _ in range(layers)]
+        self.values = [self._alloc(capacity) for _ in range(layers)]
         self.length = 0
+
+    def _alloc(self, capacity: int) -> torch.Tensor:
+        # pinned when a GPU prefill fills it: device-to-host copies then run async at full PCIe speed
+        return torch.empty(capacity, *self.shape, dtype=self.dtype, pin_memory=self.pin_memory)
 
     @property
     def capacity(self) -> int:
@@ -25,7 +29,7 @@ class KVCache:
         capacity = max(tokens, 2 * self.capacity)
         for store in (self.keys, self.values):
             for i, old in enumerate(store):
-                new = torch.empty(capacity, *self.shape, dtype=self.dtype, device=self.device)
+                new = self._alloc(capacity)
                 new[: self.length] = old[: self.length]
                 store[i] = new
 

@@ -14,10 +14,11 @@ from .cache import KVCache
 class CpuEngine:
     def __init__(self, model, prefill_chunk: int = 2048):
         self.model, self.args, self.prefill_chunk = model, model.args, prefill_chunk
+        self.pin_cache = False
 
     def new_cache(self, capacity: int = 256) -> KVCache:
         a = self.args
-        return KVCache(a.num_hidden_layers, a.num_key_value_heads, a.head_dim, capacity)
+        return KVCache(a.num_hidden_layers, a.num_key_value_heads, a.head_dim, capacity, pin_memory=self.pin_cache)
 
     @torch.inference_mode()
     def prefill(self, tokens: list[int], cache: KVCache, all_logits: bool = False) -> torch.Tensor:

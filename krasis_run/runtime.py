@@ -48,7 +48,8 @@ def resident_bytes(kind: str = "VmRSS") -> int:
 
 class Runtime:
     def __init__(self, path: str | os.PathLike, device: str = "cpu", threads: int | None = None,
-                 verify: bool = False, kernel: str | None = None, progress: bool = False):
+                 verify: bool = False, kernel: str | None = None, progress: bool = False,
+                 gpu_budget: str | int | None = None):
         self.artifact = Artifact(path)
         if verify:
             self.artifact.verify(progress=progress)
@@ -61,10 +62,17 @@ class Runtime:
             )
         self.threads = set_threads(threads)
         self.args = arch.ModelArgs.from_hf(header["config"])
-        self.placement = plan(self.artifact, device)
+        self.placement = plan(self.artifact, device, gpu_budget)
         self.ops = CpuOps(kernel)
         self.model = arch.Model(self.args, place_weights(self.artifact, self.placement), self.ops)
-        self.engine = CpuEngine(self.model)
+        self.engine = CpuEngine(self.model)  # decode (and prefill without a GPU)
+        self.prefill_engine = self.engine
+        if self.placement.prefill_device == "cuda":
+            from .prefill_gpu import GpuPrefillEngine  # only GPU users pay for its imports
+
+            self.prefill_engine = GpuPrefillEngine(arch, self.args, self.artifact, "cuda",
+                                                   set(self.placement.resident_layers), self.placement.prefill_section)
+            self.engine.pin_cache = True  # K/V come back from the GPU asynchronously
         tok = header.get("tokenizer", {})
         self.tokenizer = Tokenizer(self.artifact.blob("tokenizer.json"), tok.get("config", {}),
                                    tok.get("chat_template"), header.get("generation_config"))
@@ -85,7 +93,7 @@ class Runtime:
         """Float32 logits [T, vocab] for every position of one prefill pass from an empty cache."""
         self._check_tokens(token_ids)
         cache = self.engine.new_cache(len(token_ids))
-        return self.engine.prefill(list(token_ids), cache, all_logits=True).float().numpy()
+        return self.prefill_engine.prefill(list(token_ids), cache, all_logits=True).float().numpy()
 
     def generate(self, token_ids: list[int], max_new_tokens: int = 256, temperature: float = 0.0,
                  top_p: float = 1.0, top_k: int = 0, seed: int | None = None,
@@ -105,7 +113,7 @@ class Runtime:
         self.timings = t = Timings(prompt_tokens=len(token_ids))
         cache = self.engine.new_cache(len(token_ids) + limit)
         started = time.perf_counter()
-        logits = self.engine.prefill(list(token_ids), cache)
+        logits = self.prefill_engine.prefill(list(token_ids), cache)
         t.prefill_seconds = time.perf_counter() - started
         for step in range(limit):
             if logits_processor is not None:

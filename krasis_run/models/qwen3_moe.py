@@ -127,7 +127,8 @@ class Model:
         """tokens [T] at positions start_pos.. -> logits [T, vocab] (or [1, vocab] for the last token)."""
         a, w = self.args, self.w
         x = self.ops.embed(tokens, w["embed"])
-        cos, sin = rope_cos_sin(self.inv_freq, torch.arange(start_pos, start_pos + tokens.shape[0]))
+        positions = torch.arange(start_pos, start_pos + tokens.shape[0], device=x.device)
+        cos, sin = rope_cos_sin(self.inv_freq.to(x.device), positions)
         for i, n in enumerate(self.layer_names):
             x = x + self.attention(i, rms_norm(x, w[n["attn_norm"]], a.rms_norm_eps), cache, start_pos, cos, sin)
             x = x + self.mlp(i, rms_norm(x, w[n["mlp_norm"]], a.rms_norm_eps))

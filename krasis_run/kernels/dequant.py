@@ -1,0 +1,103 @@
+"""Dequantize a layer's stacked experts to bf16 on the device that holds them.
+
+`dequant_experts` takes the parts of either expert layout (GPU tiles "rows" [E, N, ...] or CPU blocks
+viewed with a leading expert dim) and returns gate_up [E, 2I, H] (gate rows first) and down
+[E, H, I] in bf16. On CUDA the q4 tiles go through a Triton kernel; everywhere else (and as the
+reference the tests compare it with) through krasis_run.codecs in torch.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+
+from ..codecs import HALF_BLOCK
+from ..format import CPU_BLOCK_ROWS, Q4_GROUP, Q4_OFFSET
+
+BLOCK = 1024  # packed bytes per Triton program
+
+
+@functools.cache
+def _triton_q4_rows():
+    try:
+        import triton
+        import triton.language as tl
+    except ImportError:
+        return None
+
+    @triton.jit
+    def q4_rows_kernel(q_ptr, scale_ptr, zero_ptr, out_ptr, n_bytes, BLOCK: tl.constexpr):
+        # byte j holds columns 2j (low nibble) and 2j+1; groups of 32 columns = 16 bytes share a scale/zero
+        offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+        mask = offs < n_bytes
+        byte = tl.load(q_ptr + offs, mask=mask, other=0).to(tl.int32)
+        group = offs // 16
+        scale = tl.load(scale_ptr + group, mask=mask, other=0.0).to(tl.float32)
+        zero = tl.load(zero_ptr + group, mask=mask, other=0.0).to(tl.float32)
+        lo = ((byte & 15) - 8).to(tl.float32) * scale + zero
+        hi = ((byte >> 4) - 8).to(tl.float32) * scale + zero
+        tl.store(out_ptr + 2 * offs, lo.to(tl.bfloat16), mask=mask)
+        tl.store(out_ptr + 2 * offs + 1, hi.to(tl.bfloat16), mask=mask)
+
+    def run(q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -> torch.Tensor:
+        out = torch.empty(*q.shape[:-1], q.shape[-1] * 2, dtype=torch.bfloat16, device=q.device)
+        n = q.numel()
+        q4_rows_kernel[(triton.cdiv(n, BLOCK),)](q.contiguous(), scale.contiguous(), zero.contiguous(), out, n,
+                                                 BLOCK=BLOCK)
+        return out
+
+    return run
+
+
+def q4_rows_torch(q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -> torch.Tensor:
+    """Reference: packed [..., N, K/2] + scale/zero [..., N, K/32] -> bf16 [..., N, K]."""
+    lo = (q & 0xF).to(torch.bfloat16) - Q4_OFFSET
+    hi = (q >> 4).to(torch.bfloat16) - Q4_OFFSET
+    vals = torch.stack([lo, hi], dim=-1).flatten(-2)  # [..., N, K], exact small integers in bf16
+    *lead, n, k = vals.shape
+    groups = vals.view(*lead, n, k // Q4_GROUP, Q4_GROUP).float()
+    out = groups * scale.float().unsqueeze(-1) + zero.float().unsqueeze(-1)
+    return out.view(*lead, n, k).to(torch.bfloat16)
+
+
+def q4_rows(q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, use_triton: bool | None = None) -> torch.Tensor:
+    kernel = _triton_q4_rows() if (q.is_cuda if use_triton is None else use_triton) else None
+    return kernel(q, scale, zero) if kernel is not None else q4_rows_torch(q, scale, zero)
+
+
+def _q4_blocks(q: torch.Tensor, scale_zero: torch.Tensor) -> torch.Tensor:
+    """CPU blocks with an expert dim: q [E, N/64, K, 32], scale_zero [E, K/32, N, 2] -> bf16 [E, N, K]."""
+    e, nb, k, _ = q.shape
+    lo, hi = (q & 0xF).transpose(2, 3), (q >> 4).transpose(2, 3)  # [E, NB, 32, K]
+    vals = torch.cat([lo, hi], dim=2).reshape(e, nb * CPU_BLOCK_ROWS, k).to(torch.bfloat16) - Q4_OFFSET
+    sz = scale_zero.transpose(1, 2).float()  # [E, N, K/32, 2]
+    groups = vals.view(e, -1, k // Q4_GROUP, Q4_GROUP).float()
+    out = groups * sz[..., 0].unsqueeze(-1) + sz[..., 1].unsqueeze(-1)
+    return out.view(e, -1, k).to(torch.bfloat16)
+
+
+def _deinterleave_rows(w: torch.Tensor) -> torch.Tensor:
+    """[E, 2I, ...] in 64-row blocks of (32 gate, 32 up) -> [E, 2I, ...] with all gate rows first."""
+    e, two_i = w.shape[:2]
+    blocks = w.reshape(e, two_i // CPU_BLOCK_ROWS, 2, HALF_BLOCK, *w.shape[2:])
+    return torch.cat([blocks[:, :, 0], blocks[:, :, 1]], dim=1).reshape(w.shape)
+
+
+def dequant_experts(codec: str, layout: str, gate_up: dict[str, torch.Tensor], down: dict[str, torch.Tensor],
+                    use_triton: bool | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Parts of both matrices of all experts -> (gate_up [E, 2I, H], down [E, H, I]) in bf16."""
+    out = []
+    for matrix, parts in (("gate_up", gate_up), ("down", down)):
+        if codec == "bf16":
+            w = parts["w"]
+        elif codec == "q8":
+            w = (parts["q"].to(torch.bfloat16) * parts["scale"].unsqueeze(-1)).to(torch.bfloat16)
+        elif layout == "rows":
+            w = q4_rows(parts["q"], parts["scale"], parts["zero"], use_triton)
+        else:
+            w = _q4_blocks(parts["q"], parts["scale_zero"])
+        if layout == "cpu_blocks" and matrix == "gate_up":
+            w = _deinterleave_rows(w)
+        out.append(w)
+    return out[0], out[1]

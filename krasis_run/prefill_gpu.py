@@ -1,0 +1,342 @@
+"""GPU streaming prefill: the whole prompt goes through one layer at a time while the next layers'
+experts stream from the mapped artifact into VRAM, the copy hidden under the current layer's compute.
+
+Each expert layer crosses PCIe at most once per prefill, however long the prompt: all prompt tokens
+pass through a layer before the next layer's weights are needed (tokens are chunked inside the
+expert step only to bound activation memory). Dense weights and as many whole expert layers as the
+budget allows stay resident. K/V go back to the (pinned) CPU cache as each layer finishes, so decode
+continues on the CPU exactly as after a CPU prefill.
+
+The same code runs on the CPU (device="cpu", no streams, torch reference dequant, a loop instead
+of the grouped GEMM): that is the path CI tests.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+
+from .artifact import Artifact
+from .codecs import TORCH_DTYPES, dequant_parts
+from .format import SECTION_EXPERTS_CPU, SECTION_EXPERTS_GPU
+from .kernels.dequant import dequant_experts
+
+EXPERT_TOKEN_CHUNK = 8192  # tokens per grouped-GEMM pass: bounds the [T*k, 2I] intermediate
+HOST_REGISTER_READ_ONLY = 8  # cudaHostRegisterReadOnly
+
+
+@dataclass
+class LayerSource:
+    """Where one layer's experts lie in the file: one contiguous chunk, parts addressed inside it."""
+
+    layer: int
+    offset: int
+    length: int
+    layout: str
+    parts: dict[str, tuple[int, str, list[int], int]]  # name -> (offset in chunk, dtype, shape, expert stride)
+
+
+def expert_sources(artifact: Artifact, section: str) -> dict[int, LayerSource]:
+    sources = {}
+    for name, spec in artifact.header["tensors"].items():
+        chunk = artifact.chunks[spec["chunk"]]
+        if chunk.section != section:
+            continue
+        src = sources.setdefault(chunk.layer, LayerSource(chunk.layer, chunk.offset, chunk.length, spec["layout"], {}))
+        base = spec["offset"] - chunk.offset
+        for part, p in spec["parts"].items():
+            if spec.get("experts"):  # CPU blocks: the same part in every expert, expert_stride apart
+                shape = [spec["experts"], *p["shape"]]
+                src.parts[part] = (base + p["offset"], p["dtype"], shape, spec["expert_stride"])
+            else:
+                matrix = "gate_up" if name.endswith("gate_up") else "down"
+                src.parts[f"{matrix}.{part}"] = (base + p["offset"], p["dtype"], p["shape"], 0)
+    return sources
+
+
+def part_views(buffer: torch.Tensor, src: LayerSource) -> dict[str, dict[str, torch.Tensor]]:
+    """Typed views of the parts inside a layer's bytes (host mapping or device buffer), per matrix."""
+    out: dict[str, dict[str, torch.Tensor]] = {"gate_up": {}, "down": {}}
+    for name, (offset, dtype, shape, stride) in src.parts.items():
+        matrix, part = name.split(".", 1)
+        dt = TORCH_DTYPES[dtype]
+        if stride:  # [E, ...] with a byte stride between experts
+            e, *inner = shape
+            nbytes = torch.Size(inner).numel() * dt.itemsize
+            rows = buffer[offset:offset + (e - 1) * stride + nbytes]
+            view = rows.as_strided((e, nbytes), (stride, 1)).view(dt) if e > 1 else rows.view(1, nbytes).view(dt)
+            out[matrix][part] = view.reshape(e, *inner)
+        else:
+            nbytes = torch.Size(shape).numel() * dt.itemsize
+            out[matrix][part] = buffer[offset:offset + nbytes].view(dt).view(shape)
+    return out
+
+
+class ExpertStreamer:
+    """Resident layers live in VRAM; the others cycle through `depth` device buffers on a copy stream."""
+
+    def __init__(self, artifact: Artifact, section: str, device: torch.device, resident: set[int], depth: int = 2):
+        self.device, self.sources = device, expert_sources(artifact, section)
+        self.layers = sorted(self.sources)
+        self.cuda = device.type == "cuda"
+        self.copy_stream = torch.cuda.Stream(device) if self.cuda else None
+        self.host = {i: self._host_view(artifact, s) for i, s in self.sources.items()}
+        self.registered: list[int] = []
+        self.resident = {i: self.host[i].to(device) for i in sorted(resident & set(self.layers))}
+        streamed = [i for i in self.layers if i not in self.resident]
+        size = max((self.sources[i].length for i in streamed), default=0)
+        self.buffers = [torch.empty(size, dtype=torch.uint8, device=device) for _ in range(min(depth, len(streamed)))]
+        self.streamed = streamed
+        if self.cuda and streamed:
+            self._register(streamed)
+        self.ready: dict[int, tuple[torch.Tensor, object]] = {}
+        self.free_events: list[object] = [None] * len(self.buffers)
+        self.bytes_copied = 0
+        self.copy_seconds = 0.0
+
+    @staticmethod
+    def _host_view(artifact: Artifact, src: LayerSource) -> torch.Tensor:
+        return torch.frombuffer(artifact._mm, dtype=torch.uint8, count=src.length, offset=src.offset)
+
+    def _register(self, layers: list[int]) -> None:
+        """Pin the streamed ranges of the mapping in place, so copies run at full PCIe speed with no staging."""
+        cudart = torch.cuda.cudart()
+        for i in layers:
+            view = self.host[i]
+            if cudart.cudaHostRegister(view.data_ptr(), view.numel(), HOST_REGISTER_READ_ONLY) == 0:
+                self.registered.append(view.data_ptr())
+            else:  # not pinnable (RLIMIT_MEMLOCK, unsupported mapping): pageable copies still work, slower
+                torch.cuda.synchronize()
+
+    def close(self) -> None:
+        if self.registered:
+            cudart = torch.cuda.cudart()
+            for ptr in self.registered:
+                cudart.cudaHostUnregister(ptr)
+            self.registered = []
+
+    def _issue(self, slot: int) -> None:
+        """Start copying the slot-th streamed layer into buffer slot % depth once that buffer is free."""
+        if slot >= len(self.streamed):
+            return
+        layer, b = self.streamed[slot], slot % len(self.buffers)
+        src, buf = self.host[layer], self.buffers[b][: self.sources[layer].length]
+        if self.cuda:
+            with torch.cuda.stream(self.copy_stream):
+                if self.free_events[b] is not None:
+                    self.copy_stream.wait_event(self.free_events[b])
+                start, done = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                start.record()
+                buf.copy_(src, non_blocking=True)
+                done.record()
+            self.ready[layer] = (buf, (start, done))
+        else:
+            buf.copy_(src)
+            self.ready[layer] = (buf, None)
+        self.bytes_copied += src.numel()
+
+    def begin(self) -> None:
+        self.ready.clear()
+        self.free_events = [None] * len(self.buffers)
+        self.bytes_copied, self.copy_events = 0, []
+        for slot in range(len(self.buffers)):
+            self._issue(slot)
+
+    def get(self, layer: int) -> dict[str, dict[str, torch.Tensor]]:
+        if layer in self.resident:
+            return part_views(self.resident[layer], self.sources[layer])
+        buf, events = self.ready[layer]
+        if events is not None:
+            torch.cuda.current_stream(self.device).wait_event(events[1])
+            self.copy_events.append(events)
+        return part_views(buf, self.sources[layer])
+
+    def release(self, layer: int) -> None:
+        """The layer's buffer may be overwritten once the compute issued so far is done."""
+        if layer in self.resident:
+            return
+        slot = self.streamed.index(layer)
+        b = slot % len(self.buffers)
+        if self.cuda:
+            event = torch.cuda.Event()
+            event.record(torch.cuda.current_stream(self.device))
+            self.free_events[b] = event
+        self.ready.pop(layer, None)
+        self._issue(slot + len(self.buffers))
+
+    def copy_time(self) -> float:
+        """Seconds the copy engine spent (sum of the copies), valid after synchronize."""
+        return sum(s.elapsed_time(e) for s, e in self.copy_events) / 1e3
+
+
+@dataclass
+class ExpertHandle:
+    streamer: ExpertStreamer
+    layer: int
+
+
+@dataclass
+class PrefillStats:
+    tokens: int = 0
+    seconds: float = 0.0
+    bytes_streamed: int = 0
+    copy_seconds: float = 0.0
+    extra: dict = field(default_factory=dict)
+
+
+class GpuOps:
+    """The kernels interface of krasis_run.kernels.cpu.CpuOps, for weights and activations on `device`."""
+
+    def __init__(self, device: torch.device, codec: str, layout: str, exact: bool):
+        self.device, self.codec, self.layout, self.exact = device, codec, layout, exact
+        self.grouped_mm = device.type == "cuda" and hasattr(torch, "_grouped_mm")
+
+    def embed(self, tokens: torch.Tensor, table) -> torch.Tensor:
+        return table.parts["w"][tokens].to(self.device, non_blocking=True).float()
+
+    def linear(self, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+        if w.dtype == torch.float32:
+            return F.linear(x, w)
+        xb = x.to(torch.bfloat16)
+        if self.exact:  # bf16 weights: keep float32-grade activations (hi + lo), as the CPU path does
+            m = x.shape[0]
+            y = F.linear(torch.cat([xb, (x - xb.float()).to(torch.bfloat16)]), w).float()
+            return y[:m] + y[m:]
+        return F.linear(xb, w).float()
+
+    def attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, start_pos: int) -> torch.Tensor:
+        t, heads, dim = q.shape
+        qh = q.transpose(0, 1).unsqueeze(0).to(torch.bfloat16)
+        kh = k.transpose(0, 1).unsqueeze(0).to(torch.bfloat16)
+        vh = v.transpose(0, 1).unsqueeze(0).to(torch.bfloat16)
+        if start_pos == 0 and k.shape[0] == t:
+            out = F.scaled_dot_product_attention(qh, kh, vh, is_causal=True, enable_gqa=True)
+        else:
+            rows = torch.arange(start_pos, start_pos + t, device=q.device)[:, None]
+            mask = torch.arange(k.shape[0], device=q.device)[None, :] <= rows
+            out = F.scaled_dot_product_attention(qh, kh, vh, attn_mask=mask, enable_gqa=True)
+        return out.squeeze(0).transpose(0, 1).reshape(t, heads * dim).float()
+
+    def experts(self, x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor,
+                handle: ExpertHandle) -> torch.Tensor:
+        parts = handle.streamer.get(handle.layer)
+        gate_up, down = dequant_experts(self.codec, self.layout, parts["gate_up"], parts["down"])
+        out = torch.zeros_like(x)
+        k = topk_ids.shape[1]
+        for start in range(0, x.shape[0], EXPERT_TOKEN_CHUNK):
+            ids = topk_ids[start:start + EXPERT_TOKEN_CHUNK]
+            weights = topk_weights[start:start + EXPERT_TOKEN_CHUNK]
+            flat = ids.flatten()
+            order = torch.argsort(flat, stable=True)
+            rows = order // k + start
+            xs = x[rows].to(torch.bfloat16)
+            counts = torch.bincount(flat, minlength=gate_up.shape[0])
+            h = self._grouped(xs, gate_up, counts)
+            gate, up = h.chunk(2, dim=-1)
+            y = self._grouped((F.silu(gate.float()) * up.float()).to(torch.bfloat16), down, counts)
+            out.index_add_(0, rows, y.float() * weights.flatten()[order, None])
+        handle.streamer.release(handle.layer)
+        return out
+
+    def _grouped(self, xs: torch.Tensor, w: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+        """Rows of xs grouped by expert (counts[e] rows for expert e) @ w[e]^T, one launch where possible."""
+        if self.grouped_mm:
+            offs = torch.cumsum(counts, 0).to(torch.int32)
+            return torch._grouped_mm(xs, w.transpose(1, 2), offs=offs)
+        out = torch.empty(xs.shape[0], w.shape[1], dtype=xs.dtype, device=xs.device)
+        start = 0
+        for e, n in enumerate(counts.tolist()):
+            if n:
+                out[start:start + n] = xs[start:start + n] @ w[e].T
+                start += n
+        return out
+
+
+class CacheWriter:
+    """The prefill side of the KV cache: attention reads K/V on the device; copies go to the CPU cache."""
+
+    def __init__(self, cache, device: torch.device):
+        self.cache, self.device = cache, device
+        self.cuda = device.type == "cuda"
+        self.stream = torch.cuda.Stream(device) if self.cuda else None
+        self.pending: list[torch.Tensor] = []
+
+    def update(self, layer: int, start: int, k: torch.Tensor, v: torch.Tensor):
+        end = start + k.shape[0]
+        self.cache.reserve(end)
+        for store, new in ((self.cache.keys, k), (self.cache.values, v)):
+            src = new.to(store[layer].dtype)
+            if self.cuda:
+                self.stream.wait_stream(torch.cuda.current_stream(self.device))
+                with torch.cuda.stream(self.stream):
+                    store[layer][start:end].copy_(src, non_blocking=True)
+                self.pending.append(src)  # keep alive until the copy is done
+            else:
+                store[layer][start:end] = src
+        if start == 0:
+            return k, v
+        past_k = self.cache.keys[layer][:start].to(self.device)
+        past_v = self.cache.values[layer][:start].to(self.device)
+        return torch.cat([past_k.float(), k]), torch.cat([past_v.float(), v])
+
+    def advance(self, length: int) -> None:
+        self.cache.advance(length)
+
+    def finish(self) -> None:
+        if self.cuda:
+            self.stream.synchronize()
+        self.pending.clear()
+
+
+def place_gpu_weights(artifact: Artifact, device: torch.device, streamer: ExpertStreamer) -> dict:
+    """Dense weights dequantized once into VRAM (bf16; norms and routers float32); experts by handle."""
+    weights = {}
+    for name, spec in artifact.header["tensors"].items():
+        section = artifact.chunks[spec["chunk"]].section
+        if section in (SECTION_EXPERTS_CPU, SECTION_EXPERTS_GPU):
+            continue
+        view = artifact.tensor(name)
+        if name == "embed":
+            weights[name] = view  # rows gathered on the host, only the prompt's tokens cross PCIe
+        elif view.codec == "f32" or name.endswith(".router"):
+            weights[name] = view.parts["w"].to(device).float()
+        else:
+            w = dequant_parts(view.codec, view.layout, {k: v.to(device) for k, v in view.parts.items()})
+            weights[name] = w.to(torch.bfloat16)
+    for layer in streamer.layers:
+        weights[f"layers.{layer}.experts"] = ExpertHandle(streamer, layer)
+    return weights
+
+
+class GpuPrefillEngine:
+    """prefill(tokens, cache) on `device`; decode stays with the CPU engine on the same cache."""
+
+    def __init__(self, arch, args, artifact: Artifact, device: str | torch.device, resident_layers: set[int],
+                 section: str):
+        self.device = torch.device(device)
+        self.args, self.section = args, section
+        self.streamer = ExpertStreamer(artifact, section, self.device, resident_layers)
+        codec = artifact.header["quant"]["experts"]
+        layout = "rows" if section == SECTION_EXPERTS_GPU else "cpu_blocks"
+        exact = codec == "bf16" and artifact.header["quant"]["dense"] == "bf16"
+        self.ops = GpuOps(self.device, codec, layout, exact)
+        self.model = arch.Model(args, place_gpu_weights(artifact, self.device, self.streamer), self.ops)
+        self.stats = PrefillStats()
+
+    @torch.inference_mode()
+    def prefill(self, tokens: list[int], cache, all_logits: bool = False) -> torch.Tensor:
+        started = time.perf_counter()
+        writer = CacheWriter(cache, self.device)
+        self.streamer.begin()
+        logits = self.model.forward(torch.tensor(tokens, dtype=torch.long), writer, cache.length,
+                                    all_logits=all_logits)
+        logits = logits.float().cpu()
+        writer.finish()
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        self.stats = PrefillStats(len(tokens), time.perf_counter() - started, self.streamer.bytes_copied,
+                                  self.streamer.copy_time() if self.device.type == "cuda" else 0.0)
+        return logits if all_logits else logits[-1]

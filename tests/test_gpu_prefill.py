@@ -1,0 +1,111 @@
+"""GPU streaming prefill. The engine code runs here on the CPU (device="cpu"); the CUDA tests run it on
+the GPU host (docs/BENCHMARKS.md records the command and the result)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from fixtures import prompt_ids
+
+import krasis_run
+from krasis_run.kernels.dequant import dequant_experts, q4_rows, q4_rows_torch
+from krasis_run.models import qwen3_moe
+from krasis_run.planner import parse_size
+from krasis_run.prefill_gpu import GpuPrefillEngine, expert_sources, part_views
+
+cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (run on the GPU host)")
+BOUNDS = {("bf16", "bf16"): 1e-2, ("q8", "q8"): 3e-2, ("q4", "q8"): 0.2}
+
+
+def rel_l2(a, b) -> float:
+    return float(np.linalg.norm(a - b) / np.linalg.norm(b))
+
+
+def cpu_streaming_engine(rt, resident: set[int], section: str) -> GpuPrefillEngine:
+    return GpuPrefillEngine(qwen3_moe, rt.args, rt.artifact, "cpu", resident, section)
+
+
+@pytest.mark.parametrize("quant,dense", list(BOUNDS))
+@pytest.mark.parametrize("section", ["experts_gpu", "experts_cpu"])
+def test_streaming_engine_matches_transformers_and_cpu_path(tiny, quant, dense, section):
+    rt = krasis_run.load(tiny.artifact(quant, dense), threads=1)
+    ids = prompt_ids(rt.args.vocab_size, 40, seed=11)
+    engine = cpu_streaming_engine(rt, {1}, section)  # layer 1 resident, layers 0 and 2 streamed
+    got = engine.prefill(ids, rt.engine.new_cache(), all_logits=True).numpy()
+    vs_hf = rel_l2(got, tiny.reference_logits(ids).numpy())
+    vs_cpu = rel_l2(got, rt.logits(ids))
+    print(f"{tiny.layout} {quant}/{dense} {section}: vs transformers {vs_hf:.4g}, vs CPU path {vs_cpu:.4g}")
+    assert vs_hf <= BOUNDS[(quant, dense)]
+    assert engine.stats.bytes_streamed == sum(c.length for c in rt.artifact.chunks.values()
+                                              if c.section == section and c.layer != 1)
+
+
+def test_decode_after_streaming_prefill_equals_decode_after_cpu_prefill(tiny_per_expert):
+    rt = krasis_run.load(tiny_per_expert.artifact("bf16", "bf16"), threads=1)
+    ids = prompt_ids(rt.args.vocab_size, 24, seed=12)
+    cpu_tokens = list(rt.generate(ids, max_new_tokens=16, stop_token_ids=set()))
+    rt.prefill_engine = cpu_streaming_engine(rt, set(), "experts_gpu")
+    assert list(rt.generate(ids, max_new_tokens=16, stop_token_ids=set())) == cpu_tokens
+
+
+def test_dequant_layouts_agree(tiny_per_expert):
+    """Both expert layouts of a layer dequantize to the same bf16 weights."""
+    rt = krasis_run.load(tiny_per_expert.artifact("q4", "q8"), threads=1)
+    out = []
+    for section in ("experts_gpu", "experts_cpu"):
+        src = expert_sources(rt.artifact, section)[2]
+        host = torch.frombuffer(rt.artifact._mm, dtype=torch.uint8, count=src.length, offset=src.offset)
+        views = part_views(host, src)
+        out.append(dequant_experts("q4", src.layout, views["gate_up"], views["down"]))
+    assert torch.equal(out[0][0], out[1][0]) and torch.equal(out[0][1], out[1][1])
+
+
+def test_parse_size():
+    assert parse_size("16GiB") == 16 << 30
+    assert parse_size("16G") == 16 * 10**9
+    assert parse_size("512MiB") == 512 << 20
+    assert parse_size(1234) == 1234
+    with pytest.raises(krasis_run.KrsError, match="cannot read size"):
+        parse_size("sixteen")
+
+
+def _random_q4(shape, device):
+    q = torch.randint(0, 256, (*shape[:-1], shape[-1] // 2), dtype=torch.uint8, device=device)
+    scale = (torch.rand(*shape[:-1], shape[-1] // 32, device=device) * 0.1).to(torch.bfloat16)
+    zero = (torch.randn(*shape[:-1], shape[-1] // 32, device=device) * 0.1).to(torch.bfloat16)
+    return q, scale, zero
+
+
+@cuda
+def test_triton_dequant_matches_torch_reference():
+    q, scale, zero = _random_q4((3, 192, 256), "cuda")
+    assert torch.equal(q4_rows(q, scale, zero, use_triton=True), q4_rows_torch(q, scale, zero))
+
+
+@cuda
+@pytest.mark.parametrize("quant,dense", list(BOUNDS))
+@pytest.mark.parametrize("budget", ["tight", "whole"])
+def test_cuda_prefill_matches_transformers_and_cpu_path(tiny, quant, dense, budget):
+    path = tiny.artifact(quant, dense)
+    cpu = krasis_run.load(path, device="cpu", threads=1)
+    rt = krasis_run.load(path, device="cuda", threads=1, gpu_budget="64MiB" if budget == "tight" else None)
+    resident = rt.placement.resident_layers
+    assert (len(resident) < 3) if budget == "tight" else (len(resident) == 3)
+    ids = prompt_ids(rt.args.vocab_size, 40, seed=13)
+    got = rt.logits(ids)
+    vs_hf = rel_l2(got, tiny.reference_logits(ids).numpy())
+    vs_cpu = rel_l2(got, cpu.logits(ids))
+    print(f"cuda {tiny.layout} {quant}/{dense} budget={budget} resident={sorted(resident)}: "
+          f"vs transformers {vs_hf:.4g}, vs CPU path {vs_cpu:.4g}")
+    assert vs_hf <= BOUNDS[(quant, dense)]
+
+
+@cuda
+def test_cuda_prefill_then_cpu_decode_equals_cpu(tiny_per_expert):
+    path = tiny_per_expert.artifact("bf16", "bf16")
+    cpu = krasis_run.load(path, device="cpu", threads=1)
+    gpu = krasis_run.load(path, device="cuda", threads=1, gpu_budget="64MiB")
+    ids = prompt_ids(cpu.args.vocab_size, 24, seed=12)
+    want = list(cpu.generate(ids, max_new_tokens=16, stop_token_ids=set()))
+    assert list(gpu.generate(ids, max_new_tokens=16, stop_token_ids=set())) == want
