@@ -36,7 +36,11 @@ def run(
     system: str = typer.Option(None, "--system", help="System message for the chat template."),
     no_chat: bool = typer.Option(False, "--no-chat", help="Feed the prompt raw, without the chat template."),
     threads: int = typer.Option(None, "--threads", min=1, help="CPU threads (default: physical cores)."),
-    device: str = typer.Option("auto", "--device", help="cpu, cuda or auto (this version runs on the CPU)."),
+    device: str = typer.Option("auto", "--device",
+                               help="auto: prefill on the GPU when CUDA is available, decode on the CPU; cpu: all CPU; "
+                                    "cuda: require the GPU."),
+    gpu_budget: str = typer.Option(None, "--gpu-budget",
+                                   help="VRAM the GPU prefill may use, e.g. 16GiB (default: free VRAM minus 1 GiB)."),
     verify: bool = typer.Option(False, "--verify", help="Check every chunk's checksum before running."),
 ) -> None:
     from .runtime import load, resident_bytes  # torch import deferred until the arguments are good
@@ -44,12 +48,15 @@ def run(
     if prompt == "-":
         prompt = sys.stdin.read()
     started = time.perf_counter()
-    rt = load(artifact, device="cpu" if device == "auto" else device, threads=threads, verify=verify,
-              progress=True)
+    rt = load(artifact, device=device, threads=threads, verify=verify, progress=True, gpu_budget=gpu_budget)
     _status(f"loaded {artifact} in {time.perf_counter() - started:.2f} s: {rt.args.num_hidden_layers} layers, "
             f"{rt.threads} threads, kernels {rt.ops.describe()}; resident {_size(resident_bytes())} "
             f"(heap {_size(resident_bytes('RssAnon'))}, mapped pages {_size(resident_bytes('RssFile'))}: weights are "
             f"read in place from the {_size(rt.placement.mapped_bytes)} mapping)")
+    p = rt.placement
+    if p.prefill_device == "cuda":
+        _status(f"prefill on the GPU: budget {_size(p.gpu_budget)}, {len(p.resident_layers)} expert layers resident, "
+                f"the rest streamed from the {p.prefill_section} section; decode on the CPU")
     gen = rt.generation_config
     sampling = gen.get("do_sample", False)
     temperature = temperature if temperature is not None else (gen.get("temperature", 1.0) if sampling else 0.0)
