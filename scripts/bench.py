@@ -1,0 +1,245 @@
+"""GPU streaming prefill (and host decode) on the full Qwen3-30B-A3B shape. Run on the GPU host.
+
+    python3 scripts/bench.py [--layers 48] [--prompts 4096,16384,32768] [--budgets 16,whole] [--sections gpu,cpu]
+
+Writes a synthetic artifact straight from random quantized tiles (no BF16 checkpoint: it would not
+fit the host's disk), then for every prompt length and GPU budget measures prefill tok/s, TTFT,
+PCIe GB/s achieved, the share of the copy hidden under compute and peak VRAM, each next to its floor
+(bytes streamed / measured pinned PCIe rate, GEMM FLOPs / measured GEMM rate, attention FLOPs /
+measured attention rate). Decode tok/s on the host CPU: 64 tokens, 3 runs. A JSON record goes to
+bench/results/<date>-<device>.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import gc
+import json
+import subprocess
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+import krasis_run
+from krasis_compile.layout import ExpertSource, Group, TensorSpec, plan_chunks
+from krasis_compile.writer import ArtifactWriter
+from krasis_run.models.qwen3_moe import ModelArgs, layer_tensor_names
+
+ROOT = Path(__file__).resolve().parent.parent
+SHAPE = dict(architectures=["Qwen3MoeForCausalLM"], model_type="qwen3_moe", vocab_size=151936, hidden_size=2048,
+             num_attention_heads=32, num_key_value_heads=4, head_dim=128, num_experts=128, num_experts_per_tok=8,
+             moe_intermediate_size=768, intermediate_size=6144, rope_theta=1e6, rms_norm_eps=1e-6,
+             norm_topk_prob=True, max_position_embeddings=40960, tie_word_embeddings=False)
+
+
+def write_synthetic(out: Path, layers: int, quant: str, sections: tuple[str, ...]) -> None:
+    """Random but well-scaled quantized parts: weights ~ +-0.04, norms 1, so activations stay finite."""
+    from tokenizers import Tokenizer, models
+
+    config = dict(SHAPE, num_hidden_layers=layers)
+    args = ModelArgs.from_hf(config)
+    h, hd, e, i = args.hidden_size, args.head_dim, args.num_experts, args.moe_intermediate_size
+    groups = [Group("embed", None, [TensorSpec("embed", "embed", [args.vocab_size, h], None)])]
+    for layer in range(layers):
+        n = layer_tensor_names(args, layer)
+        dense = [TensorSpec(n[r], "norm", [h], None) for r in ("attn_norm", "mlp_norm")]
+        dense += [TensorSpec(n[r], "norm", [hd], None) for r in ("q_norm", "k_norm")]
+        dense += [TensorSpec(n["q_proj"], "matrix", [32 * hd, h], None),
+                  TensorSpec(n["k_proj"], "matrix", [4 * hd, h], None),
+                  TensorSpec(n["v_proj"], "matrix", [4 * hd, h], None),
+                  TensorSpec(n["o_proj"], "matrix", [h, 32 * hd], None),
+                  TensorSpec(n["router"], "router", [e, h], None)]
+        groups.append(Group(f"layers.{layer}", layer, dense, ExpertSource(e, [2 * i, h], [h, i], None),
+                            n["experts_gpu_gate_up"], n["experts_gpu_down"], n["experts_cpu"]))
+    groups.append(Group("head", None, [TensorSpec("norm", "norm", [h], None),
+                                       TensorSpec("lm_head", "matrix", [args.vocab_size, h], None)]))
+    tokenizer = Tokenizer(models.WordLevel({"<unk>": 0}, unk_token="<unk>")).to_str().encode()
+    chunks = plan_chunks(groups, quant, "q8", sections, {"tokenizer.json": len(tokenizer)})
+    header = {"architecture": SHAPE["architectures"][0], "config": config, "generation_config": {},
+              "tokenizer": {"blob": "tokenizer.json", "config": {}, "chat_template": None},
+              "quant": {"experts": quant, "dense": "q8", "rounding": "synthetic", "rel_l2_error": {}},
+              "sections": list(sections), "source": {"kind": "synthetic"}, "compiler": {"name": "scripts/bench.py"},
+              "blobs": {"tokenizer.json": {"compression": "none", "raw_length": len(tokenizer)}}}
+    g = torch.Generator().manual_seed(0)
+    cache: dict[tuple, torch.Tensor] = {}  # one random tensor per (part, shape), reused by every layer
+
+    def part_data(name: str, dtype: str, shape: list[int]) -> torch.Tensor:
+        key = (name, dtype, tuple(shape))
+        if key not in cache:
+            count = torch.Size(shape).numel()
+            if dtype == "f32":
+                cache[key] = torch.ones(count)
+            elif dtype == "u8":
+                cache[key] = torch.randint(0, 256, (count,), dtype=torch.uint8, generator=g)
+            elif dtype == "i8":
+                cache[key] = torch.randint(-127, 128, (count,), dtype=torch.int8, generator=g)
+            elif "zero" in name:
+                cache[key] = (torch.randn(count, generator=g) * 0.002).to(torch.bfloat16)
+            elif "scale" in name:
+                cache[key] = (0.002 + torch.rand(count, generator=g) * 0.004).to(torch.bfloat16)
+            else:
+                cache[key] = (torch.randn(count, generator=g) * 0.02).to(torch.bfloat16)
+        return cache[key]
+
+    with ArtifactWriter(out, header, chunks) as w:
+        for chunk in chunks:
+            for t in chunk.tensors:
+                if t.codec == "blob":
+                    w.write(t.name, None, tokenizer)
+                    continue
+                for expert in range(t.experts or 1):
+                    for part, spec in t.parts.items():
+                        kind = part.split(".")[-1] if not t.name.endswith((".router", "embed")) else "w"
+                        w.write(t.name, part, part_data(kind, spec["dtype"], spec["shape"]),
+                                expert=expert if t.experts else None)
+        w.finish()
+
+
+def median_ms(fn, repeat: int = 10) -> float:
+    fn()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(repeat):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end))
+    return sorted(times)[len(times) // 2]
+
+
+def measure_ceilings(rt) -> dict:
+    """Pinned (registered mapping) host->device GB/s on a real layer, bf16 GEMM TFLOP/s, attention TFLOP/s."""
+    streamer = rt.prefill_engine.streamer
+    layer = streamer.streamed[0] if streamer.streamed else streamer.layers[0]
+    host = streamer.host[layer]
+    dev = torch.empty_like(host, device="cuda")
+    copy_ms = median_ms(lambda: dev.copy_(host, non_blocking=True))
+    a = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
+    gemm_ms = median_ms(lambda: a @ a)
+    t = 8192
+    q = torch.randn(1, 32, t, 128, device="cuda", dtype=torch.bfloat16)
+    k = torch.randn(1, 4, t, 128, device="cuda", dtype=torch.bfloat16)
+    attn_ms = median_ms(lambda: F.scaled_dot_product_attention(q, k, k, is_causal=True, enable_gqa=True))
+    return dict(pcie_gb_s=host.numel() / copy_ms / 1e6, gemm_tflops=2 * 8192**3 / gemm_ms / 1e9,
+                attention_tflops=2 * t * t * 32 * 128 / attn_ms / 1e9)
+
+
+def floors(prompt: int, layers: int, bytes_streamed: int, ceil: dict) -> dict:
+    h, i, k = SHAPE["hidden_size"], SHAPE["moe_intermediate_size"], SHAPE["num_experts_per_tok"]
+    dense = 32 * 128 * h * 2 + 4 * 128 * h * 2 + SHAPE["num_experts"] * h
+    flops = 2 * prompt * layers * (dense + k * 3 * i * h)
+    attn = 2 * prompt * prompt * 32 * 128 * layers  # causal: half of 4*T^2*heads*dim
+    return dict(copy_s=bytes_streamed / ceil["pcie_gb_s"] / 1e9, gemm_s=flops / ceil["gemm_tflops"] / 1e12,
+                attention_s=attn / ceil["attention_tflops"] / 1e12)
+
+
+def run_prefill(rt, prompt: int, repeat: int = 2) -> dict:
+    ids = torch.randint(0, SHAPE["vocab_size"], (prompt,), generator=torch.Generator().manual_seed(prompt)).tolist()
+    engine = rt.prefill_engine
+    best = None
+    for _ in range(repeat):
+        torch.cuda.reset_peak_memory_stats()
+        cache = rt.engine.new_cache(prompt + 1)
+        start = time.perf_counter()
+        logits = engine.prefill(ids, cache)
+        int(torch.argmax(logits))  # the first token exists: TTFT
+        ttft = time.perf_counter() - start
+        stats = engine.stats
+        row = dict(prompt_tokens=prompt, ttft_s=ttft, prefill_tok_s=prompt / ttft, bytes_streamed=stats.bytes_streamed,
+                   copy_s=stats.copy_seconds, peak_vram_gib=torch.cuda.max_memory_allocated() / 2**30,
+                   pcie_gbps=stats.bytes_streamed / stats.copy_seconds / 1e9 if stats.copy_seconds else 0.0)
+        if best is None or row["ttft_s"] < best["ttft_s"]:
+            best = row
+    return best
+
+
+def decode_speed(rt, runs: int = 3, tokens: int = 64) -> list[float]:
+    ids = torch.randint(0, SHAPE["vocab_size"], (32,), generator=torch.Generator().manual_seed(1)).tolist()
+    rt.prefill_engine = rt.engine  # decode is a CPU measurement; a short prompt on the CPU keeps it apart
+    speeds = []
+    for _ in range(runs):
+        list(rt.generate(ids, max_new_tokens=tokens + 1, stop_token_ids=set()))
+        speeds.append(rt.timings.decode_tok_s())
+    return speeds
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--layers", type=int, default=48)
+    ap.add_argument("--quant", default="q4")
+    ap.add_argument("--sections", default="gpu,cpu")
+    ap.add_argument("--prompts", default="4096,16384,32768")
+    ap.add_argument("--budgets", default="16,whole", help="GiB values and/or 'whole'")
+    ap.add_argument("--artifact", type=Path, default=Path("/tmp/krasis-bench.krs"))
+    ap.add_argument("--decode-runs", type=int, default=3)
+    ap.add_argument("--out", type=Path, default=ROOT / "bench" / "results")
+    args = ap.parse_args()
+
+    sections = tuple(args.sections.split(","))
+    if not args.artifact.exists():
+        start = time.perf_counter()
+        write_synthetic(args.artifact, args.layers, args.quant, sections)
+        print(f"wrote {args.artifact} ({args.artifact.stat().st_size / 1e9:.1f} GB) in "
+              f"{time.perf_counter() - start:.0f} s", flush=True)
+    device = torch.cuda.get_device_name()
+    record = dict(device=device, date=datetime.date.today().isoformat(),
+                  model_shape=dict(SHAPE, num_hidden_layers=args.layers), quant=args.quant,
+                  sections=list(sections), torch=torch.__version__, results=[])
+    try:
+        record["commit"] = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                                          cwd=ROOT).stdout.strip() or None
+    except OSError:
+        record["commit"] = None
+    ceil = None
+    for budget in args.budgets.split(","):
+        gib = None if budget == "whole" else float(budget)
+        rt = krasis_run.load(args.artifact, device="cuda", gpu_budget=None if gib is None else f"{gib}GiB")
+        plan = rt.placement
+        print(f"budget {budget}: {len(plan.resident_layers)}/{args.layers} expert layers resident, "
+              f"plan {({k: round(v / 2**30, 2) for k, v in plan.vram_plan.items()})} GiB", flush=True)
+        if ceil is None:
+            ceil = measure_ceilings(rt)
+            record["ceilings"] = ceil
+            print(f"ceilings: {ceil}", flush=True)
+        run_prefill(rt, 1024, repeat=1)  # warm-up: Triton compile, allocator
+        for prompt in map(int, args.prompts.split(",")):
+            row = run_prefill(rt, prompt)
+            row.update(gpu_budget_gib=gib if gib is not None else round(plan.gpu_budget / 2**30, 1),
+                       resident_layers=len(plan.resident_layers), floors=floors(prompt, args.layers,
+                                                                                 row["bytes_streamed"], ceil))
+            record["results"].append(row)
+            f = row["floors"]
+            floor_s = max(f["copy_s"], f["gemm_s"] + f["attention_s"])
+            print(f"{prompt:6d} tok, budget {budget:>5}: {row['prefill_tok_s']:8.0f} tok/s, TTFT {row['ttft_s']:.3f} s "
+                  f"(floor {floor_s:.3f} s = {floor_s / row['ttft_s']:.0%}: copy {f['copy_s']:.3f}, "
+                  f"gemm {f['gemm_s']:.3f}, attention {f['attention_s']:.3f}), "
+                  f"streamed {row['bytes_streamed'] / 1e9:.1f} GB at {row['pcie_gbps']:.1f} GB/s, "
+                  f"peak VRAM {row['peak_vram_gib']:.1f} GiB", flush=True)
+        gpu_engine = rt.prefill_engine
+        if budget == args.budgets.split(",")[-1]:
+            speeds = decode_speed(rt, args.decode_runs)
+            record["decode_tok_s"] = sorted(speeds)[len(speeds) // 2]
+            record["decode_runs"] = speeds
+            print(f"decode on the host CPU (64 tokens, {args.decode_runs} runs): {speeds} tok/s", flush=True)
+        gpu_engine.streamer.close()
+        del rt, gpu_engine
+        gc.collect()
+        torch.cuda.empty_cache()
+    whole = {r["prompt_tokens"]: r["ttft_s"] for r in record["results"] if r["resident_layers"] == args.layers}
+    for r in record["results"]:
+        if r["prompt_tokens"] in whole and r["copy_s"]:
+            hidden = (r["copy_s"] + whole[r["prompt_tokens"]] - r["ttft_s"]) / r["copy_s"]
+            r["copy_hidden_share"] = max(0.0, min(1.0, hidden))
+    args.out.mkdir(parents=True, exist_ok=True)
+    name = f"{record['date']}-{device.replace(' ', '_')}.json"
+    (args.out / name).write_text(json.dumps(record, indent=1))
+    print(json.dumps(record["results"]))
+
+
+if __name__ == "__main__":
+    main()
