@@ -16,6 +16,7 @@ import argparse
 import datetime
 import gc
 import json
+import os
 import subprocess
 import time
 from pathlib import Path
@@ -190,11 +191,10 @@ def main() -> None:
     record = dict(device=device, date=datetime.date.today().isoformat(),
                   model_shape=dict(SHAPE, num_hidden_layers=args.layers), quant=args.quant,
                   sections=list(sections), torch=torch.__version__, results=[])
-    try:
-        record["commit"] = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                                          cwd=ROOT).stdout.strip() or None
-    except OSError:
-        record["commit"] = None
+    record["commit"] = os.environ.get("KRASIS_COMMIT")  # the GPU host gets a tree without git history
+    if not record["commit"]:
+        git = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=ROOT)
+        record["commit"] = git.stdout.strip() or None
     ceil = None
     for budget in args.budgets.split(","):
         gib = None if budget == "whole" else float(budget)
