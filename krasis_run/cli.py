@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import sys
 import time
-from pathlib import Path
 
 import typer
 
@@ -24,8 +23,9 @@ def _status(message: str) -> None:
 @app.command(help="Memory-map a .krs artifact and generate text. The prompt goes through the model's chat "
                   "template unless --no-chat; text streams to stdout, speeds go to stderr.")
 def run(
-    artifact: Path = typer.Argument(..., help="The .krs artifact written by krasis-compile."),
-    prompt: str = typer.Option(..., "--prompt", "-p", help="Prompt text ('-' reads standard input)."),
+    artifact: str = typer.Argument(..., help="The .krs artifact written by krasis-compile, or hf://ORG/REPO/FILE.krs "
+                                             "(downloaded into the Hub cache; works offline once cached)."),
+    prompt: str = typer.Option(None, "--prompt", "-p", help="Prompt text ('-' reads standard input)."),
     max_tokens: int = typer.Option(256, "--max-tokens", "-n", min=1, help="Most tokens to generate."),
     temperature: float = typer.Option(None, "--temperature", min=0.0,
                                       help="0 = greedy. Default: the model's generation_config, else 0."),
@@ -42,9 +42,23 @@ def run(
     gpu_budget: str = typer.Option(None, "--gpu-budget",
                                    help="VRAM the GPU prefill may use, e.g. 16GiB (default: free VRAM minus 1 GiB)."),
     verify: bool = typer.Option(False, "--verify", help="Check every chunk's checksum before running."),
+    serve: bool = typer.Option(False, "--serve", help="Serve an OpenAI-compatible HTTP API instead of one prompt."),
+    host: str = typer.Option("127.0.0.1", "--host", help="--serve: address to bind (default: this machine only)."),
+    port: int = typer.Option(8000, "--port", min=1, max=65535, help="--serve: TCP port."),
+    api_key: str = typer.Option(None, "--api-key", envvar="KRASIS_API_KEY",
+                                help="--serve: require 'Authorization: Bearer KEY' (or set KRASIS_API_KEY)."),
+    max_queue: int = typer.Option(64, "--max-queue", min=1,
+                                  help="--serve: requests that may wait for the engine; more get HTTP 429."),
 ) -> None:
     from .runtime import load, resident_bytes  # torch import deferred until the arguments are good
 
+    if serve and prompt is not None:
+        raise KrsError("--prompt and --serve exclude each other: the server takes its prompts over HTTP")
+    if not serve and prompt is None:
+        raise KrsError("give --prompt TEXT (or --prompt - for standard input), or --serve")
+    from .hub import resolve_artifact
+
+    name, artifact = artifact, resolve_artifact(artifact)
     if prompt == "-":
         prompt = sys.stdin.read()
     started = time.perf_counter()
@@ -57,6 +71,11 @@ def run(
     if p.prefill_device == "cuda":
         _status(f"prefill on the GPU: budget {_size(p.gpu_budget)}, {len(p.resident_layers)} expert layers resident, "
                 f"the rest streamed from the {p.prefill_section} section; decode on the CPU")
+    if serve:
+        from .server import run_server
+
+        run_server(rt, name, host=host, port=port, api_key=api_key, max_queue=max_queue)
+        return
     gen = rt.generation_config
     sampling = gen.get("do_sample", False)
     temperature = temperature if temperature is not None else (gen.get("temperature", 1.0) if sampling else 0.0)

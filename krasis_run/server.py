@@ -588,6 +588,33 @@ def serve(server: KrasisServer, host: str = DEFAULT_HOST, port: int = DEFAULT_PO
     uvicorn.Server(uvicorn_config(server.app, host, port, log_level)).run()
 
 
+def is_loopback(host: str) -> bool:
+    import ipaddress
+
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+def run_server(runtime, artifact: str, host: str = DEFAULT_HOST, port: int = DEFAULT_PORT,
+               api_key: str | None = None, max_queue: int = DEFAULT_MAX_QUEUE, log_level: str = "info") -> None:
+    """`krasis-run ART --serve` and the `krasis` launcher: serve until Ctrl-C."""
+    import sys
+
+    name = model_name_for(artifact)
+    if not is_loopback(host) and not api_key:
+        print(f"krasis: warning: serving on {host} without --api-key: anyone who can reach this port can use it",
+              file=sys.stderr)
+    shown = f"[{host}]" if ":" in host else host
+    print(f"serving '{name}' at http://{shown}:{port}/v1 (OpenAI-compatible: /v1/chat/completions, "
+          f"/v1/completions, /v1/models; /health); context {runtime.context_length} tokens, queue {max_queue}"
+          f"{', API key required' if api_key else ''}; Ctrl-C stops", file=sys.stderr, flush=True)
+    serve(KrasisServer(runtime, name, api_key, max_queue), host, port, log_level)
+
+
 class ServerThread:
     """uvicorn in a background thread on a free loopback port: for tests and embedding."""
 
