@@ -60,16 +60,18 @@ def _dense_vram(artifact: Artifact) -> int:
 
 
 def _workspace(config: dict, tokens: int) -> int:
-    """Activations of one layer at `tokens` tokens plus one layer of dequantized bf16 experts."""
+    """Peak prefill memory beyond the weights at `tokens` prompt tokens: one layer's experts dequantized to
+    bf16, the expert step's token chunk, and the attention-side activations, whose per-token size was
+    calibrated against torch.cuda.max_memory_allocated on the 30B-A3B shape (docs/BENCHMARKS.md)."""
     h = config["hidden_size"]
     heads, kv = config["num_attention_heads"], config["num_key_value_heads"]
     hd = config.get("head_dim") or h // heads
     e = config.get("num_experts") or config.get("num_local_experts") or 0
     inter = config.get("moe_intermediate_size", 0)
     experts_bf16 = e * 3 * inter * h * 2
-    activations = tokens * (h * 4 * 4 + (heads + 2 * kv) * hd * 6)  # residual, norms, q/k/v fp32 + bf16
-    expert_chunk = min(tokens, 8192) * config.get("num_experts_per_tok", 1) * (3 * inter + 2 * h) * 2
-    return experts_bf16 + activations + expert_chunk
+    per_token = h * 4 * 6 + (heads + 2 * kv) * hd * 4 * 5 + heads * hd * 6  # fp32 residual/norm/rope temporaries
+    expert_chunk = min(tokens, 4096) * config.get("num_experts_per_tok", 1) * (3 * inter + 3 * h) * 2
+    return experts_bf16 + tokens * per_token + expert_chunk
 
 
 def plan(artifact: Artifact, device: str = "auto", gpu_budget: str | int | None = None) -> Placement:

@@ -159,6 +159,17 @@ def run_prefill(rt, prompt: int, repeat: int = 2) -> dict:
     return best
 
 
+def profile(rt, prompt: int) -> None:
+    """Top GPU kernels of one prefill, to see where the time over the floor goes."""
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as torch_profile
+
+    ids = torch.randint(0, SHAPE["vocab_size"], (prompt,), generator=torch.Generator().manual_seed(7)).tolist()
+    with torch_profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        rt.prefill_engine.prefill(ids, rt.engine.new_cache(prompt + 1))
+    print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=22, max_name_column_width=60), flush=True)
+
+
 def decode_speed(rt, runs: int = 3, tokens: int = 64) -> list[float]:
     ids = torch.randint(0, SHAPE["vocab_size"], (32,), generator=torch.Generator().manual_seed(1)).tolist()
     rt.prefill_engine = rt.engine  # decode is a CPU measurement; a short prompt on the CPU keeps it apart
@@ -179,6 +190,7 @@ def main() -> None:
     ap.add_argument("--artifact", type=Path, default=Path("/tmp/krasis-bench.krs"))
     ap.add_argument("--decode-runs", type=int, default=3)
     ap.add_argument("--out", type=Path, default=ROOT / "bench" / "results")
+    ap.add_argument("--profile", type=int, default=0, help="also profile one prefill of this many tokens")
     args = ap.parse_args()
 
     sections = tuple(args.sections.split(","))
@@ -221,6 +233,8 @@ def main() -> None:
                   f"streamed {row['bytes_streamed'] / 1e9:.1f} GB at {row['pcie_gbps']:.1f} GB/s, "
                   f"peak VRAM {row['peak_vram_gib']:.1f} GiB", flush=True)
         gpu_engine = rt.prefill_engine
+        if args.profile and budget == args.budgets.split(",")[-1]:
+            profile(rt, args.profile)
         if budget == args.budgets.split(",")[-1]:
             speeds = decode_speed(rt, args.decode_runs)
             record["decode_tok_s"] = sorted(speeds)[len(speeds) // 2]
