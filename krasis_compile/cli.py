@@ -21,7 +21,7 @@ def compile_cmd(
     out: Path = typer.Option(..., "-o", "--out", help="Output artifact path (written atomically)."),
     quant: str = typer.Option("q4", "--quant", help="Routed-expert codec: q4 (4-bit, groups of 32), q8, bf16."),
     dense_quant: str = typer.Option("q8", "--dense-quant",
-                                    help="Codec of attention, dense MLP and lm_head matrices: q8 or bf16."),
+                                    help="Codec of attention, dense MLP and lm_head matrices: q8, bf16 or q4."),
     sections: str = typer.Option("gpu,cpu", "--sections",
                                  help="Expert layouts to write: gpu (stacked tiles), cpu (per-expert blocks)."),
     revision: str = typer.Option(None, "--revision", help="Hub revision (branch, tag or commit)."),

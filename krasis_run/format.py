@@ -25,7 +25,7 @@ Q4_OFFSET = 8  # w = (q - 8) * scale + zero
 Q8_MAX = 127  # w = q * scale, q in [-127, 127]
 CPU_BLOCK_ROWS = 64  # Q4 CPU blocks: 64 output rows, nibble d pairs row d with row d + 32
 CODECS = ("q4", "q8", "bf16")
-DENSE_CODECS = ("q8", "bf16")
+DENSE_CODECS = ("q8", "bf16", "q4")  # q4 dense: rows layout, needs every K % 32 == 0
 
 # Chunk sections, in the order they appear inside a layer.
 SECTION_DENSE = "dense"

@@ -1,11 +1,14 @@
 """Decode speed on a synthetic model with real Qwen3-30B-A3B layer shapes, compiled by the real compiler.
 
-    python scripts/bench_decode.py --layers 4 --quant q4,q8 [--threads N] [--json out.json]
+    python scripts/bench_decode.py --layers 4 --quant q4,q8 [--dense-quant q8,q4] [--kernels native,torch]
+                                   [--threads N] [--vocab 32000] [--json out.json]
 
 Writes a random BF16 checkpoint (hidden 2048, 32/4 heads of 128, 128 experts, top-8, expert width 768,
-vocab 151,936; --layers of them), compiles it with krasis-compile in a subprocess (its input GB/s and
-peak RSS are reported), then decodes greedily and prints tok/s next to the weight bytes read per token,
-the effective GB/s and this machine's measured read bandwidth, so the gap is a ratio.
+vocab 151,936 or --vocab; --layers of them), compiles it with krasis-compile in a subprocess (its input
+GB/s and peak RSS are reported), then decodes greedily with each of --kernels (native: the fused C
+kernels; torch: torch's packed kernels, the reference path) and prints tok/s next to the weight bytes
+read per token, the effective GB/s and this machine's read bandwidth measured right before each run
+(it drifts on shared machines), so the gap is a ratio. Works from a checkout: PYTHONPATH=. python3 ...
 """
 
 from __future__ import annotations
@@ -29,12 +32,12 @@ SHAPE = dict(
 )
 
 
-def write_checkpoint(folder: Path, layers: int) -> int:
+def write_checkpoint(folder: Path, layers: int, vocab: int = SHAPE["vocab_size"]) -> int:
     """Random bf16 weights in hub naming, one shard per layer; returns bytes written."""
     from tokenizers import Tokenizer, models
 
     folder.mkdir(parents=True, exist_ok=True)
-    s, g = SHAPE, torch.Generator().manual_seed(0)
+    s, g = dict(SHAPE, vocab_size=vocab), torch.Generator().manual_seed(0)
     h, hd, e, i = s["hidden_size"], s["head_dim"], s["num_experts"], s["moe_intermediate_size"]
 
     def rand(*shape: int) -> torch.Tensor:
@@ -67,7 +70,7 @@ def write_checkpoint(folder: Path, layers: int) -> int:
             t[p + f"mlp.experts.{x}.up_proj.weight"] = rand(i, h)
             t[p + f"mlp.experts.{x}.down_proj.weight"] = rand(h, i)
         save(t, f"model-layer{layer:03d}.safetensors")
-    config = dict(SHAPE, architectures=["Qwen3MoeForCausalLM"], model_type="qwen3_moe", num_hidden_layers=layers,
+    config = dict(s, architectures=["Qwen3MoeForCausalLM"], model_type="qwen3_moe", num_hidden_layers=layers,
                   rope_theta=1e6, rms_norm_eps=1e-6, norm_topk_prob=True, max_position_embeddings=40960,
                   tie_word_embeddings=False, torch_dtype="bfloat16")
     (folder / "config.json").write_text(json.dumps(config))
@@ -124,11 +127,11 @@ def _nbytes(part: dict) -> int:
     return n
 
 
-def bench_decode(path: Path, threads: int, prompt_len: int, tokens: int) -> dict:
+def bench_decode(path: Path, threads: int, prompt_len: int, tokens: int, kernel: str | None = None) -> dict:
     import krasis_run
     from krasis_run.runtime import resident_bytes
 
-    rt = krasis_run.load(path, threads=threads)
+    rt = krasis_run.load(path, threads=threads, kernel=kernel)
     g = torch.Generator().manual_seed(1)
     prompt = torch.randint(0, rt.args.vocab_size, (prompt_len,), generator=g).tolist()
     list(rt.generate(prompt, max_new_tokens=4, stop_token_ids=set()))  # warm-up: page in, allocate
@@ -146,7 +149,9 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--layers", type=int, default=4)
     ap.add_argument("--quant", default="q4,q8", help="comma-separated expert codecs")
-    ap.add_argument("--dense-quant", default="q8")
+    ap.add_argument("--dense-quant", default="q8", help="comma-separated dense codecs (q8, bf16, q4)")
+    ap.add_argument("--kernels", default="native,torch", help="comma-separated CPU kernels to time")
+    ap.add_argument("--vocab", type=int, default=SHAPE["vocab_size"], help="vocabulary (lm_head rows)")
     ap.add_argument("--threads", type=int, default=None, help="default: physical cores")
     ap.add_argument("--prompt", type=int, default=32, help="prompt tokens before decode")
     ap.add_argument("--tokens", type=int, default=16, help="decode tokens timed")
@@ -161,33 +166,39 @@ def main() -> None:
     folder = work / "checkpoint"
     if not (folder / "config.json").exists():
         start = time.perf_counter()
-        size = write_checkpoint(folder, args.layers)
+        size = write_checkpoint(folder, args.layers, args.vocab)
         print(f"wrote {size / 1e9:.2f} GB synthetic checkpoint in {time.perf_counter() - start:.0f} s", flush=True)
     bandwidth = read_bandwidth(threads)
     results = dict(machine=platform.node(), cpu=platform.processor() or platform.machine(), threads=threads,
-                   layers=args.layers, torch=torch.__version__, read_gb_s=bandwidth,
+                   layers=args.layers, vocab=args.vocab, torch=torch.__version__, read_gb_s=bandwidth,
                    cpu_capability=torch.backends.cpu.get_cpu_capability(), runs=[])
     print(f"read bandwidth ({threads} threads): {bandwidth:.1f} GB/s", flush=True)
-    for quant in args.quant.split(","):
-        out = work / f"bench-{quant}-{args.dense_quant}.krs"
-        compiled = compile_artifact(folder, out, quant, args.dense_quant)
-        decode = bench_decode(out, threads, args.prompt, args.tokens)
-        run = dict(quant=quant, dense_quant=args.dense_quant, compile=compiled, **decode)
-        results["runs"].append(run)
-        ceiling = bandwidth * 1e9 / decode["bytes_per_token"]
-        print(
-            f"{quant}/{args.dense_quant}: decode {decode['decode_tok_s']:.2f} tok/s "
-            f"({decode['bytes_per_token'] / 1e6:.1f} MB/token, {decode['effective_gb_s']:.2f} GB/s effective "
-            f"= {decode['effective_gb_s'] / bandwidth:.1%} of {bandwidth:.1f} GB/s read bandwidth; "
-            f"ceiling {ceiling:.1f} tok/s) | prefill {decode['prefill_tok_s']:.1f} tok/s | "
-            f"kernels: {decode['kernels']} | resident {decode['resident_gib']:.2f} GiB "
-            f"(heap {decode['heap_gib']:.2f}) | "
-            f"compile {compiled['input_gb_s']:.3f} GB/s input, peak RSS {compiled['peak_rss'] / 2**30:.2f} GiB, "
-            f"artifact {compiled['size'] / 1e9:.2f} GB",
-            flush=True,
-        )
-        if args.workdir is None:
-            out.unlink()
+    for dense_quant in args.dense_quant.split(","):
+        for quant in args.quant.split(","):
+            out = work / f"bench-{quant}-{dense_quant}.krs"
+            compiled = compile_artifact(folder, out, quant, dense_quant) if not out.exists() else None
+            for kernel in args.kernels.split(","):
+                bandwidth = read_bandwidth(threads)  # beside each run: it drifts on shared machines
+                decode = bench_decode(out, threads, args.prompt, args.tokens, kernel)
+                run = dict(quant=quant, dense_quant=dense_quant, kernel=kernel, compile=compiled, read_gb_s=bandwidth,
+                           **decode)
+                results["runs"].append(run)
+                ceiling = bandwidth * 1e9 / decode["bytes_per_token"]
+                line = (
+                    f"{quant}/{dense_quant} {kernel}: decode {decode['decode_tok_s']:.2f} tok/s "
+                    f"({decode['bytes_per_token'] / 1e6:.1f} MB/token, {decode['effective_gb_s']:.2f} GB/s effective "
+                    f"= {decode['effective_gb_s'] / bandwidth:.1%} of {bandwidth:.1f} GB/s read bandwidth; "
+                    f"ceiling {ceiling:.1f} tok/s) | prefill {decode['prefill_tok_s']:.1f} tok/s | "
+                    f"kernels: {decode['kernels']} | resident {decode['resident_gib']:.2f} GiB "
+                    f"(heap {decode['heap_gib']:.2f})"
+                )
+                if compiled:
+                    line += (f" | compile {compiled['input_gb_s']:.3f} GB/s input, peak RSS "
+                             f"{compiled['peak_rss'] / 2**30:.2f} GiB, artifact {compiled['size'] / 1e9:.2f} GB")
+                    compiled = None
+                print(line, flush=True)
+            if args.workdir is None:
+                out.unlink()
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(results, indent=1))

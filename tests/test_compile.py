@@ -59,7 +59,7 @@ def test_missing_folder(tmp_path):
 
 def test_bad_codec(tiny_per_expert, tmp_path):
     one_line_error(compile_cli(str(tiny_per_expert.folder), "-o", str(tmp_path / "x.krs"), "--quant", "q5"), "q5")
-    one_line_error(compile_cli(str(tiny_per_expert.folder), "-o", str(tmp_path / "x.krs"), "--dense-quant", "q4"),
+    one_line_error(compile_cli(str(tiny_per_expert.folder), "-o", str(tmp_path / "x.krs"), "--dense-quant", "q5"),
                    "--dense-quant")
 
 

@@ -1,6 +1,10 @@
-"""CPU matmuls over the artifact's bytes in place: the one seam a native decode kernel will replace.
+"""CPU matmuls over the artifact's bytes in place: the seam between the model code and the kernels.
 
-Two implementations of the same interface:
+Three implementations of the same interface:
+  - "native" (default where it builds): krasis_run/kernels/native, C + OpenMP; one call per MoE layer
+    for the selected experts, one per dense projection, one for attention decode, reading the mapped
+    bytes in place with int8-quantized activations for q4/q8 weights (prefill too, so decode and
+    prefill compute the same numbers); attention of more than NATIVE_MAX_ROWS queries uses torch's;
   - "torch": torch's packed CPU kernels straight on the mapped bytes (`_weight_int8pack_mm`; and
     `_weight_int4pack_mm_for_cpu` where this torch build's packed layout equals the artifact's CPU
     block layout, which a probe checks at start-up; otherwise q4 experts are dequantized per use);
@@ -19,7 +23,26 @@ from ..codecs import dequant_parts, pack_q4_blocks, split_gate_up_output
 from ..format import Q4_GROUP
 from .attention import causal_attention
 
-KERNEL_ENV = "KRASIS_KERNEL"  # "torch" (default) or "reference"
+KERNEL_ENV = "KRASIS_KERNEL"  # "native" (default; "torch" if it cannot be built), "torch" or "reference"
+NATIVE_MAX_ROWS = int(os.environ.get("KRASIS_NATIVE_MAX_ROWS", "16"))  # longer queries: torch's attention
+_warned = False
+
+
+def _native():
+    """The native kernel module if it builds and loads here, else None (with one warning on stderr)."""
+    global _warned
+    from . import native
+
+    try:
+        native.load()
+        return native
+    except native.NativeUnavailable as e:
+        if not _warned:
+            _warned = True
+            import sys
+
+            print(f"krasis: native CPU kernels unavailable ({e}); using torch kernels", file=sys.stderr)
+        return None
 
 
 @functools.cache
@@ -49,14 +72,27 @@ class CpuOps:
     """embed / linear / experts on float32 activations; weights are artifact TensorViews (or float tensors)."""
 
     def __init__(self, kernel: str | None = None):
-        self.kernel = kernel or os.environ.get(KERNEL_ENV, "torch")
-        if self.kernel not in ("torch", "reference"):
-            raise ValueError(f"unknown kernel {self.kernel!r} (torch or reference)")
-        self.int4_in_place = self.kernel == "torch" and torch_int4_reads_cpu_blocks()
+        requested = kernel or os.environ.get(KERNEL_ENV) or "auto"
+        if requested not in ("auto", "native", "torch", "reference"):
+            raise ValueError(f"unknown kernel {requested!r} (native, torch or reference)")
+        self.native = None
+        if requested in ("auto", "native"):
+            if requested == "native":
+                from . import native
+
+                native.load()  # raises NativeUnavailable with the reason
+            self.native = _native()
+            if self.native is not None:
+                self.native.set_threads(torch.get_num_threads())
+        self.kernel = "native" if self.native is not None else ("torch" if requested == "auto" else requested)
+        self.int4_in_place = self.kernel in ("torch", "native") and torch_int4_reads_cpu_blocks()
+        self._expert_ptrs: dict[int, tuple[object, torch.Tensor]] = {}
 
     def describe(self) -> str:
         if self.kernel == "reference":
             return "reference (float32 dequant)"
+        if self.kernel == "native":
+            return f"native ({self.native.isa()}, {self.native.threads()} threads)"
         return "torch packed" + (" (q4 in place)" if self.int4_in_place else " (q4 dequantized per use)")
 
     def embed(self, tokens: torch.Tensor, table) -> torch.Tensor:
@@ -64,7 +100,12 @@ class CpuOps:
 
     def matmul(self, x: torch.Tensor, codec: str, layout: str, parts: dict[str, torch.Tensor]) -> torch.Tensor:
         """x [M, K] float32 @ W[N, K]^T -> [M, N] float32."""
-        if self.kernel == "reference" or codec == "f32" or (codec == "q4" and not self.int4_in_place):
+        if self.native is not None and layout == "rows":
+            names = {"q8": ("q", "scale"), "q4": ("q", "scale", "zero"), "bf16": ("w",), "f32": ("w",)}[codec]
+            ws = [parts[p] for p in names]
+            return self.native.linear(codec, x.float().contiguous(), ws[0].shape[0], *ws)
+        q4_dequant = codec == "q4" and (not self.int4_in_place or layout == "rows")
+        if self.kernel == "reference" or codec == "f32" or q4_dequant:
             return F.linear(x, dequant_parts(codec, layout, parts))
         # The packed kernels take bf16 activations. For bf16 weights (the exact mode) rounding x to
         # bf16 would be the largest error left (~1% in the logits), so x goes in as two bf16 rows,
@@ -76,7 +117,7 @@ class CpuOps:
             y = F.linear(torch.cat([xb, (x - xb.float()).to(torch.bfloat16)]), parts["w"])
         elif codec == "q8":
             y = torch.ops.aten._weight_int8pack_mm(xb, parts["q"], parts["scale"])
-        elif codec == "q4" and layout == "cpu_blocks":
+        elif codec == "q4" and layout == "cpu_blocks":  # torch's own 64-row blocks (AVX-512 builds)
             q = parts["q"]
             packed = q.view(q.shape[0] * q.shape[2] * 2, q.shape[1] // 2)
             y = torch.ops.aten._weight_int4pack_mm_for_cpu(xb, packed, Q4_GROUP, parts["scale_zero"])
@@ -87,14 +128,40 @@ class CpuOps:
 
     def linear(self, x: torch.Tensor, w) -> torch.Tensor:
         if isinstance(w, torch.Tensor):
+            if self.native is not None and w.dtype == torch.float32 and w.dim() == 2 and w.is_contiguous():
+                return self.native.linear("f32", x.float().contiguous(), w.shape[0], w)
             return F.linear(x, w)
         return self.matmul(x, w.codec, w.layout, w.parts)
 
-    def attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, start_pos: int) -> torch.Tensor:
-        return causal_attention(q, k, v, start_pos)
+    def attention(self, q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, start_pos: int) -> torch.Tensor:
+        """Causal attention of q [T, H, D] over the cache's keys/values [S, KVH, D] -> [T, H*D] float32."""
+        if (self.native is not None and q.shape[0] <= NATIVE_MAX_ROWS and keys.dtype == torch.bfloat16
+                and keys.is_contiguous() and values.is_contiguous() and keys.shape[0] == start_pos + q.shape[0]):
+            return self.native.attention(q.float().contiguous(), keys, values, start_pos)
+        return causal_attention(q, keys, values, start_pos)
+
+    def _native_expert_table(self, blocks) -> torch.Tensor:
+        """[E, 4] int64 addresses of each expert's gate_up and down parts (cached per tensor)."""
+        cached = self._expert_ptrs.get(id(blocks))
+        if cached is not None and cached[0] is blocks:
+            return cached[1]
+        names = {"q4": ("q", "scale_zero"), "q8": ("q", "scale"), "bf16": ("w", "w")}[blocks.codec]
+        rows = []
+        for e in range(blocks.experts):
+            gate_up, down = blocks.expert(e, "gate_up"), blocks.expert(e, "down")
+            rows.append([gate_up[names[0]].data_ptr(), gate_up[names[1]].data_ptr(),
+                         down[names[0]].data_ptr(), down[names[1]].data_ptr()])
+        table = torch.tensor(rows, dtype=torch.int64)
+        self._expert_ptrs[id(blocks)] = (blocks, table)
+        return table
 
     def experts(self, x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor, blocks) -> torch.Tensor:
         """Routed experts from the CPU blocks: tokens grouped by expert, only selected experts are read."""
+        if self.native is not None:
+            hidden, width = blocks.matrices["down"]
+            return self.native.moe(blocks.codec, x.float().contiguous(), topk_ids.to(torch.int32).contiguous(),
+                                   topk_weights.float().contiguous(), self._native_expert_table(blocks),
+                                   hidden, width, blocks.experts)
         t, k = topk_ids.shape
         flat_ids = topk_ids.flatten()
         order = torch.argsort(flat_ids, stable=True)

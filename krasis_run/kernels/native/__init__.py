@@ -1,0 +1,136 @@
+"""ctypes binding of the native CPU decode kernels (krasis_native.c): fused MoE, dense rows, attention.
+
+The library is built from source on first use if no build of these exact sources exists (see
+build.py); it takes pointers into the artifact's mapping (tensor.data_ptr()), so weights are read in
+place. `load()` raises NativeUnavailable with a one-line reason when it cannot be built or loaded.
+Environment: KRASIS_CPU_ISA=scalar|avx2|avx512 forces an instruction path (default: the best this
+CPU has); KRASIS_PIN=1/0 pins the OpenMP threads to CPUs (default: only on multi-node machines).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import os
+
+from . import build as _build
+
+ISAS = ("scalar", "avx2", "avx512")
+CODECS = {"bf16": 1, "q8": 2, "q4": 3, "f32": 4}
+ISA_ENV = "KRASIS_CPU_ISA"
+PIN_ENV = "KRASIS_PIN"
+
+
+class NativeUnavailable(RuntimeError):
+    pass
+
+
+_p = ctypes.c_void_p
+_i = ctypes.c_int
+
+
+@functools.cache
+def load() -> ctypes.CDLL:
+    try:
+        path = _build.find_or_build()
+    except (_build.BuildError, OSError) as e:
+        raise NativeUnavailable(str(e).splitlines()[0]) from e
+    try:
+        lib = ctypes.CDLL(str(path))
+    except OSError as e:
+        raise NativeUnavailable(f"cannot load {path}: {e}") from e
+    lib.krs_source_hash.restype = ctypes.c_char_p
+    if lib.krs_source_hash().decode() != _build.source_hash():
+        raise NativeUnavailable(f"{path} was built from other sources; delete it")
+    for name in ("krs_best_isa", "krs_get_isa", "krs_get_threads", "krs_pin_threads"):
+        getattr(lib, name).restype = _i
+        getattr(lib, name).argtypes = []
+    lib.krs_set_isa.restype = _i
+    lib.krs_set_isa.argtypes = [_i]
+    lib.krs_set_threads.restype = None
+    lib.krs_set_threads.argtypes = [_i]
+    lib.krs_linear.restype = _i
+    lib.krs_linear.argtypes = [_i, _p, _i, _i, _i, _p, _p, _p, _p]
+    lib.krs_moe.restype = _i
+    lib.krs_moe.argtypes = [_i, _p, _i, _i, _i, _i, _i, _p, _p, _p, _p]
+    lib.krs_attention.restype = _i
+    lib.krs_attention.argtypes = [_p, _i, _i, _i, _i, _p, _p, _i, _p]
+    forced = os.environ.get(ISA_ENV)
+    if forced:
+        set_isa(forced, lib)
+    return lib
+
+
+def available() -> bool:
+    try:
+        load()
+        return True
+    except NativeUnavailable:
+        return False
+
+
+def best_isa() -> str:
+    return ISAS[load().krs_best_isa()]
+
+
+def isa() -> str:
+    return ISAS[load().krs_get_isa()]
+
+
+def set_isa(name: str, lib: ctypes.CDLL | None = None) -> None:
+    lib = lib or load()
+    if name not in ISAS:
+        raise ValueError(f"{ISA_ENV}={name!r}: use one of {', '.join(ISAS)}")
+    if lib.krs_set_isa(ISAS.index(name)) < 0:
+        raise NativeUnavailable(f"this CPU cannot run the {name} path (best: {ISAS[lib.krs_best_isa()]})")
+
+
+def set_threads(n: int) -> None:
+    lib = load()
+    lib.krs_set_threads(int(n))
+    pin = os.environ.get(PIN_ENV)
+    if pin == "1" or (pin is None and os.path.exists("/sys/devices/system/node/node1")):
+        lib.krs_pin_threads()
+
+
+def threads() -> int:
+    return load().krs_get_threads()
+
+
+def _check(rc: int, what: str) -> None:
+    if rc:
+        raise RuntimeError(f"native {what} failed (code {rc})")
+
+
+def linear(codec: str, x, n: int, w0, w1=None, w2=None, out=None):
+    """x float32 [M, K] contiguous @ W[n, K]^T; w0..w2 are the parts (q/scale/zero or w) as tensors."""
+    import torch
+
+    m, k = x.shape
+    y = torch.empty(m, n, dtype=torch.float32) if out is None else out
+    _check(load().krs_linear(CODECS[codec], x.data_ptr(), m, k, n, w0.data_ptr(),
+                             w1.data_ptr() if w1 is not None else None,
+                             w2.data_ptr() if w2 is not None else None, y.data_ptr()), "linear")
+    return y
+
+
+def moe(codec: str, x, ids, weights, ptrs, hidden: int, width: int, experts: int):
+    """x float32 [M, H]; ids int32 [M, k]; weights float32 [M, k]; ptrs int64 [E, 4] (see krasis_native.c)."""
+    import torch
+
+    m, k = ids.shape
+    out = torch.empty(m, hidden, dtype=torch.float32)
+    _check(load().krs_moe(CODECS[codec], x.data_ptr(), m, hidden, width, experts, k, ids.data_ptr(),
+                          weights.data_ptr(), ptrs.data_ptr(), out.data_ptr()), "moe")
+    return out
+
+
+def attention(q, keys, values, start_pos: int):
+    """q float32 [T, H, D]; keys/values bf16 [S, KVH, D] contiguous, S = start_pos + T -> [T, H*D]."""
+    import torch
+
+    t, nq, hd = q.shape
+    out = torch.empty(t, nq * hd, dtype=torch.float32)
+    _check(load().krs_attention(q.data_ptr(), t, nq, keys.shape[1], hd, keys.data_ptr(), values.data_ptr(),
+                                start_pos, out.data_ptr()), "attention")
+    return out

@@ -1,0 +1,426 @@
+/* krasis native CPU decode kernels: fused MoE experts, dense projections and attention decode,
+ * reading the artifact's weights in place (pointers into the mmap). Plain C + OpenMP; no Python or
+ * torch headers, loaded with ctypes (krasis_run/kernels/native/__init__.py).
+ *
+ * Activations going into q4/q8 weights are quantized on the fly to int8 in groups of 32 (scale
+ * amax/127); integer dot products per group, fp32 accumulation. bf16 and f32 weights take fp32
+ * activations. Instruction paths: scalar (portable C), AVX2+FMA, AVX-512 (VL/BW/VNNI), chosen at
+ * run time from the CPU flags, or forced with krs_set_isa. */
+#define _GNU_SOURCE
+#include <math.h>
+#include <omp.h>
+#include <sched.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+#if defined(__x86_64__)
+#include <immintrin.h>
+#define KRS_X86 1
+#endif
+
+#ifndef KRS_SOURCE_HASH
+#define KRS_SOURCE_HASH "dev"
+#endif
+
+enum { ISA_SCALAR = 0, ISA_AVX2 = 1, ISA_AVX512 = 2 };
+enum { CODEC_BF16 = 1, CODEC_Q8 = 2, CODEC_Q4 = 3, CODEC_F32 = 4 };
+
+typedef struct {
+    int K, Kp, G;   /* length, padded to 32, groups */
+    int8_t *q;      /* [Kp] quantized values, zero padded */
+    float *d;       /* [G] scale per group */
+    int32_t *qs;    /* [G] sum of q per group */
+    float *fs;      /* [G] float sum of x per group (q4 zero term) */
+    float *c8;      /* [G] -8 * d * qs (q4 offset term) */
+    float *dp;      /* [G] d in the lane order of the AVX2 q4-rows kernel */
+    int8_t *r;      /* [G2 * 32] q4 rows order: per group pair even cols g, g+1, odd cols g, g+1 */
+} XQ;
+
+static inline float bf16f(uint16_t v) {
+    union { uint32_t u; float f; } c;
+    c.u = (uint32_t)v << 16;
+    return c.f;
+}
+
+static inline size_t xq_bytes(int K) {
+    int Kp = (K + 31) / 32 * 32, G = Kp / 32, G2 = (G + 1) / 2 * 2;
+    return (size_t)Kp + (size_t)G * 4 * 5 + (size_t)G2 * 32 + 64 * 4;
+}
+
+static void xq_init(XQ *x, int K, void *mem) {
+    char *p = (char *)mem;
+    x->K = K;
+    x->Kp = (K + 31) / 32 * 32;
+    x->G = x->Kp / 32;
+    int G2 = (x->G + 1) / 2 * 2;
+    x->d = (float *)p; p += (size_t)x->G * 4;
+    x->qs = (int32_t *)p; p += (size_t)x->G * 4;
+    x->fs = (float *)p; p += (size_t)x->G * 4;
+    x->c8 = (float *)p; p += (size_t)x->G * 4;
+    x->dp = (float *)p; p += (size_t)x->G * 4;
+    p = (char *)(((uintptr_t)p + 63) & ~(uintptr_t)63);
+    x->q = (int8_t *)p; p += x->Kp;
+    p = (char *)(((uintptr_t)p + 63) & ~(uintptr_t)63);
+    x->r = (int8_t *)p;
+    (void)G2;
+}
+
+/* quantize x[0..n) (n <= 32) into group g of xq */
+static void xq_group(XQ *x, int g, const float *v, int n) {
+    float amax = 0.f, s = 0.f;
+    for (int i = 0; i < n; i++) {
+        float a = fabsf(v[i]);
+        amax = a > amax ? a : amax;
+        s += v[i];
+    }
+    float inv = amax > 0.f ? 127.f / amax : 0.f;
+    int32_t sum = 0;
+    int8_t *q = x->q + 32 * g;
+    for (int i = 0; i < 32; i++) {
+        int t = i < n ? (int)lrintf(v[i] * inv) : 0;
+        t = t > 127 ? 127 : (t < -127 ? -127 : t);
+        q[i] = (int8_t)t;
+        sum += t;
+    }
+    x->d[g] = amax / 127.f;
+    x->qs[g] = sum;
+    x->fs[g] = s;
+    x->c8[g] = -8.f * x->d[g] * (float)sum;
+}
+
+static void xq_finish(XQ *x, int q4rows) {
+    static const int perm[8] = {0, 2, 4, 6, 1, 3, 5, 7};
+    int G8 = x->G / 8 * 8;
+    for (int g = 0; g < G8; g += 8)
+        for (int i = 0; i < 8; i++) x->dp[g + i] = x->d[g + perm[i]];
+    for (int g = G8; g < x->G; g++) x->dp[g] = x->d[g];
+    if (!q4rows) return;
+    for (int g = 0; g + 1 < x->G; g += 2) {
+        int8_t *o = x->r + 32 * g;
+        const int8_t *a = x->q + 32 * g, *b = a + 32;
+        for (int j = 0; j < 16; j++) {
+            o[j] = a[2 * j];
+            o[16 + j] = b[2 * j];
+            o[32 + j] = a[2 * j + 1];
+            o[48 + j] = b[2 * j + 1];
+        }
+    }
+}
+
+static void xq_quantize(XQ *x, const float *v, int q4rows) {
+    for (int g = 0; g < x->G; g++) {
+        int n = x->K - 32 * g;
+        xq_group(x, g, v + 32 * g, n < 32 ? n : 32);
+    }
+    xq_finish(x, q4rows);
+}
+
+/* ---------------------------------------------------------------- kernels per instruction set */
+
+typedef void (*q4b_fn)(const uint8_t *, const uint16_t *, int, int, int, const XQ *, float *);
+typedef void (*q8_fn)(const int8_t *, const uint16_t *, int, int, int, const XQ *, float *);
+typedef void (*q4r_fn)(const uint8_t *, const uint16_t *, const uint16_t *, int, int, int, const XQ *, float *);
+typedef void (*bf16_fn)(const uint16_t *, int, int, int, const float *, float *);
+typedef void (*f32_fn)(const float *, int, int, int, const float *, float *);
+typedef void (*attn_fn)(const float *, const uint16_t *, const uint16_t *, int, int, int, float, float *, float *);
+
+typedef struct {
+    q4b_fn q4b;
+    q8_fn q8;
+    q4r_fn q4r;
+    bf16_fn bf16;
+    f32_fn f32;
+    attn_fn attn;
+} Kernels;
+
+#define FN(name) name##_scalar
+#include "generic.inc"
+#undef FN
+
+#ifdef KRS_X86
+#pragma GCC push_options
+#pragma GCC target("avx2,fma,f16c")
+#define FN(name) name##_avx2gen
+#include "generic.inc"
+#undef FN
+#define FN(name) name##_avx2
+#include "avx2.inc"
+#undef FN
+#pragma GCC pop_options
+
+#pragma GCC push_options
+#pragma GCC target("avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512dq,avx512vnni")
+#define KRS_VNNI 1
+#define FN(name) name##_avx512gen
+#include "generic.inc"
+#undef FN
+#define FN(name) name##_avx512
+#include "avx2.inc"
+#undef FN
+#undef KRS_VNNI
+#pragma GCC pop_options
+#endif
+
+static Kernels KERNELS[3];
+static int g_isa = -1, g_best = 0, g_threads = 1;
+
+static int detect_isa(void) {
+#ifdef KRS_X86
+    __builtin_cpu_init();
+    if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+        __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512vnni"))
+        return ISA_AVX512;
+    if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) return ISA_AVX2;
+#endif
+    return ISA_SCALAR;
+}
+
+static void init(void) {
+    if (g_isa >= 0) return;
+    KERNELS[0] = (Kernels){q4b_block_scalar, q8_rows_scalar, q4r_rows_scalar, bf16_rows_scalar, f32_rows_scalar,
+                           attn_head_scalar};
+#ifdef KRS_X86
+    KERNELS[1] = (Kernels){q4b_block_avx2, q8_rows_avx2, q4r_rows_avx2, bf16_rows_avx2, f32_rows_avx2gen,
+                           attn_head_avx2gen};
+    KERNELS[2] = (Kernels){q4b_block_avx512, q8_rows_avx512, q4r_rows_avx512, bf16_rows_avx512,
+                           f32_rows_avx512gen, attn_head_avx512gen};
+#else
+    KERNELS[1] = KERNELS[2] = KERNELS[0];
+#endif
+    g_best = detect_isa();
+    g_isa = g_best;
+    g_threads = omp_get_max_threads();
+}
+
+/* ---------------------------------------------------------------- exported API */
+
+const char *krs_source_hash(void) { return KRS_SOURCE_HASH; }
+
+int krs_best_isa(void) {
+    init();
+    return g_best;
+}
+
+int krs_get_isa(void) {
+    init();
+    return g_isa;
+}
+
+/* returns the ISA in use; refuses (returns -1) one this CPU cannot run */
+int krs_set_isa(int isa) {
+    init();
+    if (isa < 0 || isa > g_best) return -1;
+    g_isa = isa;
+    return g_isa;
+}
+
+void krs_set_threads(int n) {
+    init();
+    g_threads = n > 0 ? n : 1;
+}
+
+int krs_get_threads(void) {
+    init();
+    return g_threads;
+}
+
+/* Pin OpenMP thread i to the i-th CPU this process may run on (no-op where it can't). Returns the
+ * number of threads pinned. */
+int krs_pin_threads(void) {
+    init();
+    cpu_set_t allowed;
+    if (sched_getaffinity(0, sizeof(allowed), &allowed)) return 0;
+    int cpus[CPU_SETSIZE], n = 0;
+    for (int c = 0; c < CPU_SETSIZE; c++)
+        if (CPU_ISSET(c, &allowed)) cpus[n++] = c;
+    if (!n) return 0;
+    int pinned = 0;
+#pragma omp parallel num_threads(g_threads) reduction(+ : pinned)
+    {
+        cpu_set_t one;
+        CPU_ZERO(&one);
+        CPU_SET(cpus[omp_get_thread_num() % n], &one);
+        pinned += sched_setaffinity(0, sizeof(one), &one) == 0;
+    }
+    return pinned;
+}
+
+static inline float silu(float g) { return g / (1.f + expf(-g)); }
+
+/* rows r0..r1 of one stored matrix (codec) against activation m: out[0..r1-r0) */
+static inline void rows_dot(const Kernels *kn, int codec, const void *w0, const void *w1, const void *w2, int K,
+                            int r0, int r1, const XQ *xq, const float *xf, float *out) {
+    switch (codec) {
+    case CODEC_Q8: kn->q8((const int8_t *)w0, (const uint16_t *)w1, K, r0, r1, xq, out); break;
+    case CODEC_Q4: kn->q4r((const uint8_t *)w0, (const uint16_t *)w1, (const uint16_t *)w2, K, r0, r1, xq, out); break;
+    case CODEC_BF16: kn->bf16((const uint16_t *)w0, K, r0, r1, xf, out); break;
+    default: kn->f32((const float *)w0, K, r0, r1, xf, out); break;
+    }
+}
+
+/* y[M, N] = x[M, K] @ W[N, K]^T for one dense matrix stored as rows (q8: w0 = q, w1 = scale;
+ * q4: w0 = q, w1 = scale, w2 = zero; bf16/f32: w0 = w). Threads split the output rows; each
+ * chunk of rows is read once for all M activations. */
+int krs_linear(int codec, const float *x, int M, int K, int N, const void *w0, const void *w1, const void *w2,
+               float *y) {
+    init();
+    if (codec == CODEC_Q4 && K % 32) return -1;
+    const Kernels *kn = &KERNELS[g_isa];
+    const int quant = codec == CODEC_Q8 || codec == CODEC_Q4;
+    size_t xb = (xq_bytes(K) + 63) / 64 * 64;
+    char *mem = NULL;
+    XQ *xq = NULL;
+    if (quant) {
+        mem = aligned_alloc(64, xb * M);
+        xq = (XQ *)malloc(sizeof(XQ) * M);
+        if (!mem || !xq) { free(mem); free(xq); return -2; }
+        for (int m = 0; m < M; m++) {
+            xq_init(&xq[m], K, mem + xb * m);
+            xq_quantize(&xq[m], x + (size_t)m * K, codec == CODEC_Q4);
+        }
+    }
+    int nt = g_threads;
+    int chunk = (N + nt * 4 - 1) / (nt * 4);
+    chunk = (chunk + 7) / 8 * 8;
+    if (chunk < 8) chunk = 8;
+    if (chunk > 256) chunk = 256;
+    int nchunks = (N + chunk - 1) / chunk;
+#pragma omp parallel for schedule(static) num_threads(nt) if (nchunks > 1)
+    for (int c = 0; c < nchunks; c++) {
+        float tmp[256];
+        int r0 = c * chunk, r1 = r0 + chunk < N ? r0 + chunk : N;
+        for (int m = 0; m < M; m++) {
+            rows_dot(kn, codec, w0, w1, w2, K, r0, r1, quant ? &xq[m] : NULL, x + (size_t)m * K, tmp);
+            memcpy(y + (size_t)m * N + r0, tmp, sizeof(float) * (r1 - r0));
+        }
+    }
+    free(mem);
+    free(xq);
+    return 0;
+}
+
+/* Routed experts of one MoE layer. x [M, H]; ids/wts [M, topk]; ptrs [E, 4] = per expert the
+ * addresses of gate_up q (or w), gate_up scale_zero (q4) / scale (q8), down q (or w), down
+ * scale_zero / scale, all in the artifact's CPU-block layout. out [M, H] = sum over the selected
+ * experts of wts * down(silu(gate) * up). Phase 1: (expert, 64-row block of gate_up) items, each
+ * producing 32 outputs of h = one activation group, quantized right there; phase 2: 64-row blocks
+ * of down, each thread summing every selected expert into the rows it owns. */
+int krs_moe(int codec, const float *x, int M, int H, int I, int E, int topk, const int32_t *ids, const float *wts,
+            const int64_t *ptrs, float *out) {
+    init();
+    if (I % 32 || H % 64 || (codec == CODEC_Q4 && H % 32)) return -1;
+    const Kernels *kn = &KERNELS[g_isa];
+    const int quant = codec == CODEC_Q8 || codec == CODEC_Q4;
+    const int S = M * topk;
+    /* group slots by expert (counting sort) */
+    int *count = calloc((size_t)E + 1, sizeof(int)), *order = malloc(sizeof(int) * (size_t)S);
+    int *uniq = malloc(sizeof(int) * (size_t)S), *ustart = malloc(sizeof(int) * ((size_t)S + 1));
+    size_t xbH = (xq_bytes(H) + 63) / 64 * 64, xbI = (xq_bytes(I) + 63) / 64 * 64;
+    char *xmem = quant ? aligned_alloc(64, xbH * M) : NULL;
+    char *hmem = quant ? aligned_alloc(64, xbI * S) : NULL;
+    float *hf = quant ? NULL : malloc(sizeof(float) * (size_t)S * I);
+    XQ *xq = malloc(sizeof(XQ) * (size_t)M), *hq = malloc(sizeof(XQ) * (size_t)S);
+    if (!count || !order || !uniq || !ustart || (quant && (!xmem || !hmem)) || (!quant && !hf) || !xq || !hq) {
+        free(count); free(order); free(uniq); free(ustart); free(xmem); free(hmem); free(hf); free(xq); free(hq);
+        return -2;
+    }
+    for (int s = 0; s < S; s++) {
+        if (ids[s] < 0 || ids[s] >= E) {
+            free(count); free(order); free(uniq); free(ustart); free(xmem); free(hmem); free(hf); free(xq); free(hq);
+            return -3;
+        }
+        count[ids[s] + 1]++;
+    }
+    for (int e = 0; e < E; e++) count[e + 1] += count[e];
+    int nu = 0;
+    for (int e = 0; e < E; e++)
+        if (count[e + 1] > count[e]) { uniq[nu] = e; ustart[nu] = count[e]; nu++; }
+    ustart[nu] = S;
+    for (int s = 0; s < S; s++) order[count[ids[s]]++] = s;
+    if (quant) {
+        for (int m = 0; m < M; m++) {
+            xq_init(&xq[m], H, xmem + xbH * m);
+            xq_quantize(&xq[m], x + (size_t)m * H, 0);
+        }
+        for (int s = 0; s < S; s++) xq_init(&hq[s], I, hmem + xbI * s);
+    }
+    const int nb1 = I / 32;            /* 64-row blocks of gate_up: 32 gate + 32 up rows */
+    const int nb2 = (H + 63) / 64;     /* 64-row blocks of down */
+    const int items1 = nu * nb1;
+    const int nt = g_threads;
+#pragma omp parallel num_threads(nt)
+    {
+        float o64[64], h32[32];
+#pragma omp for schedule(static)
+        for (int it = 0; it < items1; it++) {
+            int u = it / nb1, c = it % nb1, e = uniq[u];
+            const int64_t *p = ptrs + (size_t)e * 4;
+            for (int j = ustart[u]; j < ustart[u + 1]; j++) {
+                int s = order[j], m = s / topk;
+                if (codec == CODEC_Q4)
+                    kn->q4b((const uint8_t *)p[0] + (size_t)c * H * 32, (const uint16_t *)p[1], 2 * I, 64 * c, H,
+                            &xq[m], o64);
+                else
+                    rows_dot(kn, codec, (const void *)p[0], (const void *)p[1], NULL, H, 64 * c, 64 * c + 64,
+                             quant ? &xq[m] : NULL, x + (size_t)m * H, o64);
+                for (int d = 0; d < 32; d++) h32[d] = silu(o64[d]) * o64[d + 32];
+                if (quant) xq_group(&hq[s], c, h32, 32);
+                else memcpy(hf + (size_t)s * I + 32 * c, h32, sizeof(h32));
+            }
+        }
+        if (quant) {
+#pragma omp for schedule(static)
+            for (int s = 0; s < S; s++) xq_finish(&hq[s], 0);
+        }
+#pragma omp for schedule(static)
+        for (int b = 0; b < nb2; b++) {
+            int r0 = 64 * b, r1 = r0 + 64 < H ? r0 + 64 : H;
+            for (int m = 0; m < M; m++) memset(out + (size_t)m * H + r0, 0, sizeof(float) * (r1 - r0));
+            for (int u = 0; u < nu; u++) {
+                const int64_t *p = ptrs + (size_t)uniq[u] * 4;
+                for (int j = ustart[u]; j < ustart[u + 1]; j++) {
+                    int s = order[j], m = s / topk;
+                    if (codec == CODEC_Q4)
+                        kn->q4b((const uint8_t *)p[2] + (size_t)b * I * 32, (const uint16_t *)p[3], H, r0, I, &hq[s],
+                                o64);
+                    else
+                        rows_dot(kn, codec, (const void *)p[2], (const void *)p[3], NULL, I, r0, r1,
+                                 quant ? &hq[s] : NULL, hf + (size_t)s * I, o64);
+                    float wgt = wts[s];
+                    float *dst = out + (size_t)m * H + r0;
+                    for (int r = 0; r < r1 - r0; r++) dst[r] += wgt * o64[r];
+                }
+            }
+        }
+    }
+    free(count); free(order); free(uniq); free(ustart); free(xmem); free(hmem); free(hf); free(xq); free(hq);
+    return 0;
+}
+
+/* Causal attention for T query tokens at positions start..start+T-1 over keys/values 0..start+T-1.
+ * q [T, nq, hd] float32; kc/vc bf16 [>= start+T, nkv, hd] (the KV cache); out [T, nq * hd].
+ * Threads split (token, head) pairs; GQA maps head h to kv head h / (nq / nkv). */
+int krs_attention(const float *q, int T, int nq, int nkv, int hd, const uint16_t *kc, const uint16_t *vc, int start,
+                  float *out) {
+    init();
+    if (nq % nkv) return -1;
+    const Kernels *kn = &KERNELS[g_isa];
+    const int S = start + T, group = nq / nkv, items = T * nq, nt = g_threads;
+    const float scale = 1.f / sqrtf((float)hd);
+    int fail = 0;
+#pragma omp parallel num_threads(nt) if (items > 1 && (size_t)S * hd * items > 65536) reduction(| : fail)
+    {
+        float *sc = malloc(sizeof(float) * (size_t)S);
+        if (!sc) fail = 1;
+#pragma omp for schedule(static)
+        for (int it = 0; it < items; it++) {
+            if (!sc) continue;
+            int t = it / nq, h = it % nq, kvh = h / group;
+            kn->attn(q + ((size_t)t * nq + h) * hd, kc + (size_t)kvh * hd, vc + (size_t)kvh * hd, start + t + 1,
+                     nkv * hd, hd, scale, sc, out + ((size_t)t * nq + h) * hd);
+        }
+        free(sc);
+    }
+    return fail ? -2 : 0;
+}

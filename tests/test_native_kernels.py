@@ -1,0 +1,188 @@
+"""Native CPU kernels (krasis_run/kernels/native) against float32 references, on every instruction
+path this CPU can run, odd shapes, one thread and several."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from krasis_compile.layout import cpu_block_parts
+from krasis_compile.quantize import quantize
+from krasis_run.codecs import dequant_q4, dequant_q8, encode_parts
+from krasis_run.kernels import native
+from krasis_run.kernels.attention import causal_attention
+
+pytestmark = pytest.mark.skipif(not native.available(), reason="native kernels cannot be built here")
+
+ISAS = [i for i in native.ISAS if native.available() and native.ISAS.index(i) <= native.ISAS.index(native.best_isa())]
+
+
+@pytest.fixture(params=ISAS)
+def isa(request):
+    before, threads = native.isa(), native.threads()
+    native.set_isa(request.param)
+    yield request.param
+    native.set_isa(before)
+    native.load().krs_set_threads(threads)
+
+
+def quant_x(x: torch.Tensor) -> torch.Tensor:
+    """The kernels' activation rounding: int8 per group of 32, scale amax/127 -> dequantized float64."""
+    m, k = x.shape
+    kp = (k + 31) // 32 * 32
+    g = F.pad(x.double(), (0, kp - k)).view(m, kp // 32, 32)
+    amax = g.abs().amax(-1, keepdim=True)
+    q = torch.where(amax > 0, torch.round(g * (127 / amax.clamp_min(1e-30))), torch.zeros_like(g))
+    return (q * amax / 127).view(m, kp)[:, :k]
+
+
+def rel(got: torch.Tensor, want: torch.Tensor) -> float:
+    return float((got.double() - want.double()).norm() / want.double().norm())
+
+
+class Ref:
+    """Float64 weights a quantized matrix decodes to, split as the kernels compute them: the q4 zero
+    term (zero * sum of x per group) takes the exact activations, the rest the int8-rounded ones."""
+
+    def __init__(self, codec: str, w: torch.Tensor):
+        self.qz = {k: v for k, v in quantize(codec, w).items() if k != "sq_err"}
+        self.zero = torch.zeros(w.shape, dtype=torch.float64)
+        if codec == "q4":
+            self.w = dequant_q4(self.qz["q"], self.qz["scale"], self.qz["zero"]).double()
+            self.zero = self.qz["zero"].double().repeat_interleave(32, dim=-1)
+        elif codec == "q8":
+            self.w = dequant_q8(self.qz["q"], self.qz["scale"]).double()
+        else:
+            self.w = self.qz["w"].double()
+
+    def __getitem__(self, e: int) -> Ref:
+        r = object.__new__(Ref)
+        r.w, r.zero = self.w[e], self.zero[e]
+        return r
+
+    def exact(self, x: torch.Tensor) -> torch.Tensor:
+        return x.double() @ self.w.T
+
+    def as_kernels(self, x: torch.Tensor) -> torch.Tensor:
+        return quant_x(x) @ (self.w - self.zero).T + x.double() @ self.zero.T
+
+
+SHAPES = [(1, 32), (7, 64), (37, 288), (100, 96), (130, 2048), (515, 160)]
+
+
+@pytest.mark.parametrize("codec", ["q8", "q4", "bf16", "f32"])
+@pytest.mark.parametrize("threads", [1, 3])
+def test_linear_matches_reference(isa, codec, threads):
+    native.load().krs_set_threads(threads)
+    g = torch.Generator().manual_seed(1)
+    for n, k in SHAPES + [(33, 50), (9, 7)]:
+        if codec == "q4" and k % 32:
+            continue
+        w = torch.randn(n, k, generator=g)
+        for m in (1, 3):
+            x = torch.randn(m, k, generator=g) * 2
+            x[0, 0] = 40.0  # an outlier, as real activations have
+            if codec == "f32":
+                got = native.linear("f32", x, n, w)
+                assert rel(got, x.double() @ w.double().T) < 1e-5
+                continue
+            ref = Ref(codec, w)
+            parts = encode_parts(codec, "rows", ref.qz)
+            names = {"q8": ("q", "scale"), "q4": ("q", "scale", "zero"), "bf16": ("w",)}[codec]
+            got = native.linear(codec, x, n, *[parts[p] for p in names])
+            exact = ref.exact(x)
+            if codec == "bf16":
+                assert rel(got, exact) < 1e-5, (n, k, m)
+            else:
+                assert rel(got, ref.as_kernels(x)) < 2e-5, (n, k, m)  # the same math, float order aside
+                assert rel(got, exact) < 2e-2, (n, k, m)  # what int8 activations cost
+
+
+def expert_blocks(codec: str, e: int, h: int, i: int, seed: int):
+    g = torch.Generator().manual_seed(seed)
+    gate_up = torch.randn(e, 2 * i, h, generator=g) * h**-0.5
+    down = torch.randn(e, h, i, generator=g) * i**-0.5
+    ref_gu, ref_dn = Ref(codec, gate_up), Ref(codec, down)
+    blocks = [cpu_block_parts(codec, ref_gu.qz, ref_dn.qz, x) for x in range(e)]
+    names = {"q4": ("q", "scale_zero"), "q8": ("q", "scale"), "bf16": ("w", "w")}[codec]
+    ptrs = torch.tensor([[b[f"gate_up.{names[0]}"].data_ptr(), b[f"gate_up.{names[1]}"].data_ptr(),
+                          b[f"down.{names[0]}"].data_ptr(), b[f"down.{names[1]}"].data_ptr()] for b in blocks],
+                        dtype=torch.int64)
+    return blocks, ptrs, ref_gu, ref_dn
+
+
+def moe_reference(x, ids, wts, ref_gu, ref_dn, quantized: bool):
+    i = ref_gu.w.shape[1] // 2
+    out = torch.zeros(x.shape, dtype=torch.float64)
+    for m in range(x.shape[0]):
+        for j in range(ids.shape[1]):
+            e = int(ids[m, j])
+            mm = Ref.as_kernels if quantized else Ref.exact
+            gu = mm(ref_gu[e], x[m:m + 1])[0]
+            hid = (F.silu(gu[:i]) * gu[i:])[None].float()
+            out[m] += float(wts[m, j]) * mm(ref_dn[e], hid)[0]
+    return out
+
+
+@pytest.mark.parametrize("codec", ["q4", "q8", "bf16"])
+@pytest.mark.parametrize("threads", [1, 4])
+def test_moe_matches_reference(isa, codec, threads):
+    native.load().krs_set_threads(threads)
+    for h, i, e, k, m in [(64, 32, 8, 2, 1), (128, 96, 6, 3, 5), (192, 64, 16, 8, 2)]:
+        blocks, ptrs, ref_gu, ref_dn = expert_blocks(codec, e, h, i, seed=h + i)
+        g = torch.Generator().manual_seed(e)
+        x = torch.randn(m, h, generator=g)
+        ids = torch.stack([torch.randperm(e, generator=g)[:k] for _ in range(m)]).to(torch.int32)
+        if m > 1:
+            ids[1] = ids[0]  # tokens sharing experts
+        wts = torch.rand(m, k, generator=g)
+        got = native.moe(codec, x, ids, wts, ptrs, h, i, e)
+        exact = moe_reference(x, ids, wts, ref_gu, ref_dn, quantized=False)
+        if codec == "bf16":
+            assert rel(got, exact) < 1e-5
+        else:
+            assert rel(got, moe_reference(x, ids, wts, ref_gu, ref_dn, quantized=True)) < 1e-3
+            assert rel(got, exact) < 3e-2
+
+
+def test_moe_rejects_bad_expert_ids():
+    blocks, ptrs, *_ = expert_blocks("q8", 4, 64, 32, seed=0)
+    with pytest.raises(RuntimeError):
+        native.moe("q8", torch.randn(1, 64), torch.tensor([[0, 4]], dtype=torch.int32), torch.ones(1, 2), ptrs,
+                   64, 32, 4)
+
+
+@pytest.mark.parametrize("threads", [1, 3])
+def test_attention_matches_reference(isa, threads):
+    native.load().krs_set_threads(threads)
+    g = torch.Generator().manual_seed(3)
+    for nq, nkv, hd, start, t in [(4, 2, 16, 0, 1), (8, 2, 128, 37, 1), (6, 3, 64, 5, 4), (4, 4, 32, 0, 3)]:
+        s = start + t
+        q = torch.randn(t, nq, hd, generator=g)
+        keys = torch.randn(s, nkv, hd, generator=g).to(torch.bfloat16)
+        values = torch.randn(s, nkv, hd, generator=g).to(torch.bfloat16)
+        got = native.attention(q, keys, values, start)
+        assert rel(got, causal_attention(q, keys, values, start)) < 1e-5
+
+
+def test_isa_env_forces_a_path():
+    code = "from krasis_run.kernels import native; print(native.isa())"
+    env = dict(os.environ, KRASIS_CPU_ISA="scalar")
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "scalar"
+    env["KRASIS_CPU_ISA"] = "sse9"
+    bad = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
+    assert bad.returncode != 0 and "KRASIS_CPU_ISA" in bad.stderr
+
+
+def test_build_is_keyed_by_source(tmp_path, monkeypatch):
+    from krasis_run.kernels.native import build
+
+    monkeypatch.setenv(build.CACHE_ENV, str(tmp_path))
+    path = build.build(tmp_path)
+    assert path.parent == tmp_path and build.source_hash() in path.name and build.find_library() == path
