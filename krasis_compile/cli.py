@@ -29,6 +29,8 @@ def compile_cmd(
                                  help="refit: least-squares refit of each group's scales (lower error); "
                                       "minmax: plain min/max rounding (faster)."),
     quiet: bool = typer.Option(False, "-q", "--quiet", help="No progress bar."),
+    model_card: bool = typer.Option(True, "--model-card/--no-model-card",
+                                    help="Write a model card (README.md) beside the artifact, ready for hf upload."),
 ) -> None:
     from .compile import compile_model  # torch import deferred until the arguments are good
 
@@ -44,6 +46,10 @@ def compile_cmd(
         f"quantization rel. L2 error {report.quant_error}",
         file=sys.stderr,
     )
+    if model_card:
+        from .model_card import write_model_card
+
+        print(f"wrote the model card {write_model_card(report.out)}", file=sys.stderr)
 
 
 def main() -> None:
