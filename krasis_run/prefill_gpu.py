@@ -23,6 +23,8 @@ from .artifact import Artifact
 from .codecs import TORCH_DTYPES, dequant_parts
 from .format import SECTION_EXPERTS_CPU, SECTION_EXPERTS_GPU
 from .kernels.dequant import dequant_experts
+from .kernels.norm_rope import fused_norm_rope
+from .models.base import norm_rope
 
 EXPERT_TOKEN_CHUNK = 4096  # tokens per grouped-GEMM pass: bounds the [T*k, 2I] intermediate
 HOST_REGISTER_READ_ONLY = 8  # cudaHostRegisterReadOnly
@@ -207,6 +209,11 @@ class GpuOps:
             return y[:m] + y[m:]
         return F.linear(xb, w).float()
 
+    def norm_rope(self, x: torch.Tensor, weight: torch.Tensor, eps: float, cos: torch.Tensor,
+                  sin: torch.Tensor) -> torch.Tensor:
+        fused = None if self.exact else fused_norm_rope(x, weight, eps, cos, sin)  # exact: float32 throughout
+        return fused if fused is not None else norm_rope(x, weight, eps, cos, sin)
+
     def attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, start_pos: int) -> torch.Tensor:
         t, heads, dim = q.shape
         qh = q.transpose(0, 1).unsqueeze(0).to(torch.bfloat16)
@@ -224,20 +231,23 @@ class GpuOps:
                 handle: ExpertHandle) -> torch.Tensor:
         parts = handle.streamer.get(handle.layer)
         gate_up, down = dequant_experts(self.codec, self.layout, parts["gate_up"], parts["down"])
-        out = torch.zeros_like(x)
+        out = torch.empty_like(x)
         k = topk_ids.shape[1]
         for start in range(0, x.shape[0], EXPERT_TOKEN_CHUNK):
             ids = topk_ids[start:start + EXPERT_TOKEN_CHUNK]
             weights = topk_weights[start:start + EXPERT_TOKEN_CHUNK]
             flat = ids.flatten()
             order = torch.argsort(flat, stable=True)
-            rows = order // k + start
-            xs = x[rows].to(torch.bfloat16)
+            xs = x[order // k + start].to(torch.bfloat16)
             counts = torch.bincount(flat, minlength=gate_up.shape[0])
             h = self._grouped(xs, gate_up, counts)
             gate, up = h.chunk(2, dim=-1)
             y = self._grouped(F.silu(gate) * up, down, counts)  # bf16 like the GEMM outputs: no fp32 copies
-            out.index_add_(0, rows, (y * weights.flatten()[order, None].to(y.dtype)).float())
+            # back to token order by a permutation (no atomics), then each token sums its k weighted rows
+            unsorted = torch.empty_like(y)
+            unsorted[order] = y
+            mixed = unsorted.view(-1, k, y.shape[-1]).float() * weights.unsqueeze(-1)
+            out[start:start + ids.shape[0]] = mixed.sum(1)
         handle.streamer.release(handle.layer)
         return out
 
@@ -280,7 +290,7 @@ class CacheWriter:
             return k, v
         past_k = self.cache.keys[layer][:start].to(self.device)
         past_v = self.cache.values[layer][:start].to(self.device)
-        return torch.cat([past_k.float(), k]), torch.cat([past_v.float(), v])
+        return torch.cat([past_k.to(k.dtype), k]), torch.cat([past_v.to(v.dtype), v])
 
     def advance(self, length: int) -> None:
         self.cache.advance(length)

@@ -84,13 +84,26 @@ def tight_budget(path) -> int:
 
     art = Artifact(path)
     layers = _layer_bytes(art, "experts_gpu")
-    return _dense_vram(art) + _workspace(art.header["config"], 32768) + 3 * max(layers.values())
+    return _dense_vram(art) + _workspace(art.header["config"], 32768) + int(2.9 * max(layers.values()))
 
 
 @cuda
 def test_triton_dequant_matches_torch_reference():
     q, scale, zero = _random_q4((3, 192, 256), "cuda")
     assert torch.equal(q4_rows(q, scale, zero, use_triton=True), q4_rows_torch(q, scale, zero))
+
+
+@cuda
+def test_fused_norm_rope_matches_reference():
+    from krasis_run.kernels.norm_rope import fused_norm_rope
+    from krasis_run.models.base import norm_rope, rope_cos_sin, rope_inv_freq
+
+    x = torch.randn(300, 8, 128, device="cuda")
+    w = 1 + 0.2 * torch.randn(128, device="cuda")
+    cos, sin = rope_cos_sin(rope_inv_freq(128, 1e6).cuda(), torch.arange(5, 305, device="cuda"))
+    got = fused_norm_rope(x, w, 1e-6, cos, sin).float()
+    want = norm_rope(x, w, 1e-6, cos, sin)
+    assert float((got - want).norm() / want.norm()) < 4e-3  # bf16 output rounding
 
 
 @cuda
@@ -101,7 +114,7 @@ def test_cuda_prefill_matches_transformers_and_cpu_path(tiny, quant, dense, budg
     cpu = krasis_run.load(path, device="cpu", threads=1)
     rt = krasis_run.load(path, device="cuda", threads=1, gpu_budget=tight_budget(path) if budget == "tight" else None)
     resident = rt.placement.resident_layers
-    assert len(resident) == (1 if budget == "tight" else 3)
+    assert len(resident) == (0 if budget == "tight" else 3)  # tight: every expert layer streams
     ids = prompt_ids(rt.args.vocab_size, 40, seed=13)
     got = rt.logits(ids)
     vs_hf = rel_l2(got, tiny.reference_logits(ids).numpy())

@@ -15,8 +15,8 @@ import torch.nn.functional as F
 
 from .base import (
     ConfigError,
-    apply_rope,
     from_hf_fields,
+    norm_rope,
     rms_norm,
     rope_cos_sin,
     rope_inv_freq,
@@ -93,6 +93,7 @@ class Model:
         self.args, self.w, self.ops = args, weights, ops
         self.inv_freq = rope_inv_freq(args.head_dim, args.rope_theta)
         self.layer_names = [layer_tensor_names(args, i) for i in range(args.num_hidden_layers)]
+        self.norm_rope = getattr(ops, "norm_rope", norm_rope)  # an engine may fuse the per-head norm and rotary
 
     def attention(self, i: int, x: torch.Tensor, cache, start_pos: int, cos, sin) -> torch.Tensor:
         a, n, w = self.args, self.layer_names[i], self.w
@@ -105,8 +106,8 @@ class Model:
         q = proj("q_proj").view(t, a.num_attention_heads, a.head_dim)
         k = proj("k_proj").view(t, a.num_key_value_heads, a.head_dim)
         v = proj("v_proj").view(t, a.num_key_value_heads, a.head_dim)
-        q = apply_rope(rms_norm(q, w[n["q_norm"]], a.rms_norm_eps), cos, sin)
-        k = apply_rope(rms_norm(k, w[n["k_norm"]], a.rms_norm_eps), cos, sin)
+        q = self.norm_rope(q, w[n["q_norm"]], a.rms_norm_eps, cos, sin)
+        k = self.norm_rope(k, w[n["k_norm"]], a.rms_norm_eps, cos, sin)
         keys, values = cache.update(i, start_pos, k, v)
         out = self.ops.linear(self.ops.attention(q, keys, values, start_pos), w[n["o_proj"]])
         return out + w[n["o_proj_bias"]] if a.attention_bias else out
