@@ -207,7 +207,9 @@ class GpuOps:
             m = x.shape[0]
             y = F.linear(torch.cat([xb, (x - xb.float()).to(torch.bfloat16)]), w).float()
             return y[:m] + y[m:]
-        return F.linear(xb, w).float()
+        # Projections stay bf16: the residual stream (float32) promotes on addition, norms upcast on entry.
+        # Converting every [T, 4096] output to float32 and back cost more than the GEMMs at 32K tokens.
+        return F.linear(xb, w)
 
     def norm_rope(self, x: torch.Tensor, weight: torch.Tensor, eps: float, cos: torch.Tensor,
                   sin: torch.Tensor) -> torch.Tensor:
@@ -225,20 +227,22 @@ class GpuOps:
             rows = torch.arange(start_pos, start_pos + t, device=q.device)[:, None]
             mask = torch.arange(k.shape[0], device=q.device)[None, :] <= rows
             out = F.scaled_dot_product_attention(qh, kh, vh, attn_mask=mask, enable_gqa=True)
-        return out.squeeze(0).transpose(0, 1).reshape(t, heads * dim).float()
+        out = out.squeeze(0).transpose(0, 1).reshape(t, heads * dim)
+        return out.float() if self.exact else out
 
     def experts(self, x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor,
                 handle: ExpertHandle) -> torch.Tensor:
         parts = handle.streamer.get(handle.layer)
         gate_up, down = dequant_experts(self.codec, self.layout, parts["gate_up"], parts["down"])
         out = torch.empty_like(x)
+        x_bf16 = x.to(torch.bfloat16)
         k = topk_ids.shape[1]
         for start in range(0, x.shape[0], EXPERT_TOKEN_CHUNK):
             ids = topk_ids[start:start + EXPERT_TOKEN_CHUNK]
             weights = topk_weights[start:start + EXPERT_TOKEN_CHUNK]
             flat = ids.flatten()
             order = torch.argsort(flat, stable=True)
-            xs = x[order // k + start].to(torch.bfloat16)
+            xs = x_bf16[order // k + start]
             counts = torch.bincount(flat, minlength=gate_up.shape[0])
             h = self._grouped(xs, gate_up, counts)
             gate, up = h.chunk(2, dim=-1)
@@ -246,8 +250,8 @@ class GpuOps:
             # back to token order by a permutation (no atomics), then each token sums its k weighted rows
             unsorted = torch.empty_like(y)
             unsorted[order] = y
-            mixed = unsorted.view(-1, k, y.shape[-1]).float() * weights.unsqueeze(-1)
-            out[start:start + ids.shape[0]] = mixed.sum(1)
+            mixed = torch.bmm(weights.unsqueeze(1).to(y.dtype), unsorted.view(-1, k, y.shape[-1]))
+            out[start:start + ids.shape[0]] = mixed.squeeze(1)
         handle.streamer.release(handle.layer)
         return out
 
