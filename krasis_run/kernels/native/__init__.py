@@ -55,6 +55,8 @@ def load() -> ctypes.CDLL:
     lib.krs_moe.argtypes = [_i, _p, _i, _i, _i, _i, _i, _p, _p, _p, _p]
     lib.krs_attention.restype = _i
     lib.krs_attention.argtypes = [_p, _i, _i, _i, _i, _p, _p, _i, _p]
+    lib.krs_read_probe.restype = ctypes.c_uint64
+    lib.krs_read_probe.argtypes = [_p, ctypes.c_size_t]
     forced = os.environ.get(ISA_ENV)
     if forced:
         set_isa(forced, lib)
@@ -134,3 +136,16 @@ def attention(q, keys, values, start_pos: int):
     _check(load().krs_attention(q.data_ptr(), t, nq, keys.shape[1], hd, keys.data_ptr(), values.data_ptr(),
                                 start_pos, out.data_ptr()), "attention")
     return out
+
+
+def read_bandwidth(buffer, repeats: int = 5) -> float:
+    """Best GB/s of the native threads streaming `buffer` (a tensor much larger than the caches)."""
+    import time
+
+    lib, best = load(), 0.0
+    nbytes = buffer.numel() * buffer.element_size()
+    for _ in range(repeats):
+        start = time.perf_counter()
+        lib.krs_read_probe(buffer.data_ptr(), nbytes)
+        best = max(best, nbytes / (time.perf_counter() - start) / 1e9)
+    return best

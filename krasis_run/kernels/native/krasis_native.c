@@ -424,3 +424,15 @@ int krs_attention(const float *q, int T, int nq, int nkv, int hd, const uint16_t
     }
     return fail ? -2 : 0;
 }
+
+/* Read bandwidth probe: every thread streams its share of [p, p + n) (64-bit XOR, which the
+ * compiler vectorizes); returns the XOR so the reads cannot be optimized away. */
+uint64_t krs_read_probe(const void *p, size_t n) {
+    init();
+    const uint64_t *w = (const uint64_t *)p;
+    size_t words = n / 8;
+    uint64_t acc = 0;
+#pragma omp parallel for schedule(static) num_threads(g_threads) reduction(^ : acc)
+    for (size_t i = 0; i < words; i++) acc ^= w[i];
+    return acc;
+}
