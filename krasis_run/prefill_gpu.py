@@ -106,19 +106,29 @@ class ExpertStreamer:
     def _register(self, layers: list[int]) -> None:
         """Pin the streamed ranges of the mapping in place, so copies run at full PCIe speed with no staging."""
         cudart = torch.cuda.cudart()
+        failed = False
         for i in layers:
             view = self.host[i]
-            if cudart.cudaHostRegister(view.data_ptr(), view.numel(), HOST_REGISTER_READ_ONLY) == 0:
+            if int(cudart.cudaHostRegister(view.data_ptr(), view.numel(), HOST_REGISTER_READ_ONLY)) == 0:
                 self.registered.append(view.data_ptr())
             else:  # not pinnable (RLIMIT_MEMLOCK, unsupported mapping): pageable copies still work, slower
-                torch.cuda.synchronize()
+                failed = True
+        if failed:
+            _clear_cuda_error(self.device)
 
     def close(self) -> None:
+        """Unpin before the mapping can go away (the views in self.host keep it mapped until then)."""
         if self.registered:
             cudart = torch.cuda.cudart()
             for ptr in self.registered:
                 cudart.cudaHostUnregister(ptr)
             self.registered = []
+
+    def __del__(self) -> None:
+        try:
+            self.close()
+        except Exception:  # interpreter shutdown: CUDA may already be gone
+            pass
 
     def _issue(self, slot: int) -> None:
         """Start copying the slot-th streamed layer into buffer slot % depth once that buffer is free."""
@@ -172,6 +182,16 @@ class ExpertStreamer:
     def copy_time(self) -> float:
         """Seconds the copy engine spent (sum of the copies), valid after synchronize."""
         return sum(s.elapsed_time(e) for s, e in self.copy_events) / 1e3
+
+
+def _clear_cuda_error(device: torch.device) -> None:
+    """A failed runtime call leaves its error pending; torch would report it at its next kernel launch.
+    The first launch check surfaces it, and that clears it."""
+    try:
+        torch.zeros(1, device=device).add_(1)
+        torch.cuda.synchronize(device)
+    except RuntimeError:
+        pass
 
 
 @dataclass

@@ -79,6 +79,13 @@ class Runtime:
         self.generation_config = header.get("generation_config") or {}
         self.timings = Timings()
 
+    def close(self) -> None:
+        """Release pinned ranges and the mapping now rather than at garbage collection."""
+        streamer = getattr(self.prefill_engine, "streamer", None)
+        if streamer is not None:
+            streamer.close()
+        self.artifact.close()
+
     @property
     def context_length(self) -> int:
         return self.args.max_position_embeddings
