@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 
+import krasis_run
 from krasis_run.format import KrsError
 from krasis_run.hub import HubFile, cached_artifacts, parse
 
@@ -53,14 +54,13 @@ def test_parse():
 
 def test_run_from_hub_cache_offline(tiny_per_expert, hub_cache):
     _, env = hub_cache
-    args = ("--prompt", "hello", "-n", "8", "--temperature", "0", "--threads", "1")
-    local = run_cli(str(tiny_per_expert.artifact("q4", "q8")), *args)
-    assert local.returncode == 0, local.stderr
-    for url in ("hf://krasis-test/tiny-krs/tiny.krs", "hf://krasis-test/tiny-krs@main/sub/dir/tiny.krs",
-                f"hf://krasis-test/tiny-krs@{COMMIT}/tiny.krs"):
-        hub = run_cli(url, *args, env=env)
+    rt = krasis_run.load(tiny_per_expert.artifact("q4", "q8"), threads=1)
+    prompt = rt.tokenizer.encode(rt.tokenizer.apply_chat_template([{"role": "user", "content": "hello"}]))
+    expected = rt.tokenizer.decode(list(rt.generate(prompt, max_new_tokens=8))) + "\n"
+    for url in ("hf://krasis-test/tiny-krs/tiny.krs", f"hf://krasis-test/tiny-krs@{COMMIT}/sub/dir/tiny.krs"):
+        hub = run_cli(url, "--prompt", "hello", "-n", "8", "--temperature", "0", "--threads", "1", env=env)
         assert hub.returncode == 0, hub.stderr
-        assert hub.stdout == local.stdout
+        assert hub.stdout == expected
 
 
 @pytest.mark.parametrize("url,needle", [
