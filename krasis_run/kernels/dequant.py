@@ -66,9 +66,18 @@ def q4_rows(q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, use_triton
     return kernel(q, scale, zero) if kernel is not None else q4_rows_torch(q, scale, zero)
 
 
+EXPERT_SLICE = 16  # experts dequantized per step: float32 temporaries stay ~1/8 of a 128-expert layer
+
+
 def _q4_blocks(q: torch.Tensor, scale_zero: torch.Tensor) -> torch.Tensor:
     """CPU blocks with an expert dim: q [E, N/64, K, 32], scale_zero [E, K/32, N, 2] -> bf16 [E, N, K]."""
     e, nb, k, _ = q.shape
+    if e > EXPERT_SLICE:
+        out = torch.empty(e, nb * CPU_BLOCK_ROWS, k, dtype=torch.bfloat16, device=q.device)
+        for start in range(0, e, EXPERT_SLICE):
+            out[start:start + EXPERT_SLICE] = _q4_blocks(q[start:start + EXPERT_SLICE],
+                                                         scale_zero[start:start + EXPERT_SLICE])
+        return out
     lo, hi = (q & 0xF).transpose(2, 3), (q >> 4).transpose(2, 3)  # [E, NB, 32, K]
     vals = torch.cat([lo, hi], dim=2).reshape(e, nb * CPU_BLOCK_ROWS, k).to(torch.bfloat16) - Q4_OFFSET
     sz = scale_zero.transpose(1, 2).float()  # [E, N, K/32, 2]
