@@ -6,6 +6,7 @@ build on first use and otherwise falls back to torch's kernels with a one-line w
 """
 
 import importlib.util
+import shutil
 from pathlib import Path
 
 from setuptools import Extension, setup
@@ -24,16 +25,23 @@ def _native_build():
 class BuildNative(build_ext):
     def build_extension(self, ext):
         builder = _native_build()
-        dest = Path(self.get_ext_fullpath(ext.name)).parent / "_build"
+        target = Path(self.get_ext_fullpath(ext.name))
+        # An editable install runs from the sources, so the library goes where the loader looks there.
+        editable = getattr(self, "editable_mode", False) or self.inplace
+        dest = NATIVE / "_build" if editable else target.parent / "_build"
         try:
             self._built = builder.build(dest, verbose=True)
         except builder.BuildError as e:
             self._built = None
             print(f"warning: {e}; krasis will retry on first use or use torch's kernels")
+            return
+        # setuptools copies/records the file it expects for this extension; give it the same library
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(self._built, target)
 
     def get_outputs(self):
         built = getattr(self, "_built", None)
-        return [str(built)] if built else []
+        return [str(built), self.get_ext_fullpath(self.extensions[0].name)] if built else []
 
 
 setup(
