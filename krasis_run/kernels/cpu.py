@@ -21,6 +21,7 @@ import torch.nn.functional as F
 
 from ..codecs import dequant_parts, pack_q4_blocks, split_gate_up_output
 from ..format import Q4_GROUP
+from ..models.base import norm_rope, rms_norm, route
 from .attention import causal_attention
 
 KERNEL_ENV = "KRASIS_KERNEL"  # "native" (default; "torch" if it cannot be built), "torch" or "reference"
@@ -68,6 +69,16 @@ def torch_int4_reads_cpu_blocks() -> bool:
     return bool(torch.allclose(got, want, rtol=2e-2, atol=2e-2))
 
 
+_ROWS_PARTS = {"q8": ("q", "scale"), "q4": ("q", "scale", "zero"), "bf16": ("w",), "f32": ("w",)}
+
+
+def _f32(*tensors: torch.Tensor) -> bool:
+    for t in tensors:
+        if t.dtype != torch.float32 or not t.is_cpu or not t.is_contiguous():
+            return False
+    return True
+
+
 class CpuOps:
     """embed / linear / experts on float32 activations; weights are artifact TensorViews (or float tensors)."""
 
@@ -87,6 +98,7 @@ class CpuOps:
         self.kernel = "native" if self.native is not None else ("torch" if requested == "auto" else requested)
         self.int4_in_place = self.kernel in ("torch", "native") and torch_int4_reads_cpu_blocks()
         self._expert_ptrs: dict[int, tuple[object, torch.Tensor]] = {}
+        self._native_rows: dict[int, tuple[object, tuple | None]] = {}  # weight -> native.linear arguments
 
     def describe(self) -> str:
         if self.kernel == "reference":
@@ -101,8 +113,7 @@ class CpuOps:
     def matmul(self, x: torch.Tensor, codec: str, layout: str, parts: dict[str, torch.Tensor]) -> torch.Tensor:
         """x [M, K] float32 @ W[N, K]^T -> [M, N] float32."""
         if self.native is not None and layout == "rows":
-            names = {"q8": ("q", "scale"), "q4": ("q", "scale", "zero"), "bf16": ("w",), "f32": ("w",)}[codec]
-            ws = [parts[p] for p in names]
+            ws = [parts[p] for p in _ROWS_PARTS[codec]]
             return self.native.linear(codec, x.float().contiguous(), ws[0].shape[0], *ws)
         q4_dequant = codec == "q4" and (not self.int4_in_place or layout == "rows")
         if self.kernel == "reference" or codec == "f32" or q4_dequant:
@@ -126,12 +137,51 @@ class CpuOps:
         y = y.float()
         return y[:m] + y[m:] if y.shape[0] > m else y
 
-    def linear(self, x: torch.Tensor, w) -> torch.Tensor:
+    def _native_rows_args(self, w) -> tuple | None:
+        """(codec, rows, *parts) for native.linear when it takes `w` as stored, else None; cached per
+        artifact view (plain tensors are checked per call: a cache would keep them alive)."""
         if isinstance(w, torch.Tensor):
-            if self.native is not None and w.dtype == torch.float32 and w.dim() == 2 and w.is_contiguous():
-                return self.native.linear("f32", x.float().contiguous(), w.shape[0], w)
+            return ("f32", w.shape[0], w) if w.dim() == 2 and _f32(w) else None
+        cached = self._native_rows.get(id(w))
+        if cached is not None and cached[0] is w:
+            return cached[1]
+        args = None
+        if w.layout == "rows" and w.codec in _ROWS_PARTS:
+            ws = [w.parts[p] for p in _ROWS_PARTS[w.codec]]
+            args = (w.codec, ws[0].shape[0], *ws)
+        self._native_rows[id(w)] = (w, args)
+        return args
+
+    def linear(self, x: torch.Tensor, w) -> torch.Tensor:
+        if self.native is not None:
+            args = self._native_rows_args(w)
+            if args is not None:
+                if x.dtype != torch.float32 or not x.is_contiguous():
+                    x = x.float().contiguous()
+                return self.native.linear(args[0], x, *args[1:])
+        if isinstance(w, torch.Tensor):
             return F.linear(x, w)
         return self.matmul(x, w.codec, w.layout, w.parts)
+
+    # The small steps between the matmuls (the model picks these up as optional hooks): one native call
+    # each where the tensors are already float32 and contiguous (as the native matmuls return them),
+    # else the torch reference. At T=1 each replaces 5-10 torch ops per use.
+    def rms_norm(self, x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+        if self.native is not None and _f32(x, weight) and x.dim() == 2 and weight.shape == x.shape[-1:]:
+            return self.native.rms_norm(x, weight, eps)
+        return rms_norm(x, weight, eps)
+
+    def norm_rope(self, x: torch.Tensor, weight: torch.Tensor, eps: float, cos: torch.Tensor,
+                  sin: torch.Tensor) -> torch.Tensor:
+        if (self.native is not None and _f32(x, weight, cos, sin) and x.dim() == 3 and weight.shape == x.shape[-1:]
+                and cos.shape == sin.shape == (x.shape[0], x.shape[2])):
+            return self.native.norm_rope(x, weight, eps, cos, sin)
+        return norm_rope(x, weight, eps, cos, sin)
+
+    def route(self, logits: torch.Tensor, k: int, renormalize: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.native is not None and _f32(logits) and logits.dim() == 2 and k <= min(64, logits.shape[1]):
+            return self.native.route(logits, k, renormalize)
+        return route(logits, k, renormalize)
 
     def attention(self, q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, start_pos: int) -> torch.Tensor:
         """Causal attention of q [T, H, D] over the cache's keys/values [S, KVH, D] -> [T, H*D] float32."""

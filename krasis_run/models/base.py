@@ -65,3 +65,12 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 def norm_rope(x: torch.Tensor, weight: torch.Tensor, eps: float, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """Per-head RMSNorm then rotary embedding (Qwen3's q_norm / k_norm), x [T, heads, head_dim]."""
     return apply_rope(rms_norm(x, weight, eps), cos, sin)
+
+
+def route(logits: torch.Tensor, k: int, renormalize: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """MoE router: softmax over the experts, the top k -> (ids [T, k], weights [T, k]), optionally renormalized."""
+    probs = torch.softmax(logits.float(), dim=-1)
+    weights, ids = torch.topk(probs, k, dim=-1)
+    if renormalize:
+        weights = weights / weights.sum(-1, keepdim=True)
+    return ids, weights

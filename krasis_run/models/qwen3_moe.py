@@ -21,6 +21,7 @@ from .base import (
     rope_cos_sin,
     rope_inv_freq,
     rope_theta_and_type,
+    route,
 )
 
 ARCHITECTURE = "Qwen3MoeForCausalLM"
@@ -94,6 +95,8 @@ class Model:
         self.inv_freq = rope_inv_freq(args.head_dim, args.rope_theta)
         self.layer_names = [layer_tensor_names(args, i) for i in range(args.num_hidden_layers)]
         self.norm_rope = getattr(ops, "norm_rope", norm_rope)  # an engine may fuse the per-head norm and rotary
+        self.rms_norm = getattr(ops, "rms_norm", rms_norm)  # ... and bring its own norm and router top-k
+        self.route = getattr(ops, "route", route)
 
     def attention(self, i: int, x: torch.Tensor, cache, start_pos: int, cos, sin) -> torch.Tensor:
         a, n, w = self.args, self.layer_names[i], self.w
@@ -117,11 +120,7 @@ class Model:
         if not a.is_sparse(i):
             gate, up = self.ops.linear(x, w[n["mlp_gate_up"]]).chunk(2, dim=-1)
             return self.ops.linear(F.silu(gate) * up, w[n["mlp_down"]])
-        router_logits = self.ops.linear(x, w[n["router"]])
-        probs = torch.softmax(router_logits.float(), dim=-1)
-        topk_weights, topk_ids = torch.topk(probs, a.num_experts_per_tok, dim=-1)
-        if a.norm_topk_prob:
-            topk_weights = topk_weights / topk_weights.sum(-1, keepdim=True)
+        topk_ids, topk_weights = self.route(self.ops.linear(x, w[n["router"]]), a.num_experts_per_tok, a.norm_topk_prob)
         return self.ops.experts(x, topk_ids, topk_weights, w[n["experts"]])
 
     def forward(self, tokens: torch.Tensor, cache, start_pos: int, all_logits: bool = False) -> torch.Tensor:
@@ -131,9 +130,9 @@ class Model:
         positions = torch.arange(start_pos, start_pos + tokens.shape[0], device=x.device)
         cos, sin = rope_cos_sin(self.inv_freq.to(x.device), positions)
         for i, n in enumerate(self.layer_names):
-            x = x + self.attention(i, rms_norm(x, w[n["attn_norm"]], a.rms_norm_eps), cache, start_pos, cos, sin)
-            x = x + self.mlp(i, rms_norm(x, w[n["mlp_norm"]], a.rms_norm_eps))
+            x = x + self.attention(i, self.rms_norm(x, w[n["attn_norm"]], a.rms_norm_eps), cache, start_pos, cos, sin)
+            x = x + self.mlp(i, self.rms_norm(x, w[n["mlp_norm"]], a.rms_norm_eps))
         cache.advance(start_pos + tokens.shape[0])
         if not all_logits:
             x = x[-1:]
-        return self.ops.linear(rms_norm(x, w["norm"], a.rms_norm_eps), w["lm_head"])
+        return self.ops.linear(self.rms_norm(x, w["norm"], a.rms_norm_eps), w["lm_head"])

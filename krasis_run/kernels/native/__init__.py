@@ -1,4 +1,5 @@
-"""ctypes binding of the native CPU decode kernels (krasis_native.c): fused MoE, dense rows, attention.
+"""ctypes binding of the native CPU decode kernels (krasis_native.c): fused MoE, dense rows, attention,
+and the small per-layer steps between them (RMSNorm, q/k norm + rotary, router top-k).
 
 The library is built from source on first use if no build of these exact sources exists (see
 build.py); it takes pointers into the artifact's mapping (tensor.data_ptr()), so weights are read in
@@ -55,6 +56,12 @@ def load() -> ctypes.CDLL:
     lib.krs_moe.argtypes = [_i, _p, _i, _i, _i, _i, _i, _p, _p, _p, _p]
     lib.krs_attention.restype = _i
     lib.krs_attention.argtypes = [_p, _i, _i, _i, _i, _p, _p, _i, _p]
+    lib.krs_rms_norm.restype = _i
+    lib.krs_rms_norm.argtypes = [_p, _i, _i, _p, ctypes.c_float, _p]
+    lib.krs_norm_rope.restype = _i
+    lib.krs_norm_rope.argtypes = [_p, _i, _i, _i, _p, ctypes.c_float, _p, _p, _p]
+    lib.krs_route.restype = _i
+    lib.krs_route.argtypes = [_p, _i, _i, _i, _i, _p, _p]
     lib.krs_read_probe.restype = ctypes.c_uint64
     lib.krs_read_probe.argtypes = [_p, ctypes.c_size_t]
     forced = os.environ.get(ISA_ENV)
@@ -136,6 +143,40 @@ def attention(q, keys, values, start_pos: int):
     _check(load().krs_attention(q.data_ptr(), t, nq, keys.shape[1], hd, keys.data_ptr(), values.data_ptr(),
                                 start_pos, out.data_ptr()), "attention")
     return out
+
+
+def rms_norm(x, w, eps: float, out=None):
+    """x float32 [T, n] contiguous, w float32 [n] contiguous -> x * rsqrt(mean(x^2) + eps) * w (out may be x)."""
+    import torch
+
+    t, n = x.shape
+    y = torch.empty(t, n, dtype=torch.float32) if out is None else out
+    _check(load().krs_rms_norm(x.data_ptr(), t, n, w.data_ptr(), eps, y.data_ptr()), "rms_norm")
+    return y
+
+
+def norm_rope(x, w, eps: float, cos, sin, out=None):
+    """x float32 [T, H, D] contiguous; w [D]; cos/sin float32 [T, D] contiguous -> per-head RMSNorm then
+    rotate-half rotary, float32 [T, H, D] (out may be x)."""
+    import torch
+
+    t, h, d = x.shape
+    y = torch.empty(t, h, d, dtype=torch.float32) if out is None else out
+    _check(load().krs_norm_rope(x.data_ptr(), t, h, d, w.data_ptr(), eps, cos.data_ptr(), sin.data_ptr(),
+                                y.data_ptr()), "norm_rope")
+    return y
+
+
+def route(logits, k: int, renormalize: bool):
+    """logits float32 [T, E] contiguous -> (ids int32 [T, k], weights float32 [T, k]): softmax, top-k, and
+    optionally the k weights scaled to sum 1."""
+    import torch
+
+    t, e = logits.shape
+    ids = torch.empty(t, k, dtype=torch.int32)
+    wts = torch.empty(t, k, dtype=torch.float32)
+    _check(load().krs_route(logits.data_ptr(), t, e, k, int(renormalize), ids.data_ptr(), wts.data_ptr()), "route")
+    return ids, wts
 
 
 def read_bandwidth(buffer, repeats: int = 5) -> float:

@@ -124,6 +124,8 @@ typedef void (*q4r_fn)(const uint8_t *, const uint16_t *, const uint16_t *, int,
 typedef void (*bf16_fn)(const uint16_t *, int, int, int, const float *, float *);
 typedef void (*f32_fn)(const float *, int, int, int, const float *, float *);
 typedef void (*attn_fn)(const float *, const uint16_t *, const uint16_t *, int, int, int, float, float *, float *);
+typedef void (*rms_fn)(const float *, const float *, int, float, float *);
+typedef void (*nrope_fn)(const float *, const float *, int, float, const float *, const float *, float *);
 
 typedef struct {
     q4b_fn q4b;
@@ -132,6 +134,8 @@ typedef struct {
     bf16_fn bf16;
     f32_fn f32;
     attn_fn attn;
+    rms_fn rms;
+    nrope_fn nrope;
 } Kernels;
 
 #define FN(name) name##_scalar
@@ -179,12 +183,12 @@ static int detect_isa(void) {
 static void init(void) {
     if (g_isa >= 0) return;
     KERNELS[0] = (Kernels){q4b_block_scalar, q8_rows_scalar, q4r_rows_scalar, bf16_rows_scalar, f32_rows_scalar,
-                           attn_head_scalar};
+                           attn_head_scalar, rms_row_scalar, norm_rope_head_scalar};
 #ifdef KRS_X86
     KERNELS[1] = (Kernels){q4b_block_avx2, q8_rows_avx2, q4r_rows_avx2, bf16_rows_avx2, f32_rows_avx2gen,
-                           attn_head_avx2gen};
+                           attn_head_avx2gen, rms_row_avx2gen, norm_rope_head_avx2gen};
     KERNELS[2] = (Kernels){q4b_block_avx512, q8_rows_avx512, q4r_rows_avx512, bf16_rows_avx512,
-                           f32_rows_avx512gen, attn_head_avx512gen};
+                           f32_rows_avx512gen, attn_head_avx512gen, rms_row_avx512gen, norm_rope_head_avx512gen};
 #else
     KERNELS[1] = KERNELS[2] = KERNELS[0];
 #endif
@@ -423,6 +427,61 @@ int krs_attention(const float *q, int T, int nq, int nkv, int hd, const uint16_t
         free(sc);
     }
     return fail ? -2 : 0;
+}
+
+/* Row-wise RMSNorm: x [T, n] float32 -> out [T, n] (out may be x); w [n] float32. */
+int krs_rms_norm(const float *x, int T, int n, const float *w, float eps, float *out) {
+    init();
+    const Kernels *kn = &KERNELS[g_isa];
+#pragma omp parallel for schedule(static) num_threads(g_threads) if (T > 1 && (size_t)T * n > 65536)
+    for (int t = 0; t < T; t++) kn->rms((const float *)x + (size_t)t * n, w, n, eps, out + (size_t)t * n);
+    return 0;
+}
+
+/* Qwen3's q_norm / k_norm then rotary: x [T, H, D] float32 -> out (may be x); w [D]; cs/sn [T, D]
+ * float32 (rotate-half convention, cos/sin repeated over the two halves as rope_cos_sin makes them). */
+int krs_norm_rope(const float *x, int T, int H, int D, const float *w, float eps, const float *cs, const float *sn,
+                  float *out) {
+    init();
+    if (D % 2) return -1;
+    const Kernels *kn = &KERNELS[g_isa];
+    const int items = T * H;
+#pragma omp parallel for schedule(static) num_threads(g_threads) if (T > 1 && (size_t)items * D > 65536)
+    for (int it = 0; it < items; it++) {
+        int t = it / H;
+        kn->nrope(x + (size_t)it * D, w, D, eps, cs + (size_t)t * D, sn + (size_t)t * D, out + (size_t)it * D);
+    }
+    return 0;
+}
+
+/* MoE routing: per token softmax over E logits, the k largest probabilities (ties: lower expert
+ * first), optionally renormalized to sum 1. logits [T, E] float32 -> ids [T, k] int32, wts [T, k]. */
+int krs_route(const float *logits, int T, int E, int k, int renorm, int32_t *ids, float *wts) {
+    init();
+    if (k < 1 || k > E || k > 64) return -1;
+    for (int t = 0; t < T; t++) {
+        const float *l = logits + (size_t)t * E;
+        float mx = -INFINITY, tot = 0.f;
+        for (int e = 0; e < E; e++) mx = l[e] > mx ? l[e] : mx;
+        for (int e = 0; e < E; e++) tot += expf(l[e] - mx);
+        float bp[64];
+        int bi[64], n = 0;
+        for (int e = 0; e < E; e++) {
+            float p = expf(l[e] - mx) / tot;
+            if (n == k && !(p > bp[k - 1])) continue;
+            int j = n < k ? n++ : k - 1;
+            while (j > 0 && p > bp[j - 1]) { bp[j] = bp[j - 1]; bi[j] = bi[j - 1]; j--; }
+            bp[j] = p;
+            bi[j] = e;
+        }
+        float s = 0.f;
+        for (int j = 0; j < k; j++) s += bp[j];
+        for (int j = 0; j < k; j++) {
+            ids[(size_t)t * k + j] = bi[j];
+            wts[(size_t)t * k + j] = renorm ? bp[j] / s : bp[j];
+        }
+    }
+    return 0;
 }
 
 /* Read bandwidth probe: every thread streams its share of [p, p + n) (64-bit XOR, which the

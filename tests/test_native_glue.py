@@ -1,0 +1,90 @@
+"""The native per-layer steps between the matmuls (RMSNorm, q/k norm + rotary, router top-k) against
+the torch references in krasis_run.models.base, on every instruction path this CPU runs, odd shapes,
+one thread and two, and through CpuOps (which falls back to torch for tensors it cannot take)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from krasis_run.kernels import native
+from krasis_run.kernels.cpu import CpuOps
+from krasis_run.models.base import norm_rope, rms_norm, rope_cos_sin, rope_inv_freq, route
+
+pytestmark = pytest.mark.skipif(not native.available(), reason="native kernels cannot be built here")
+ISAS = [i for i in native.ISAS if native.available() and native.ISAS.index(i) <= native.ISAS.index(native.best_isa())]
+
+
+@pytest.fixture(params=ISAS)
+def isa(request):
+    before, threads = native.isa(), native.threads()
+    native.set_isa(request.param)
+    yield request.param
+    native.set_isa(before)
+    native.load().krs_set_threads(threads)
+
+
+def close(got: torch.Tensor, want: torch.Tensor, tol: float = 2e-6) -> bool:
+    return float((got - want).abs().max()) <= tol * max(1.0, float(want.abs().max()))
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_rms_norm_matches_reference(isa, threads):
+    native.load().krs_set_threads(threads)
+    g = torch.Generator().manual_seed(0)
+    for t, n in [(1, 2048), (1, 7), (3, 33), (5, 128), (70, 1000), (300, 256)]:
+        x = torch.randn(t, n, generator=g) * 3
+        w = torch.randn(n, generator=g)
+        assert close(native.rms_norm(x, w, 1e-6), rms_norm(x, w, 1e-6)), (t, n)
+        y = x.clone()
+        native.rms_norm(y, w, 1e-5, out=y)  # in place
+        assert close(y, rms_norm(x, w, 1e-5)), (t, n)
+    zero = torch.zeros(2, 64)
+    assert torch.equal(native.rms_norm(zero, torch.ones(64), 1e-6), zero)
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_norm_rope_matches_reference(isa, threads):
+    native.load().krs_set_threads(threads)
+    g = torch.Generator().manual_seed(1)
+    for t, h, d, start in [(1, 32, 128, 0), (1, 4, 128, 1000), (3, 5, 6, 7), (17, 3, 64, 2), (64, 32, 128, 100)]:
+        x = torch.randn(t, h, d, generator=g) * 2
+        w = torch.rand(d, generator=g) + 0.5
+        cos, sin = rope_cos_sin(rope_inv_freq(d, 1e6), torch.arange(start, start + t))
+        assert close(native.norm_rope(x, w, 1e-6, cos, sin), norm_rope(x, w, 1e-6, cos, sin)), (t, h, d)
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_route_matches_reference(isa, threads):
+    native.load().krs_set_threads(threads)
+    g = torch.Generator().manual_seed(2)
+    for t, e, k in [(1, 128, 8), (1, 8, 8), (4, 60, 4), (9, 5, 1), (33, 128, 8), (2, 3, 2)]:
+        logits = torch.randn(t, e, generator=g) * 4
+        for renorm in (True, False):
+            ids, wts = native.route(logits, k, renorm)
+            want_ids, want_wts = route(logits, k, renorm)
+            assert ids.dtype == torch.int32 and wts.dtype == torch.float32
+            assert torch.equal(ids.long(), want_ids), (t, e, k)
+            assert close(wts, want_wts), (t, e, k)
+
+
+def test_cpu_ops_hooks_use_native_and_fall_back():
+    ops = CpuOps("native")
+    g = torch.Generator().manual_seed(3)
+    x, w = torch.randn(2, 48, generator=g), torch.randn(48, generator=g)
+    assert close(ops.rms_norm(x, w, 1e-6), rms_norm(x, w, 1e-6))
+    # inputs the native kernel does not take go to torch: bf16, strided, 1-d
+    assert close(ops.rms_norm(x.to(torch.bfloat16), w, 1e-6), rms_norm(x.to(torch.bfloat16), w, 1e-6))
+    xt = torch.randn(48, 2, generator=g).T
+    assert close(ops.rms_norm(xt, w, 1e-6), rms_norm(xt, w, 1e-6))
+    assert close(ops.rms_norm(x[0], w, 1e-6), rms_norm(x[0], w, 1e-6))
+    q = torch.randn(2, 3, 16, generator=g)
+    cos, sin = rope_cos_sin(rope_inv_freq(16, 1e4), torch.arange(5, 7))
+    qn = torch.rand(16, generator=g)
+    assert close(ops.norm_rope(q, qn, 1e-6, cos, sin), norm_rope(q, qn, 1e-6, cos, sin))
+    logits = torch.randn(3, 16, generator=g)
+    ids, wts = ops.route(logits, 4, True)
+    want_ids, want_wts = route(logits, 4, True)
+    assert torch.equal(ids.long(), want_ids) and close(wts, want_wts)
+    ids, _ = ops.route(logits.double(), 4, False)  # not float32: the torch path
+    assert torch.equal(ids, route(logits.double(), 4, False)[0])
