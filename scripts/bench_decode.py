@@ -1,14 +1,16 @@
 """Decode speed on a synthetic model with real Qwen3-30B-A3B layer shapes, compiled by the real compiler.
 
     python scripts/bench_decode.py --layers 4 --quant q4,q8 [--dense-quant q8,q4] [--kernels native,torch]
-                                   [--threads N] [--vocab 32000] [--json out.json]
+                                   [--threads N] [--vocab 32000] [--glue] [--json out.json]
 
 Writes a random BF16 checkpoint (hidden 2048, 32/4 heads of 128, 128 experts, top-8, expert width 768,
 vocab 151,936 or --vocab; --layers of them), compiles it with krasis-compile in a subprocess (its input
 GB/s and peak RSS are reported), then decodes greedily with each of --kernels (native: the fused C
 kernels; torch: torch's packed kernels, the reference path) and prints tok/s next to the weight bytes
 read per token, the effective GB/s and this machine's read bandwidth measured right before each run
-(it drifts on shared machines), so the gap is a ratio. Works from a checkout: PYTHONPATH=. python3 ...
+(it drifts on shared machines), so the gap is a ratio. --glue adds the time of a native decode step
+with the weight-reading kernels stubbed out: the per-layer work between kernel calls.
+Works from a checkout: PYTHONPATH=. python3 ...
 """
 
 from __future__ import annotations
@@ -154,6 +156,45 @@ def bench_decode(path: Path, threads: int, prompt_len: int, tokens: int, kernel:
     )
 
 
+def glue_ms(path: Path, threads: int, steps: int = 50, repeats: int = 7) -> dict:
+    """Decode step time with the weight-reading native kernels (dense rows, MoE, attention) replaced by
+    stubs that zero their outputs: what remains is the per-token work between them (norms, rotary,
+    routing, KV writes, residuals, Python and ctypes overhead). Median and best of `repeats` x `steps`."""
+    import ctypes
+    import statistics
+
+    import krasis_run
+    from krasis_run.kernels import native
+
+    rt = krasis_run.load(path, threads=threads, kernel="native")
+    cache = rt.engine.new_cache()
+    rt.engine.prefill(list(range(1, 33)), cache)
+    lib = native.load()
+    saved = {name: getattr(lib, name) for name in ("krs_linear", "krs_moe", "krs_attention")}
+
+    def zero(ptr: int, floats: int) -> int:
+        ctypes.memset(ptr, 0, floats * 4)
+        return 0
+
+    lib.krs_linear = lambda codec, x, m, k, n, w0, w1, w2, y: zero(y, m * n)
+    lib.krs_moe = lambda codec, x, m, h, i, e, k, ids, wts, ptrs, out: zero(out, m * h)
+    lib.krs_attention = lambda q, t, nq, nkv, hd, kc, vc, start, out: zero(out, t * nq * hd)
+    try:
+        for _ in range(10):
+            rt.engine.decode(3, cache)
+        times = []
+        for _ in range(repeats):
+            start = time.perf_counter()
+            for _ in range(steps):
+                rt.engine.decode(3, cache)
+            times.append((time.perf_counter() - start) / steps * 1e3)
+    finally:
+        for name, fn in saved.items():
+            setattr(lib, name, fn)
+    layers = rt.args.num_hidden_layers
+    return dict(median_ms=statistics.median(times), best_ms=min(times), layers=layers)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--layers", type=int, default=4)
@@ -166,6 +207,8 @@ def main() -> None:
     ap.add_argument("--tokens", type=int, default=16, help="decode tokens timed")
     ap.add_argument("--workdir", type=Path, default=None)
     ap.add_argument("--json", type=Path, default=None, help="write the results here")
+    ap.add_argument("--glue", action="store_true",
+                    help="also time a native decode step with the weight-reading kernels stubbed out (the glue)")
     args = ap.parse_args()
 
     from krasis_run.planner import physical_cores
@@ -206,6 +249,12 @@ def main() -> None:
                              f"{compiled['peak_rss'] / 2**30:.2f} GiB, artifact {compiled['size'] / 1e9:.2f} GB")
                     compiled = None
                 print(line, flush=True)
+                if args.glue and kernel == "native":
+                    run["glue"] = glue = glue_ms(out, threads)
+                    print(f"{quant}/{dense_quant} native glue (weight-reading kernels stubbed): "
+                          f"{glue['median_ms']:.3f} ms/token median, {glue['best_ms']:.3f} best "
+                          f"= {glue['best_ms'] / glue['layers']:.3f} ms/layer incl. per-token fixed costs",
+                          flush=True)
             if args.workdir is None:
                 out.unlink()
     if args.json:
