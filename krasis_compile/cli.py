@@ -8,7 +8,7 @@ from pathlib import Path
 
 import typer
 
-from krasis_run.format import KrsError
+from krasis_run.console import run_app
 
 app = typer.Typer(add_completion=False, pretty_exceptions_enable=False)
 
@@ -54,11 +54,4 @@ def compile_cmd(
 
 def main() -> None:
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # unwind so the temporary file is removed
-    try:
-        app()
-    except KrsError as e:
-        print(f"krasis-compile: error: {e}", file=sys.stderr)
-        sys.exit(2)
-    except KeyboardInterrupt:
-        print("krasis-compile: interrupted; nothing written", file=sys.stderr)
-        sys.exit(130)
+    run_app(app, "krasis-compile", interrupted="interrupted; nothing written")

@@ -7,6 +7,7 @@ import time
 
 import typer
 
+from .console import run_app
 from .format import KrsError
 
 app = typer.Typer(add_completion=False, pretty_exceptions_enable=False)
@@ -112,12 +113,4 @@ def run(
 
 
 def main() -> None:
-    try:
-        app()
-    except KrsError as e:
-        print(f"krasis-run: error: {e}", file=sys.stderr)
-        sys.exit(2)
-    except KeyboardInterrupt:
-        sys.exit(130)
-    except BrokenPipeError:
-        sys.exit(0)
+    run_app(app, "krasis-run")

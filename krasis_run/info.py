@@ -12,6 +12,7 @@ from dataclasses import asdict, dataclass, field
 
 import typer
 
+from .console import run_app
 from .format import (
     SECTION_BLOB,
     SECTION_DENSE,
@@ -184,12 +185,4 @@ def inspect_cmd(
 
 
 def main() -> None:
-    try:
-        app()
-    except KrsError as e:
-        print(f"krasis-inspect: error: {e}", file=sys.stderr)
-        sys.exit(2)
-    except KeyboardInterrupt:
-        sys.exit(130)
-    except BrokenPipeError:
-        sys.exit(0)
+    run_app(app, "krasis-inspect")

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import typer
 
+from .console import run_app
 from .format import KrsError
 
 CONFIG_NAME = "launcher.json"
@@ -388,10 +389,4 @@ def chat(
 
 
 def main() -> None:
-    try:
-        app()
-    except KrsError as e:
-        print(f"krasis: error: {e}", file=sys.stderr)
-        sys.exit(2)
-    except KeyboardInterrupt:
-        sys.exit(130)
+    run_app(app, "krasis")
