@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Any
 
 import torch
@@ -29,15 +30,57 @@ def from_hf_fields(cls, config: dict[str, Any], aliases: dict[str, str] | None =
     return cls(**kwargs)
 
 
-def rope_theta_and_type(config: dict[str, Any]) -> tuple[float, str]:
-    """Read rotary settings from either `rope_parameters` (transformers 5) or `rope_theta`/`rope_scaling`."""
-    params = config.get("rope_parameters") or {}
-    scaling = config.get("rope_scaling") or {}
-    theta = params.get("rope_theta", config.get("rope_theta"))
-    if theta is None:
+ROPE_TYPES = ("default", "linear", "yarn")
+
+
+def rope_parameters(config: dict[str, Any]) -> dict[str, Any]:
+    """Rotary settings from `rope_parameters` (transformers 5) or `rope_theta` + `rope_scaling` (older configs),
+    merged into one dict with rope_type and rope_theta always present."""
+    params = dict(config.get("rope_scaling") or {})
+    params.update(config.get("rope_parameters") or {})
+    params.setdefault("rope_theta", config.get("rope_theta"))
+    if params["rope_theta"] is None:
         raise ConfigError("model config has no rope_theta (nor rope_parameters.rope_theta)")
-    rope_type = params.get("rope_type") or scaling.get("rope_type") or scaling.get("type") or "default"
-    return float(theta), rope_type
+    params["rope_type"] = params.get("rope_type") or params.get("type") or "default"
+    if params["rope_type"] not in ROPE_TYPES:
+        raise ConfigError(f"rope type {params['rope_type']!r} is not supported (supported: {', '.join(ROPE_TYPES)})")
+    return params
+
+
+def rope_inv_freq(head_dim: int, theta: float) -> torch.Tensor:
+    return 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim))
+
+
+def rope_frequencies(params: dict[str, Any], head_dim: int, max_positions: int) -> tuple[torch.Tensor, float]:
+    """Inverse frequencies and the cos/sin scale, as transformers computes them for default, linear and YaRN."""
+    base, dim = float(params["rope_theta"]), head_dim
+    inv_freq = rope_inv_freq(dim, base)
+    if params["rope_type"] == "linear":
+        return inv_freq / params["factor"], 1.0
+    if params["rope_type"] != "yarn":
+        return inv_freq, 1.0
+    original = params.get("original_max_position_embeddings") or max_positions
+    factor = params.get("factor") or max_positions / original
+
+    def get_mscale(scale: float, mscale: float = 1.0) -> float:
+        return 1.0 if scale <= 1 else 0.1 * mscale * math.log(scale) + 1.0
+
+    attention = params.get("attention_factor")
+    if attention is None:
+        mscale, mscale_all_dim = params.get("mscale"), params.get("mscale_all_dim")
+        attention = (get_mscale(factor, mscale) / get_mscale(factor, mscale_all_dim) if mscale and mscale_all_dim
+                     else get_mscale(factor))
+
+    def correction_dim(rotations: float) -> float:
+        return dim * math.log(original / (rotations * 2 * math.pi)) / (2 * math.log(base))
+
+    low, high = correction_dim(params.get("beta_fast") or 32), correction_dim(params.get("beta_slow") or 1)
+    if params.get("truncate", True):
+        low, high = math.floor(low), math.ceil(high)
+    low, high = max(low, 0), min(high, dim - 1)
+    ramp = torch.clamp((torch.arange(dim // 2, dtype=torch.float32) - low) / ((high - low) or 0.001), 0, 1)
+    extrapolation = 1 - ramp  # high-frequency dimensions keep their frequency, low ones are interpolated
+    return inv_freq / factor * (1 - extrapolation) + inv_freq * extrapolation, float(attention)
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -45,14 +88,11 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     return x * torch.rsqrt(x.square().mean(-1, keepdim=True) + eps) * weight
 
 
-def rope_inv_freq(head_dim: int, theta: float) -> torch.Tensor:
-    return 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim)).float()
-
-
-def rope_cos_sin(inv_freq: torch.Tensor, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def rope_cos_sin(inv_freq: torch.Tensor, positions: torch.Tensor,
+                 scale: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
     freqs = positions.float()[:, None] * inv_freq[None, :]
     emb = torch.cat([freqs, freqs], dim=-1)
-    return emb.cos(), emb.sin()
+    return emb.cos() * scale, emb.sin() * scale
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:

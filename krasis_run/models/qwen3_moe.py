@@ -19,8 +19,8 @@ from .base import (
     norm_rope,
     rms_norm,
     rope_cos_sin,
-    rope_inv_freq,
-    rope_theta_and_type,
+    rope_frequencies,
+    rope_parameters,
     route,
 )
 
@@ -47,14 +47,12 @@ class ModelArgs:
     mlp_only_layers: list[int] = field(default_factory=list)
     attention_bias: bool = False
     hidden_act: str = "silu"
-    rope_theta: float = 10000.0
+    rope: dict = field(default_factory=dict)  # merged rope_parameters / rope_theta + rope_scaling
 
     @classmethod
     def from_hf(cls, config: dict[str, Any]) -> ModelArgs:
         args = from_hf_fields(cls, config, aliases={"num_local_experts": "num_experts"})
-        args.rope_theta, rope_type = rope_theta_and_type(config)
-        if rope_type != "default":
-            raise ConfigError(f"rope type {rope_type!r} is not supported yet (only 'default')")
+        args.rope = rope_parameters(config)
         if args.hidden_act != "silu":
             raise ConfigError(f"hidden_act {args.hidden_act!r} is not supported (only 'silu')")
         if not args.head_dim:
@@ -92,7 +90,7 @@ class Model:
 
     def __init__(self, args: ModelArgs, weights, ops):
         self.args, self.w, self.ops = args, weights, ops
-        self.inv_freq = rope_inv_freq(args.head_dim, args.rope_theta)
+        self.inv_freq, self.rope_scale = rope_frequencies(args.rope, args.head_dim, args.max_position_embeddings)
         self.layer_names = [layer_tensor_names(args, i) for i in range(args.num_hidden_layers)]
         self.norm_rope = getattr(ops, "norm_rope", norm_rope)  # an engine may fuse the per-head norm and rotary
         self.rms_norm = getattr(ops, "rms_norm", rms_norm)  # ... and bring its own norm and router top-k
@@ -128,7 +126,7 @@ class Model:
         a, w = self.args, self.w
         x = self.ops.embed(tokens, w["embed"])
         positions = torch.arange(start_pos, start_pos + tokens.shape[0], device=x.device)
-        cos, sin = rope_cos_sin(self.inv_freq.to(x.device), positions)
+        cos, sin = rope_cos_sin(self.inv_freq.to(x.device), positions, self.rope_scale)
         for i, n in enumerate(self.layer_names):
             x = x + self.attention(i, self.rms_norm(x, w[n["attn_norm"]], a.rms_norm_eps), cache, start_pos, cos, sin)
             x = x + self.mlp(i, self.rms_norm(x, w[n["mlp_norm"]], a.rms_norm_eps))
