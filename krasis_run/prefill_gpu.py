@@ -97,7 +97,7 @@ class ExpertStreamer:
         self.ready: dict[int, tuple[torch.Tensor, object]] = {}
         self.free_events: list[object] = [None] * len(self.buffers)
         self.bytes_copied = 0
-        self.copy_seconds = 0.0
+        self.copy_events: list[tuple] = []  # (start, done) CUDA events of this prefill's copies
 
     @staticmethod
     def _host_view(artifact: Artifact, src: LayerSource) -> torch.Tensor:
