@@ -48,3 +48,23 @@ def tiny_per_expert(tmp_path_factory) -> TinyModel:
     folder = tmp_path_factory.mktemp("models") / "tiny-main"
     return TinyModel(folder, fixtures.build(folder, "per_expert", seed=2), "per_expert")
 
+
+
+def _runnable_isas() -> list[str]:
+    from krasis_run.kernels import native
+
+    if not native.available():
+        return []
+    return [i for i in native.ISAS if native.ISAS.index(i) <= native.ISAS.index(native.best_isa())]
+
+
+@pytest.fixture(params=_runnable_isas())
+def isa(request):
+    """Each native instruction path this machine can run, restored (with the thread count) afterwards."""
+    from krasis_run.kernels import native
+
+    before, threads = native.isa(), native.threads()
+    native.set_isa(request.param)
+    yield request.param
+    native.set_isa(before)
+    native.load().krs_set_threads(threads)

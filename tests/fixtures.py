@@ -108,3 +108,27 @@ def build(folder: Path, expert_layout: str = "per_expert", seed: int = 0, **over
 def prompt_ids(vocab: int, n: int = 48, seed: int = 0) -> list[int]:
     g = torch.Generator().manual_seed(seed)
     return torch.randint(3, vocab, (n,), generator=g).tolist()
+
+
+def stepwise_logits(rt, ids: list[int], steps: int = 12):
+    """Greedy decode through the KV cache, and the same positions recomputed in one pass: (cached, full)."""
+    cache = rt.engine.new_cache()
+    step_logits = [rt.engine.prefill(ids, cache)]
+    tokens = list(ids)
+    for _ in range(steps):
+        tokens.append(int(torch.argmax(step_logits[-1])))
+        step_logits.append(rt.engine.decode(tokens[-1], cache))
+    return torch.stack(step_logits).numpy(), rt.logits(tokens)[len(ids) - 1:]
+
+
+def stop_process(proc) -> None:
+    """SIGINT, then kill if it doesn't exit in 30 s."""
+    import signal
+    import subprocess
+
+    proc.send_signal(signal.SIGINT)
+    try:
+        proc.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait(timeout=10)

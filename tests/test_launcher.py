@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -13,6 +12,7 @@ from pathlib import Path
 import httpx
 import openai
 import pytest
+from fixtures import stop_process
 from test_server_cli import free_port, wait_healthy
 from typer.testing import CliRunner
 
@@ -106,12 +106,7 @@ def test_launcher_serves(home, tiny_per_expert):
         r = client.completions.create(model="tiny", prompt="def", max_tokens=3, temperature=0)
         assert r.usage.completion_tokens <= 3
     finally:
-        proc.send_signal(signal.SIGINT)
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(timeout=10)
+        stop_process(proc)
 
 
 def test_chat(tiny_per_expert, monkeypatch, tmp_path):

@@ -12,16 +12,6 @@ from krasis_run.kernels.cpu import CpuOps
 from krasis_run.models.base import norm_rope, rms_norm, rope_cos_sin, rope_inv_freq, route
 
 pytestmark = pytest.mark.skipif(not native.available(), reason="native kernels cannot be built here")
-ISAS = [i for i in native.ISAS if native.available() and native.ISAS.index(i) <= native.ISAS.index(native.best_isa())]
-
-
-@pytest.fixture(params=ISAS)
-def isa(request):
-    before, threads = native.isa(), native.threads()
-    native.set_isa(request.param)
-    yield request.param
-    native.set_isa(before)
-    native.load().krs_set_threads(threads)
 
 
 def close(got: torch.Tensor, want: torch.Tensor, tol: float = 2e-6) -> bool:

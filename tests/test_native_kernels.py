@@ -19,16 +19,6 @@ from krasis_run.kernels.attention import causal_attention
 
 pytestmark = pytest.mark.skipif(not native.available(), reason="native kernels cannot be built here")
 
-ISAS = [i for i in native.ISAS if native.available() and native.ISAS.index(i) <= native.ISAS.index(native.best_isa())]
-
-
-@pytest.fixture(params=ISAS)
-def isa(request):
-    before, threads = native.isa(), native.threads()
-    native.set_isa(request.param)
-    yield request.param
-    native.set_isa(before)
-    native.load().krs_set_threads(threads)
 
 
 def quant_x(x: torch.Tensor) -> torch.Tensor:

@@ -4,23 +4,13 @@ tests/test_oracle.py's bounds, greedy tokens unchanged, decode equal to a full r
 from __future__ import annotations
 
 import pytest
-import torch
-from fixtures import prompt_ids
+from fixtures import prompt_ids, stepwise_logits
 from test_oracle import BOUNDS, clear_greedy_prompt, rel_l2
 
 import krasis_run
 from krasis_run.kernels import native
 
 pytestmark = pytest.mark.skipif(not native.available(), reason="native kernels cannot be built here")
-ISAS = [i for i in native.ISAS if native.available() and native.ISAS.index(i) <= native.ISAS.index(native.best_isa())]
-
-
-@pytest.fixture(params=ISAS)
-def isa(request):
-    before = native.isa()
-    native.set_isa(request.param)
-    yield request.param
-    native.set_isa(before)
 
 
 @pytest.mark.parametrize("quant,dense_quant,bound", BOUNDS + [("q4", "q4", 0.2)])
@@ -43,14 +33,8 @@ def test_native_greedy_tokens_match_transformers(tiny, isa):
 def test_native_decode_equals_full_recompute(tiny, isa, quant, dense_quant):
     rt = krasis_run.load(tiny.artifact(quant, dense_quant), kernel="native", threads=2)
     ids = prompt_ids(rt.args.vocab_size, 20, seed=4)
-    cache = rt.engine.new_cache()
-    step_logits = [rt.engine.prefill(ids, cache)]
-    tokens = list(ids)
-    for _ in range(12):
-        tokens.append(int(torch.argmax(step_logits[-1])))
-        step_logits.append(rt.engine.decode(tokens[-1], cache))
-    full = rt.logits(tokens)[len(ids) - 1:]
-    assert rel_l2(torch.stack(step_logits).numpy(), full) < 5e-3
+    incremental, full = stepwise_logits(rt, ids)
+    assert rel_l2(incremental, full) < 5e-3
 
 
 @pytest.mark.parametrize("kernel", ["torch", "reference"])

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from fixtures import prompt_ids
+from fixtures import prompt_ids, stepwise_logits
 
 import krasis_run
 
@@ -51,14 +51,7 @@ def test_greedy_tokens_match_transformers(tiny):
 def test_decode_with_cache_equals_full_recompute(tiny):
     rt = krasis_run.load(tiny.artifact("q4", "q8"), threads=1)
     ids = prompt_ids(rt.args.vocab_size, 20, seed=4)
-    cache = rt.engine.new_cache()
-    step_logits = [rt.engine.prefill(ids, cache)]
-    tokens = list(ids)
-    for _ in range(12):
-        tokens.append(int(torch.argmax(step_logits[-1])))
-        step_logits.append(rt.engine.decode(tokens[-1], cache))
-    full = rt.logits(tokens)[len(ids) - 1:]
-    incremental = torch.stack(step_logits).numpy()
+    incremental, full = stepwise_logits(rt, ids)
     err = rel_l2(incremental, full)
     print(f"cached decode vs full recompute: rel L2 {err:.3g}")
     assert err < 5e-3

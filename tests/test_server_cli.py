@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import signal
 import socket
 import subprocess
 import sys
@@ -12,6 +11,7 @@ import time
 import httpx
 import openai
 import pytest
+from fixtures import stop_process
 
 from krasis_run.server import model_name_for
 
@@ -57,12 +57,7 @@ def test_serve_subprocess(tiny_per_expert):
         assert r.choices[0].finish_reason in ("stop", "length")
         assert httpx.get(url + "/v1/models", timeout=10).status_code == 401
     finally:
-        proc.send_signal(signal.SIGINT)
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(timeout=10)
+        stop_process(proc)
     stderr = proc.stderr.read()
     assert f"serving '{model_name_for(art)}' at http://127.0.0.1:{port}/v1" in stderr
 
