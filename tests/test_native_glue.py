@@ -78,3 +78,32 @@ def test_cpu_ops_hooks_use_native_and_fall_back():
     assert torch.equal(ids.long(), want_ids) and close(wts, want_wts)
     ids, _ = ops.route(logits.double(), 4, False)  # not float32: the torch path
     assert torch.equal(ids, route(logits.double(), 4, False)[0])
+
+
+@pytest.mark.parametrize("quant", ["q4", "q8", "bf16"])
+def test_cpu_ops_experts_skip_negative_ids(tiny_per_expert, isa, quant):
+    """CpuOps.experts on every path (native, torch, reference): an id of -1 skips its slot, which equals
+    the same slot kept with weight 0; all -1 gives zeros; out= is filled and returned."""
+    import krasis_run
+
+    rt = krasis_run.load(tiny_per_expert.artifact(quant, "q8"), kernel="reference", threads=1)
+    a = rt.args
+    blocks = rt.model.w[rt.model.layer_names[0]["experts"]]
+    g = torch.Generator().manual_seed(4)
+    t, k = 5, a.num_experts_per_tok
+    x = torch.randn(t, a.hidden_size, generator=g)
+    ids = torch.stack([torch.randperm(a.num_experts, generator=g)[:k] for _ in range(t)]).to(torch.int32)
+    wts = torch.rand(t, k, generator=g)
+    skip = torch.rand(t, k, generator=g) < 0.4
+    skip[0, 0], skip[-1, -1] = True, False
+    zero_wts = wts.masked_fill(skip, 0.0)
+    for kernel in ("native", "torch", "reference"):
+        ops = CpuOps(kernel)
+        want = ops.experts(x, ids, zero_wts, blocks)
+        got = ops.experts(x, ids.masked_fill(skip, -1), wts, blocks)
+        assert close(got, want, 1e-5), kernel
+        assert torch.equal(ops.experts(x, torch.full_like(ids, -1), wts, blocks), torch.zeros_like(x)), kernel
+        out = torch.full_like(x, float("nan"))
+        assert ops.experts(x, ids.masked_fill(skip, -1), wts, blocks, out=out) is out and close(out, want, 1e-5)
+        with pytest.raises((RuntimeError, ValueError)):
+            ops.experts(x, ids.masked_fill(skip, a.num_experts), wts, blocks)

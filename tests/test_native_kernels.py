@@ -112,6 +112,8 @@ def moe_reference(x, ids, wts, ref_gu, ref_dn, quantized: bool):
     for m in range(x.shape[0]):
         for j in range(ids.shape[1]):
             e = int(ids[m, j])
+            if e < 0:  # a slot the caller computes elsewhere (hybrid decode): skipped
+                continue
             mm = Ref.as_kernels if quantized else Ref.exact
             gu = mm(ref_gu[e], x[m:m + 1])[0]
             hid = (F.silu(gu[:i]) * gu[i:])[None].float()
@@ -138,6 +140,50 @@ def test_moe_matches_reference(isa, codec, threads):
         else:
             assert rel(got, moe_reference(x, ids, wts, ref_gu, ref_dn, quantized=True)) < 1e-3
             assert rel(got, exact) < 3e-2
+
+
+@pytest.mark.parametrize("codec", ["q4", "q8", "bf16"])
+@pytest.mark.parametrize("threads", [1, 3])
+def test_moe_skips_negative_ids(isa, codec, threads):
+    """-1 marks a slot a hybrid engine runs on the GPU: the result is the sum over the kept slots alone,
+    its expert is never read (a null pointer row would crash if it were), all -1 gives zeros."""
+    native.load().krs_set_threads(threads)
+    for h, i, e, k, m in [(64, 32, 8, 2, 1), (128, 96, 6, 3, 5), (192, 64, 16, 8, 3), (128, 64, 128, 8, 1)]:
+        blocks, ptrs, ref_gu, ref_dn = expert_blocks(codec, e, h, i, seed=h + i + 1)
+        g = torch.Generator().manual_seed(e + k)
+        x = torch.randn(m, h, generator=g)
+        ids = torch.stack([torch.randperm(e, generator=g)[:k] for _ in range(m)]).to(torch.int32)
+        wts = torch.rand(m, k, generator=g)
+        skip = torch.rand(m, k, generator=g) < 0.5
+        skip[0, 0], skip[-1, -1] = True, False  # at least one skipped and one kept slot
+        skipped_experts = set(ids[skip].tolist()) - set(ids[~skip].tolist())
+        ids = ids.masked_fill(skip, -1)
+        ptrs_used = ptrs.clone()
+        ptrs_used[sorted(skipped_experts)] = 0  # a skipped expert's block must not be touched
+        got = native.moe(codec, x, ids, wts, ptrs_used, h, i, e)
+        want = moe_reference(x, ids, wts, ref_gu, ref_dn, quantized=codec != "bf16")
+        assert rel(got, want) < (1e-5 if codec == "bf16" else 1e-3), (h, i, e, k, m)
+        out = torch.full((m, h), float("nan"))
+        assert native.moe(codec, x, ids, wts, ptrs_used, h, i, e, out=out) is out
+        assert torch.equal(out, got)
+        none = torch.full((m, k), -1, dtype=torch.int32)
+        assert torch.equal(native.moe(codec, x, none, wts, torch.zeros_like(ptrs), h, i, e), torch.zeros(m, h))
+
+
+def test_kernels_write_into_out():
+    """out= (the hybrid engine's pinned buffers): same values as a fresh result, the buffer returned, and a
+    buffer of the wrong shape or dtype refused before the kernel writes through its pointer."""
+    g = torch.Generator().manual_seed(5)
+    x, w = torch.randn(2, 64, generator=g), torch.randn(48, 64, generator=g)
+    out = torch.empty(2, 48)
+    assert native.linear("f32", x, 48, w, out=out) is out and torch.equal(out, native.linear("f32", x, 48, w))
+    q = torch.randn(1, 4, 16, generator=g)
+    kv = torch.randn(3, 2, 16, generator=g).to(torch.bfloat16)
+    out = torch.empty(1, 64)
+    assert native.attention(q, kv, kv, 2, out=out) is out and torch.equal(out, native.attention(q, kv, kv, 2))
+    for bad in (torch.empty(2, 47), torch.empty(2, 48, dtype=torch.float64), torch.empty(48, 2).T):
+        with pytest.raises(ValueError):
+            native.linear("f32", x, 48, w, out=bad)
 
 
 def test_moe_rejects_bad_expert_ids():

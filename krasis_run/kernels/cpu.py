@@ -205,18 +205,30 @@ class CpuOps:
         self._expert_ptrs[id(blocks)] = (blocks, table)
         return table
 
-    def experts(self, x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor, blocks) -> torch.Tensor:
-        """Routed experts from the CPU blocks: tokens grouped by expert, only selected experts are read."""
+    def experts(self, x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor, blocks,
+                out: torch.Tensor | None = None) -> torch.Tensor:
+        """Routed experts from the CPU blocks: tokens grouped by expert, only selected experts are read.
+        An id < 0 skips its slot (adds nothing, nothing is read: a hybrid engine marks the experts it runs on
+        the GPU with -1); an id >= the expert count raises. `out` (float32 [T, H] contiguous, e.g. a pinned
+        buffer) receives the result instead of a new tensor."""
         if self.native is not None:
             hidden, width = blocks.matrices["down"]
-            return self.native.moe(blocks.codec, x.float().contiguous(), topk_ids.to(torch.int32).contiguous(),
-                                   topk_weights.float().contiguous(), self._native_expert_table(blocks),
-                                   hidden, width, blocks.experts)
+            if not _f32(x):
+                x = x.float().contiguous()
+            if topk_ids.dtype != torch.int32 or not topk_ids.is_contiguous():
+                topk_ids = topk_ids.to(torch.int32).contiguous()
+            if not _f32(topk_weights):
+                topk_weights = topk_weights.float().contiguous()
+            return self.native.moe(blocks.codec, x, topk_ids, topk_weights, self._native_expert_table(blocks),
+                                   hidden, width, blocks.experts, out=out)
         t, k = topk_ids.shape
-        flat_ids = topk_ids.flatten()
-        order = torch.argsort(flat_ids, stable=True)
-        counts = torch.bincount(flat_ids, minlength=blocks.experts).tolist()
-        out = torch.zeros_like(x)
+        flat_ids = topk_ids.flatten().long()
+        if t and int(flat_ids.max()) >= blocks.experts:
+            raise ValueError(f"expert id {int(flat_ids.max())} out of range ({blocks.experts} experts)")
+        kept = (flat_ids >= 0).nonzero().flatten()
+        order = kept[torch.argsort(flat_ids[kept], stable=True)]
+        counts = torch.bincount(flat_ids[kept], minlength=blocks.experts).tolist()
+        y_all = torch.zeros_like(x) if out is None else out.zero_()
         start = 0
         for e, count in enumerate(counts):
             if not count:
@@ -227,5 +239,5 @@ class CpuOps:
             gate_up = self.matmul(x[rows], blocks.codec, "cpu_blocks", blocks.expert(e, "gate_up"))
             gate, up = split_gate_up_output(gate_up)
             y = self.matmul(F.silu(gate) * up, blocks.codec, "cpu_blocks", blocks.expert(e, "down"))
-            out.index_add_(0, rows, y * topk_weights.flatten()[slots, None])
-        return out
+            y_all.index_add_(0, rows, (y * topk_weights.flatten()[slots, None]).to(y_all.dtype))
+        return y_all

@@ -14,6 +14,8 @@ import ctypes
 import functools
 import os
 
+import torch
+
 from . import build as _build
 
 ISAS = ("scalar", "avx2", "avx512")
@@ -26,6 +28,7 @@ class NativeUnavailable(RuntimeError):
     pass
 
 
+_LOADED: list[ctypes.CDLL] = []  # load()'s library once it succeeded
 _p = ctypes.c_void_p
 _i = ctypes.c_int
 
@@ -67,6 +70,7 @@ def load() -> ctypes.CDLL:
     forced = os.environ.get(ISA_ENV)
     if forced:
         set_isa(forced, lib)
+    _LOADED.append(lib)
     return lib
 
 
@@ -111,58 +115,71 @@ def _check(rc: int, what: str) -> None:
         raise RuntimeError(f"native {what} failed (code {rc})")
 
 
-def linear(codec: str, x, n: int, w0, w1=None, w2=None, out=None):
-    """x float32 [M, K] contiguous @ W[n, K]^T; w0..w2 are the parts (q/scale/zero or w) as tensors."""
-    import torch
+def _lib() -> ctypes.CDLL:
+    # A decode step makes ~15 calls per layer; the library is looked up by attribute on each call (not
+    # bound once) so a caller may swap one function (bench_decode --glue stubs the weight-reading ones).
+    return _LOADED[0] if _LOADED else load()
 
+
+def _out(out, shape: tuple[int, ...]):
+    """A new float32 tensor of `shape`, or `out` after checking it can take the result: the kernels write
+    through its pointer, so a wrong size would be memory corruption, not an exception."""
+    if out is None:
+        return torch.empty(shape, dtype=torch.float32)
+    if out.dtype != torch.float32 or out.shape != shape or not out.is_contiguous() or out.device.type != "cpu":
+        raise ValueError(f"out must be a contiguous CPU float32 tensor of shape {list(shape)}, got "
+                         f"{out.dtype} {list(out.shape)}")
+    return out
+
+
+def linear(codec: str, x, n: int, w0, w1=None, w2=None, out=None):
+    """x float32 [M, K] contiguous @ W[n, K]^T; w0..w2 are the parts (q/scale/zero or w) as tensors. `out`
+    (float32 [M, n] contiguous, e.g. a pinned buffer) receives the result instead of a new tensor."""
     m, k = x.shape
-    y = torch.empty(m, n, dtype=torch.float32) if out is None else out
-    _check(load().krs_linear(CODECS[codec], x.data_ptr(), m, k, n, w0.data_ptr(),
+    y = _out(out, (m, n))
+    _check(_lib().krs_linear(CODECS[codec], x.data_ptr(), m, k, n, w0.data_ptr(),
                              w1.data_ptr() if w1 is not None else None,
                              w2.data_ptr() if w2 is not None else None, y.data_ptr()), "linear")
     return y
 
 
-def moe(codec: str, x, ids, weights, ptrs, hidden: int, width: int, experts: int):
-    """x float32 [M, H]; ids int32 [M, k]; weights float32 [M, k]; ptrs int64 [E, 4] (see krasis_native.c)."""
-    import torch
-
+def moe(codec: str, x, ids, weights, ptrs, hidden: int, width: int, experts: int, out=None):
+    """x float32 [M, H]; ids int32 [M, k]; weights float32 [M, k]; ptrs int64 [E, 4] (see krasis_native.c)
+    -> float32 [M, H], the routing-weighted sum of the selected experts. An id < 0 skips its slot: it adds
+    nothing and no expert is read for it (a hybrid engine passes -1 for the experts it runs on the GPU;
+    all -1 gives zeros); an id >= experts raises. `out` (float32 [M, H] contiguous, e.g. a pinned buffer)
+    receives the result instead of a new tensor."""
     m, k = ids.shape
-    out = torch.empty(m, hidden, dtype=torch.float32)
-    _check(load().krs_moe(CODECS[codec], x.data_ptr(), m, hidden, width, experts, k, ids.data_ptr(),
-                          weights.data_ptr(), ptrs.data_ptr(), out.data_ptr()), "moe")
-    return out
+    y = _out(out, (m, hidden))
+    _check(_lib().krs_moe(CODECS[codec], x.data_ptr(), m, hidden, width, experts, k, ids.data_ptr(),
+                          weights.data_ptr(), ptrs.data_ptr(), y.data_ptr()), "moe")
+    return y
 
 
-def attention(q, keys, values, start_pos: int):
-    """q float32 [T, H, D]; keys/values bf16 [S, KVH, D] contiguous, S = start_pos + T -> [T, H*D]."""
-    import torch
-
+def attention(q, keys, values, start_pos: int, out=None):
+    """q float32 [T, H, D]; keys/values bf16 [S, KVH, D] contiguous, S = start_pos + T -> [T, H*D] (into
+    `out` when given)."""
     t, nq, hd = q.shape
-    out = torch.empty(t, nq * hd, dtype=torch.float32)
-    _check(load().krs_attention(q.data_ptr(), t, nq, keys.shape[1], hd, keys.data_ptr(), values.data_ptr(),
-                                start_pos, out.data_ptr()), "attention")
-    return out
+    y = _out(out, (t, nq * hd))
+    _check(_lib().krs_attention(q.data_ptr(), t, nq, keys.shape[1], hd, keys.data_ptr(), values.data_ptr(),
+                                start_pos, y.data_ptr()), "attention")
+    return y
 
 
 def rms_norm(x, w, eps: float, out=None):
     """x float32 [T, n] contiguous, w float32 [n] contiguous -> x * rsqrt(mean(x^2) + eps) * w (out may be x)."""
-    import torch
-
     t, n = x.shape
-    y = torch.empty(t, n, dtype=torch.float32) if out is None else out
-    _check(load().krs_rms_norm(x.data_ptr(), t, n, w.data_ptr(), eps, y.data_ptr()), "rms_norm")
+    y = _out(out, (t, n))
+    _check(_lib().krs_rms_norm(x.data_ptr(), t, n, w.data_ptr(), eps, y.data_ptr()), "rms_norm")
     return y
 
 
 def norm_rope(x, w, eps: float, cos, sin, out=None):
     """x float32 [T, H, D] contiguous; w [D]; cos/sin float32 [T, D] contiguous -> per-head RMSNorm then
     rotate-half rotary, float32 [T, H, D] (out may be x)."""
-    import torch
-
     t, h, d = x.shape
-    y = torch.empty(t, h, d, dtype=torch.float32) if out is None else out
-    _check(load().krs_norm_rope(x.data_ptr(), t, h, d, w.data_ptr(), eps, cos.data_ptr(), sin.data_ptr(),
+    y = _out(out, (t, h, d))
+    _check(_lib().krs_norm_rope(x.data_ptr(), t, h, d, w.data_ptr(), eps, cos.data_ptr(), sin.data_ptr(),
                                 y.data_ptr()), "norm_rope")
     return y
 
@@ -170,12 +187,10 @@ def norm_rope(x, w, eps: float, cos, sin, out=None):
 def route(logits, k: int, renormalize: bool):
     """logits float32 [T, E] contiguous -> (ids int32 [T, k], weights float32 [T, k]): softmax, top-k, and
     optionally the k weights scaled to sum 1."""
-    import torch
-
     t, e = logits.shape
     ids = torch.empty(t, k, dtype=torch.int32)
     wts = torch.empty(t, k, dtype=torch.float32)
-    _check(load().krs_route(logits.data_ptr(), t, e, k, int(renormalize), ids.data_ptr(), wts.data_ptr()), "route")
+    _check(_lib().krs_route(logits.data_ptr(), t, e, k, int(renormalize), ids.data_ptr(), wts.data_ptr()), "route")
     return ids, wts
 
 

@@ -9,6 +9,7 @@
 #define _GNU_SOURCE
 #include <math.h>
 #include <omp.h>
+#include <pthread.h>
 #include <sched.h>
 #include <stdint.h>
 #include <stdlib.h>
@@ -64,6 +65,56 @@ static void xq_init(XQ *x, int K, void *mem) {
     p = (char *)(((uintptr_t)p + 63) & ~(uintptr_t)63);
     x->r = (int8_t *)p;
     (void)G2;
+}
+
+/* Per-thread scratch that outlives a call: decode makes ~15 kernel calls per layer, and a malloc/free
+ * of the activation buffers in each (large ones are mmap'ed and page-faulted anew every time) costs
+ * more than the small kernels themselves. Slot 0 is the calling thread's arena for one call's
+ * buffers; slot 1 is per OpenMP worker (attention scores). Thread-specific (not global) so calls
+ * from several host threads at once stay safe; freed by the key destructor when a thread exits. */
+enum { SCRATCH_CALL = 0, SCRATCH_WORKER = 1, SCRATCH_SLOTS = 2 };
+typedef struct {
+    void *p;
+    size_t cap;
+} Scratch;
+static pthread_key_t g_scratch_key;
+static pthread_once_t g_scratch_once = PTHREAD_ONCE_INIT;
+
+static void scratch_release(void *v) {
+    Scratch *s = (Scratch *)v;
+    for (int i = 0; i < SCRATCH_SLOTS; i++) free(s[i].p);
+    free(s);
+}
+
+static void scratch_key_init(void) { pthread_key_create(&g_scratch_key, scratch_release); }
+
+/* at least `bytes` of 64-byte aligned memory, valid until the next scratch() of this slot on this thread */
+static void *scratch(int slot, size_t bytes) {
+    pthread_once(&g_scratch_once, scratch_key_init);
+    Scratch *s = (Scratch *)pthread_getspecific(g_scratch_key);
+    if (!s) {
+        s = (Scratch *)calloc(SCRATCH_SLOTS, sizeof(Scratch));
+        if (!s || pthread_setspecific(g_scratch_key, s)) { free(s); return NULL; }
+    }
+    if (s[slot].cap < bytes) {
+        size_t cap = (bytes + bytes / 4 + 4095) / 4096 * 4096; /* some headroom: KV length grows per token */
+        free(s[slot].p);
+        s[slot].p = aligned_alloc(64, cap);
+        s[slot].cap = s[slot].p ? cap : 0;
+    }
+    return s[slot].p;
+}
+
+/* Carves one call's buffers out of a scratch block: a first pass with base NULL sums the sizes. */
+typedef struct {
+    char *base;
+    size_t off;
+} Carve;
+
+static void *carve(Carve *c, size_t bytes) {
+    size_t at = (c->off + 63) / 64 * 64;
+    c->off = at + bytes;
+    return c->base ? c->base + at : NULL;
 }
 
 /* quantize x[0..n) (n <= 32) into group g of xq */
@@ -272,19 +323,24 @@ int krs_linear(int codec, const float *x, int M, int K, int N, const void *w0, c
     if (codec == CODEC_Q4 && K % 32) return -1;
     const Kernels *kn = &KERNELS[g_isa];
     const int quant = codec == CODEC_Q8 || codec == CODEC_Q4;
-    size_t xb = (xq_bytes(K) + 63) / 64 * 64;
-    char *mem = NULL;
+    const int nt = g_threads;
     XQ *xq = NULL;
     if (quant) {
-        mem = aligned_alloc(64, xb * M);
-        xq = (XQ *)malloc(sizeof(XQ) * M);
-        if (!mem || !xq) { free(mem); free(xq); return -2; }
+        size_t xb = (xq_bytes(K) + 63) / 64 * 64;
+        Carve c = {NULL, 0};
+        carve(&c, sizeof(XQ) * (size_t)M);
+        carve(&c, xb * (size_t)M);
+        if (!(c.base = scratch(SCRATCH_CALL, c.off))) return -2;
+        c.off = 0;
+        xq = (XQ *)carve(&c, sizeof(XQ) * (size_t)M);
+        char *mem = (char *)carve(&c, xb * (size_t)M);
+        /* one decode row quantizes in ~1 us: threads only pay off for prefill batches */
+#pragma omp parallel for schedule(static) num_threads(nt) if (M > 8)
         for (int m = 0; m < M; m++) {
             xq_init(&xq[m], K, mem + xb * m);
             xq_quantize(&xq[m], x + (size_t)m * K, codec == CODEC_Q4);
         }
     }
-    int nt = g_threads;
     int chunk = (N + nt * 4 - 1) / (nt * 4);
     chunk = (chunk + 7) / 8 * 8;
     if (chunk < 8) chunk = 8;
@@ -299,17 +355,17 @@ int krs_linear(int codec, const float *x, int M, int K, int N, const void *w0, c
             memcpy(y + (size_t)m * N + r0, tmp, sizeof(float) * (r1 - r0));
         }
     }
-    free(mem);
-    free(xq);
     return 0;
 }
 
 /* Routed experts of one MoE layer. x [M, H]; ids/wts [M, topk]; ptrs [E, 4] = per expert the
  * addresses of gate_up q (or w), gate_up scale_zero (q4) / scale (q8), down q (or w), down
  * scale_zero / scale, all in the artifact's CPU-block layout. out [M, H] = sum over the selected
- * experts of wts * down(silu(gate) * up). Phase 1: (expert, 64-row block of gate_up) items, each
- * producing 32 outputs of h = one activation group, quantized right there; phase 2: 64-row blocks
- * of down, each thread summing every selected expert into the rows it owns. */
+ * experts of wts * down(silu(gate) * up). A negative id skips its slot (it adds nothing and no
+ * expert block is read for it: a hybrid engine marks the experts it computes elsewhere with -1);
+ * an id >= E is an error (-3). Phase 1: (expert, 64-row block of gate_up) items, each producing
+ * 32 outputs of h = one activation group, quantized right there; phase 2: 64-row blocks of down,
+ * each thread summing every selected expert into the rows it owns. */
 int krs_moe(int codec, const float *x, int M, int H, int I, int E, int topk, const int32_t *ids, const float *wts,
             const int64_t *ptrs, float *out) {
     init();
@@ -317,37 +373,55 @@ int krs_moe(int codec, const float *x, int M, int H, int I, int E, int topk, con
     const Kernels *kn = &KERNELS[g_isa];
     const int quant = codec == CODEC_Q8 || codec == CODEC_Q4;
     const int S = M * topk;
-    /* group slots by expert (counting sort) */
-    int *count = calloc((size_t)E + 1, sizeof(int)), *order = malloc(sizeof(int) * (size_t)S);
-    int *uniq = malloc(sizeof(int) * (size_t)S), *ustart = malloc(sizeof(int) * ((size_t)S + 1));
+    for (int s = 0; s < S; s++)
+        if (ids[s] >= E) return -3;
     size_t xbH = (xq_bytes(H) + 63) / 64 * 64, xbI = (xq_bytes(I) + 63) / 64 * 64;
-    char *xmem = quant ? aligned_alloc(64, xbH * M) : NULL;
-    char *hmem = quant ? aligned_alloc(64, xbI * S) : NULL;
-    float *hf = quant ? NULL : malloc(sizeof(float) * (size_t)S * I);
-    XQ *xq = malloc(sizeof(XQ) * (size_t)M), *hq = malloc(sizeof(XQ) * (size_t)S);
-    if (!count || !order || !uniq || !ustart || (quant && (!xmem || !hmem)) || (!quant && !hf) || !xq || !hq) {
-        free(count); free(order); free(uniq); free(ustart); free(xmem); free(hmem); free(hf); free(xq); free(hq);
-        return -2;
-    }
-    for (int s = 0; s < S; s++) {
-        if (ids[s] < 0 || ids[s] >= E) {
-            free(count); free(order); free(uniq); free(ustart); free(xmem); free(hmem); free(hf); free(xq); free(hq);
-            return -3;
+    int *count = NULL, *order = NULL, *uniq = NULL, *ustart = NULL;
+    XQ *xq = NULL, *hq = NULL;
+    char *xmem = NULL, *hmem = NULL;
+    float *hf = NULL;
+    Carve cv = {NULL, 0};
+    for (int pass = 0; pass < 2; pass++) { /* pass 0 sizes the block, pass 1 hands out its pieces */
+        count = (int *)carve(&cv, sizeof(int) * ((size_t)E + 1));
+        order = (int *)carve(&cv, sizeof(int) * ((size_t)S + 1));
+        uniq = (int *)carve(&cv, sizeof(int) * ((size_t)S + 1));
+        ustart = (int *)carve(&cv, sizeof(int) * ((size_t)S + 1));
+        xq = (XQ *)carve(&cv, sizeof(XQ) * ((size_t)M + 1));
+        hq = (XQ *)carve(&cv, sizeof(XQ) * ((size_t)S + 1));
+        if (quant) {
+            xmem = (char *)carve(&cv, xbH * M);
+            hmem = (char *)carve(&cv, xbI * S);
+        } else {
+            hf = (float *)carve(&cv, sizeof(float) * (size_t)S * I);
         }
-        count[ids[s] + 1]++;
+        if (pass == 0) {
+            if (!(cv.base = scratch(SCRATCH_CALL, cv.off))) return -2;
+            cv.off = 0;
+        }
     }
+    /* group the kept slots by expert (counting sort) */
+    memset(count, 0, sizeof(int) * ((size_t)E + 1));
+    for (int s = 0; s < S; s++)
+        if (ids[s] >= 0) count[ids[s] + 1]++;
     for (int e = 0; e < E; e++) count[e + 1] += count[e];
+    const int kept = count[E];
     int nu = 0;
     for (int e = 0; e < E; e++)
         if (count[e + 1] > count[e]) { uniq[nu] = e; ustart[nu] = count[e]; nu++; }
-    ustart[nu] = S;
-    for (int s = 0; s < S; s++) order[count[ids[s]]++] = s;
+    ustart[nu] = kept;
+    for (int s = 0; s < S; s++)
+        if (ids[s] >= 0) order[count[ids[s]]++] = s;
+    if (!kept) {
+        memset(out, 0, sizeof(float) * (size_t)M * H);
+        return 0;
+    }
     if (quant) {
+#pragma omp parallel for schedule(static) num_threads(g_threads) if (M > 8)
         for (int m = 0; m < M; m++) {
             xq_init(&xq[m], H, xmem + xbH * m);
             xq_quantize(&xq[m], x + (size_t)m * H, 0);
         }
-        for (int s = 0; s < S; s++) xq_init(&hq[s], I, hmem + xbI * s);
+        for (int j = 0; j < kept; j++) xq_init(&hq[order[j]], I, hmem + xbI * order[j]);
     }
     const int nb1 = I / 32;            /* 64-row blocks of gate_up: 32 gate + 32 up rows */
     const int nb2 = (H + 63) / 64;     /* 64-row blocks of down */
@@ -373,11 +447,9 @@ int krs_moe(int codec, const float *x, int M, int H, int I, int E, int topk, con
                 else memcpy(hf + (size_t)s * I + 32 * c, h32, sizeof(h32));
             }
         }
-        if (quant) {
-#pragma omp for schedule(static)
-            for (int s = 0; s < S; s++) xq_finish(&hq[s], 0);
-        }
-#pragma omp for schedule(static)
+        /* no xq_finish for h: its permuted scales and reordered values feed only the q4 rows kernel,
+         * which experts never use; a barrier less per layer (each costs a few us at 16 threads) */
+#pragma omp for schedule(static) nowait
         for (int b = 0; b < nb2; b++) {
             int r0 = 64 * b, r1 = r0 + 64 < H ? r0 + 64 : H;
             for (int m = 0; m < M; m++) memset(out + (size_t)m * H + r0, 0, sizeof(float) * (r1 - r0));
@@ -398,7 +470,6 @@ int krs_moe(int codec, const float *x, int M, int H, int I, int E, int topk, con
             }
         }
     }
-    free(count); free(order); free(uniq); free(ustart); free(xmem); free(hmem); free(hf); free(xq); free(hq);
     return 0;
 }
 
@@ -415,7 +486,7 @@ int krs_attention(const float *q, int T, int nq, int nkv, int hd, const uint16_t
     int fail = 0;
 #pragma omp parallel num_threads(nt) if (items > 1 && (size_t)S * hd * items > 65536) reduction(| : fail)
     {
-        float *sc = malloc(sizeof(float) * (size_t)S);
+        float *sc = (float *)scratch(SCRATCH_WORKER, sizeof(float) * (size_t)S);
         if (!sc) fail = 1;
 #pragma omp for schedule(static)
         for (int it = 0; it < items; it++) {
@@ -424,7 +495,6 @@ int krs_attention(const float *q, int T, int nq, int nkv, int hd, const uint16_t
             kn->attn(q + ((size_t)t * nq + h) * hd, kc + (size_t)kvh * hd, vc + (size_t)kvh * hd, start + t + 1,
                      nkv * hd, hd, scale, sc, out + ((size_t)t * nq + h) * hd);
         }
-        free(sc);
     }
     return fail ? -2 : 0;
 }
