@@ -48,8 +48,9 @@ def _kernel():
 
 
 def fused_norm_rope(x: torch.Tensor, weight: torch.Tensor, eps: float, cos: torch.Tensor,
-                    sin: torch.Tensor) -> torch.Tensor | None:
-    """bf16 [T, heads, head_dim] from a CUDA x; None where the kernel can't run (no Triton, odd head_dim, CPU)."""
+                    sin: torch.Tensor, use_triton: bool | None = None) -> torch.Tensor | None:
+    """bf16 [T, heads, head_dim] from a CUDA x; None where the kernel can't run (no Triton, odd head_dim, CPU).
+    use_triton=True runs it on any tensors (CPU ones under TRITON_INTERPRET=1, as the tests do)."""
     dim = x.shape[-1]
-    kernel = _kernel() if x.is_cuda and dim & (dim - 1) == 0 else None
+    kernel = _kernel() if (x.is_cuda if use_triton is None else use_triton) and dim & (dim - 1) == 0 else None
     return None if kernel is None else kernel(x, weight, eps, cos, sin)

@@ -1,0 +1,402 @@
+"""GPU decode kernels (one token, or a few, at a time): routed experts straight from the packed tiles, and
+split-K attention over the KV cache. Each has a torch reference with the same signature, used off CUDA,
+without Triton, and by the tests.
+
+The engine captures a whole decode step in a CUDA graph, so everything here is capturable: launch grids
+and output shapes come from tensor shapes only, never from tensor values, and nothing syncs with the host
+(no .item(), no boolean indexing). Data-dependent work (which experts, how many cached positions) is
+decided inside the kernels, from device tensors, by masks and loop bounds.
+
+Expert tiles are the artifact's GPU "rows" layout (formats/KRS.md §5) stacked over the resident slots S:
+  q4:   q uint8 [S, N, K/2] (byte j: column 2j low nibble, 2j+1 high), scale/zero bf16 [S, N, K/32]
+  q8:   q int8 [S, N, K], scale bf16 [S, N]
+  bf16: w bf16 [S, N, K]
+with gate_up [S, 2I, H] (the I gate rows, then the I up rows) and down [S, H, I].
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+
+import torch
+import torch.nn.functional as F
+
+from ..codecs import dequant_parts
+
+# Tile sizes (tuned for H100/H200 by scripts/bench_decode_kernels.py; tests shrink them to cover the masks).
+MOE_BLOCK_N = 16  # output rows per program: 30B-A3B gate_up at M=1 -> 8 experts x 48 = 384 programs
+GATE_UP_BLOCK_K = 512  # input columns per loop step (q4: 256 bytes of each of 32 rows in flight)
+DOWN_BLOCK_N = 16
+DOWN_BLOCK_K = 128  # down loads all k experts' rows at once: [k, 16, 64] bytes per step for q4
+ATTN_BLOCK = 64  # cached positions per loop step
+ATTN_PROGRAMS = 256  # target programs for the split kernel: KVH x splits
+
+
+def next_pow2(n: int) -> int:
+    return 1 << max(0, (n - 1).bit_length())
+
+
+def _block(n: int, cap: int) -> int:
+    """A power-of-two tile no larger than needed for n (tl.arange sizes must be powers of two)."""
+    return min(cap, next_pow2(n))
+
+
+# ---------------------------------------------------------------- Triton kernels (built on first use)
+
+
+@functools.cache
+def _kernels():
+    """The jitted kernels, or None without Triton. Defined lazily so TRITON_INTERPRET is read at first use."""
+    try:
+        import triton
+        import triton.language as tl
+    except ImportError:
+        return None
+
+    @triton.jit
+    def _q4_tile(q_ptr, s_ptr, z_ptr, qrow, srow, bcols, mask, xe, xo):
+        # q4 "rows" codec (KRS.md §5): w = (q - 8) * scale + zero, one scale/zero per 32 columns.
+        # qrow/srow: element offsets of each row's bytes / groups; bcols: byte columns; xe/xo: the inputs of
+        # the even / odd columns, broadcastable to the tile. 16 bytes = 32 columns share one scale and zero.
+        b = tl.load(q_ptr + qrow + bcols, mask=mask, other=0).to(tl.int32)
+        s = tl.load(s_ptr + srow + bcols // 16, mask=mask, other=0.0).to(tl.float32)
+        z = tl.load(z_ptr + srow + bcols // 16, mask=mask, other=0.0).to(tl.float32)
+        lo = ((b & 15) - 8).to(tl.float32) * s + z
+        hi = ((b >> 4) - 8).to(tl.float32) * s + z
+        return lo * xe + hi * xo
+
+    @triton.jit
+    def gate_up_q4_kernel(x_ptr, ids_ptr, slot_ptr, q_ptr, s_ptr, z_ptr, act_ptr, TOPK, INTER, H, q_slot, s_slot,
+                          BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+        # one (token, chosen expert) pair x BLOCK_N outputs: gate and up rows together, act = silu(gate) * up
+        pair = tl.program_id(0)
+        m = pair // TOPK
+        rows = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+        slot = tl.load(slot_ptr + tl.load(ids_ptr + pair))
+        # a non-resident expert (slot -1) loads nothing (no rows pass the mask) and writes zeros; folded into the
+        # bound because the interpreter mistypes block & scalar-bool as int32
+        rmask = rows < tl.where(slot >= 0, INTER, 0)
+        slot = tl.maximum(slot, 0).to(tl.int64)
+        hb, ng = H // 2, H // 32
+        g_q = slot * q_slot + rows[:, None].to(tl.int64) * hb
+        u_q = g_q + INTER * hb
+        g_s = slot * s_slot + rows[:, None].to(tl.int64) * ng
+        u_s = g_s + INTER * ng
+        acc_g = tl.zeros([BLOCK_N, BLOCK_K // 2], dtype=tl.float32)
+        acc_u = tl.zeros([BLOCK_N, BLOCK_K // 2], dtype=tl.float32)
+        for k0 in range(0, hb, BLOCK_K // 2):
+            bcols = k0 + tl.arange(0, BLOCK_K // 2)
+            bmask = bcols < hb
+            xe = tl.load(x_ptr + m * H + 2 * bcols, mask=bmask, other=0.0)[None, :]
+            xo = tl.load(x_ptr + m * H + 2 * bcols + 1, mask=bmask, other=0.0)[None, :]
+            mask = rmask[:, None] & bmask[None, :]
+            acc_g += _q4_tile(q_ptr, s_ptr, z_ptr, g_q, g_s, bcols[None, :], mask, xe, xo)
+            acc_u += _q4_tile(q_ptr, s_ptr, z_ptr, u_q, u_s, bcols[None, :], mask, xe, xo)
+        g = tl.sum(acc_g, 1)
+        u = tl.sum(acc_u, 1)
+        act = g / (1.0 + tl.exp(-g)) * u
+        tl.store(act_ptr + pair * INTER + rows, act, mask=rows < INTER)
+
+    @triton.jit
+    def gate_up_dense_kernel(x_ptr, ids_ptr, slot_ptr, q_ptr, s_ptr, act_ptr, TOPK, INTER, H, q_slot,
+                             HAS_SCALE: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+        # q8 (int8 rows, one scale per row) or bf16 (HAS_SCALE=False), same grid as the q4 kernel
+        pair = tl.program_id(0)
+        m = pair // TOPK
+        rows = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+        slot = tl.load(slot_ptr + tl.load(ids_ptr + pair))
+        rmask = rows < tl.where(slot >= 0, INTER, 0)
+        slot = tl.maximum(slot, 0).to(tl.int64)
+        g_q = slot * q_slot + rows[:, None].to(tl.int64) * H
+        u_q = g_q + INTER * H
+        acc_g = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
+        acc_u = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
+        for k0 in range(0, H, BLOCK_K):
+            cols = k0 + tl.arange(0, BLOCK_K)
+            cmask = cols < H
+            x = tl.load(x_ptr + m * H + cols, mask=cmask, other=0.0)[None, :]
+            mask = rmask[:, None] & cmask[None, :]
+            acc_g += tl.load(q_ptr + g_q + cols[None, :], mask=mask, other=0).to(tl.float32) * x
+            acc_u += tl.load(q_ptr + u_q + cols[None, :], mask=mask, other=0).to(tl.float32) * x
+        g = tl.sum(acc_g, 1)
+        u = tl.sum(acc_u, 1)
+        if HAS_SCALE:
+            srow = slot * (2 * INTER) + rows
+            g *= tl.load(s_ptr + srow, mask=rmask, other=0.0).to(tl.float32)
+            u *= tl.load(s_ptr + srow + INTER, mask=rmask, other=0.0).to(tl.float32)
+        act = g / (1.0 + tl.exp(-g)) * u
+        tl.store(act_ptr + pair * INTER + rows, act, mask=rows < INTER)
+
+    @triton.jit
+    def _expert_slots(ids_ptr, w_ptr, slot_ptr, m, TOPK, KP: tl.constexpr):
+        # the k experts of token m: clamped slots, residency, and routing weights (0 where not resident)
+        j = tl.arange(0, KP)
+        jmask = j < TOPK
+        e = tl.load(ids_ptr + m * TOPK + j, mask=jmask, other=0)
+        slot = tl.load(slot_ptr + e, mask=jmask, other=-1)
+        resident = jmask & (slot >= 0)
+        w = tl.load(w_ptr + m * TOPK + j, mask=jmask, other=0.0)
+        return j, jmask, tl.maximum(slot, 0).to(tl.int64), resident, tl.where(resident, w, 0.0)
+
+    @triton.jit
+    def down_q4_kernel(act_ptr, ids_ptr, w_ptr, slot_ptr, q_ptr, s_ptr, z_ptr, out_ptr, TOPK, INTER, H, q_slot,
+                       s_slot, KP: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+        # one token x BLOCK_N output rows; the rows of all k experts load together (more bytes in flight)
+        m = tl.program_id(0)
+        j, jmask, slot, resident, w = _expert_slots(ids_ptr, w_ptr, slot_ptr, m, TOPK, KP)
+        rows = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+        rmask = rows < H
+        ib, ng = INTER // 2, INTER // 32
+        qrow = (slot * q_slot)[:, None, None] + rows[None, :, None].to(tl.int64) * ib
+        srow = (slot * s_slot)[:, None, None] + rows[None, :, None].to(tl.int64) * ng
+        tmask = resident[:, None] & rmask[None, :]
+        arow = (m * TOPK + j)[:, None] * INTER
+        acc = tl.zeros([KP, BLOCK_N], dtype=tl.float32)
+        for k0 in range(0, ib, BLOCK_K // 2):
+            bcols = k0 + tl.arange(0, BLOCK_K // 2)
+            bmask = bcols < ib
+            amask = jmask[:, None] & bmask[None, :]
+            ae = tl.load(act_ptr + arow + 2 * bcols[None, :], mask=amask, other=0.0)[:, None, :]
+            ao = tl.load(act_ptr + arow + 2 * bcols[None, :] + 1, mask=amask, other=0.0)[:, None, :]
+            mask = tmask[:, :, None] & bmask[None, None, :]
+            acc += tl.sum(_q4_tile(q_ptr, s_ptr, z_ptr, qrow, srow, bcols[None, None, :], mask, ae, ao), 2)
+        tl.store(out_ptr + m * H + rows, tl.sum(acc * w[:, None], 0), mask=rmask)
+
+    @triton.jit
+    def down_dense_kernel(act_ptr, ids_ptr, w_ptr, slot_ptr, q_ptr, s_ptr, out_ptr, TOPK, INTER, H, q_slot,
+                          HAS_SCALE: tl.constexpr, KP: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+        m = tl.program_id(0)
+        j, jmask, slot, resident, w = _expert_slots(ids_ptr, w_ptr, slot_ptr, m, TOPK, KP)
+        rows = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+        rmask = rows < H
+        qrow = (slot * q_slot)[:, None, None] + rows[None, :, None].to(tl.int64) * INTER
+        tmask = resident[:, None] & rmask[None, :]
+        arow = (m * TOPK + j)[:, None] * INTER
+        acc = tl.zeros([KP, BLOCK_N], dtype=tl.float32)
+        for k0 in range(0, INTER, BLOCK_K):
+            cols = k0 + tl.arange(0, BLOCK_K)
+            cmask = cols < INTER
+            a = tl.load(act_ptr + arow + cols[None, :], mask=jmask[:, None] & cmask[None, :], other=0.0)
+            mask = tmask[:, :, None] & cmask[None, None, :]
+            q = tl.load(q_ptr + qrow + cols[None, None, :], mask=mask, other=0).to(tl.float32)
+            acc += tl.sum(q * a[:, None, :], 2)
+        if HAS_SCALE:
+            acc *= tl.load(s_ptr + (slot * H)[:, None] + rows[None, :], mask=tmask, other=0.0).to(tl.float32)
+        tl.store(out_ptr + m * H + rows, tl.sum(acc * w[:, None], 0), mask=rmask)
+
+    @triton.jit
+    def _split_bounds(len_ptr, NSPLIT, BLOCK: tl.constexpr):
+        # every split covers the same whole number of blocks, sized from the device-side length
+        length = tl.load(len_ptr)
+        per = tl.cdiv(tl.cdiv(length, NSPLIT), BLOCK) * BLOCK
+        return length, per
+
+    @triton.jit
+    def attn_split_kernel(q_ptr, k_ptr, v_ptr, len_ptr, o_ptr, ml_ptr, qk_scale, kv_pos, kv_head, G, NSPLIT,
+                          D: tl.constexpr, GP: tl.constexpr, BLOCK: tl.constexpr):
+        # one kv head x one split of the cached positions, all G query heads of that kv head at once so K and V
+        # are read once; online softmax in base 2; writes unnormalised partials (acc, max, sum) per query head
+        kvh = tl.program_id(0)
+        split = tl.program_id(1)
+        length, per = _split_bounds(len_ptr, NSPLIT, BLOCK)
+        lo = split * per
+        hi = tl.minimum(lo + per, length)
+        g = tl.arange(0, GP)
+        heads = kvh * G + g
+        d = tl.arange(0, D)
+        q = tl.load(q_ptr + heads[:, None] * D + d[None, :], mask=(g < G)[:, None], other=0.0).to(tl.float32)
+        q = q * qk_scale
+        m_i = tl.full([GP], float("-inf"), dtype=tl.float32)
+        l_i = tl.zeros([GP], dtype=tl.float32)
+        acc = tl.zeros([GP, D], dtype=tl.float32)
+        for start in range(lo, hi, BLOCK):
+            pos = start + tl.arange(0, BLOCK)
+            pmask = pos < hi
+            off = pos[:, None].to(tl.int64) * kv_pos + kvh * kv_head + d[None, :]
+            k = tl.load(k_ptr + off, mask=pmask[:, None], other=0.0).to(tl.float32)
+            v = tl.load(v_ptr + off, mask=pmask[:, None], other=0.0).to(tl.float32)
+            s = tl.dot(q, tl.trans(k), input_precision="tf32")
+            s = tl.where(pmask[None, :], s, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(s, 1))
+            alpha = tl.exp2(m_i - m_new)
+            p = tl.exp2(s - m_new[:, None])
+            l_i = l_i * alpha + tl.sum(p, 1)
+            acc = acc * alpha[:, None] + tl.dot(p, v, input_precision="tf32")
+            m_i = m_new
+        keep = g < tl.where(lo < length, G, 0)  # splits past the end write nothing; the combine skips them
+        part = heads * NSPLIT + split
+        tl.store(o_ptr + part[:, None] * D + d[None, :], acc, mask=keep[:, None])
+        tl.store(ml_ptr + part * 2, m_i, mask=keep)
+        tl.store(ml_ptr + part * 2 + 1, l_i, mask=keep)
+
+    @triton.jit
+    def attn_combine_kernel(o_ptr, ml_ptr, len_ptr, out_ptr, NSPLIT, D: tl.constexpr, SP: tl.constexpr,
+                            BLOCK: tl.constexpr):
+        h = tl.program_id(0)
+        length, per = _split_bounds(len_ptr, NSPLIT, BLOCK)
+        s = tl.arange(0, SP)
+        smask = s < tl.cdiv(length, per)  # split 0 always holds position 0, so the max below is finite
+        part = h * NSPLIT + s
+        m = tl.load(ml_ptr + part * 2, mask=smask, other=float("-inf"))
+        lsum = tl.load(ml_ptr + part * 2 + 1, mask=smask, other=0.0)
+        w = tl.where(smask, tl.exp2(m - tl.max(m, 0)), 0.0)
+        d = tl.arange(0, D)
+        o = tl.load(o_ptr + part[:, None] * D + d[None, :], mask=smask[:, None], other=0.0)
+        tl.store(out_ptr + h * D + d, tl.sum(o * w[:, None], 0) / tl.sum(w * lsum, 0))
+
+    # The interpreter re-executes a kernel's source in its module's globals, without the closure, so the kernels
+    # find their @triton.jit helpers there (the compiler looks in both).
+    globals().update(_q4_tile=_q4_tile, _expert_slots=_expert_slots, _split_bounds=_split_bounds)
+    return {
+        "cdiv": triton.cdiv,
+        "gate_up_q4": gate_up_q4_kernel,
+        "gate_up_dense": gate_up_dense_kernel,
+        "down_q4": down_q4_kernel,
+        "down_dense": down_dense_kernel,
+        "attn_split": attn_split_kernel,
+        "attn_combine": attn_combine_kernel,
+    }
+
+
+def _triton_ok(t: torch.Tensor, use_triton: bool | None) -> bool:
+    return (t.is_cuda if use_triton is None else use_triton) and _kernels() is not None
+
+
+# ---------------------------------------------------------------- routed experts
+
+
+def _stacked_shape(codec: str, parts: dict[str, torch.Tensor]) -> tuple[int, int, int]:
+    """(slots, rows N, input columns K) of stacked parts."""
+    if codec == "q4":
+        s, n, kb = parts["q"].shape
+        return s, n, 2 * kb
+    return tuple((parts["w"] if codec == "bf16" else parts["q"]).shape)
+
+
+def moe_decode_torch(x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor,
+                     slot_of_expert: torch.Tensor, codec: str, gate_up: dict[str, torch.Tensor],
+                     down: dict[str, torch.Tensor], out: torch.Tensor | None = None) -> torch.Tensor:
+    """Reference: dequantize only the chosen experts' tiles (float32), mask non-resident ones. float32 [M, H]."""
+    m, h = x.shape
+    slots = slot_of_expert.long()[topk_ids.long()]  # [M, k]
+    resident = slots >= 0
+    y = torch.zeros(m, h, dtype=torch.float32, device=x.device)
+    if _stacked_shape(codec, gate_up)[0] > 0:  # a shape, not a value: no sync
+        idx = slots.clamp(min=0)
+        w1 = dequant_parts(codec, "rows", {name: t[idx] for name, t in gate_up.items()})  # [M, k, 2I, H]
+        gu = torch.einsum("mjnh,mh->mjn", w1, x.float())
+        gate, up = gu.chunk(2, dim=-1)
+        act = F.silu(gate) * up
+        w2 = dequant_parts(codec, "rows", {name: t[idx] for name, t in down.items()})  # [M, k, H, I]
+        per_expert = torch.einsum("mjhi,mji->mjh", w2, act)
+        weights = torch.where(resident, topk_weights.float(), 0.0)
+        y = torch.where(resident[..., None], per_expert * weights[..., None], 0.0).sum(1)
+    if out is None:
+        return y
+    return out.copy_(y)
+
+
+def moe_decode(x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor, slot_of_expert: torch.Tensor,
+               codec: str, gate_up: dict[str, torch.Tensor], down: dict[str, torch.Tensor],
+               out: torch.Tensor | None = None, *, use_triton: bool | None = None) -> torch.Tensor:
+    """sum_j w[m,j] * down_e(silu(gate_e(x[m])) * up_e(x[m])) over the resident chosen experts: float32 [M, H].
+
+    Triton (CUDA tensors, or use_triton=True under TRITON_INTERPRET) reads the packed tiles directly: one kernel
+    for gate/up + silu into act [M, k, I], one for down and the weighted sum over the k experts.
+    """
+    if not _triton_ok(x, use_triton) or _stacked_shape(codec, gate_up)[0] == 0:
+        return moe_decode_torch(x, topk_ids, topk_weights, slot_of_expert, codec, gate_up, down, out)
+    kern = _kernels()
+    m, h = x.shape
+    topk = topk_ids.shape[1]
+    inter = _stacked_shape(codec, down)[2]
+    x = x.float().contiguous()
+    ids = topk_ids.contiguous()
+    weights = topk_weights.float().contiguous()
+    slot_of = slot_of_expert.contiguous()
+    act = torch.empty(m, topk, inter, dtype=torch.float32, device=x.device)
+    y = out if out is not None else torch.empty(m, h, dtype=torch.float32, device=x.device)
+    gu = {name: t.contiguous() for name, t in gate_up.items()}
+    dn = {name: t.contiguous() for name, t in down.items()}
+    grid_a = (m * topk, kern["cdiv"](inter, MOE_BLOCK_N))
+    grid_b = (m, kern["cdiv"](h, DOWN_BLOCK_N))
+    kp = next_pow2(topk)
+    if codec == "q4":
+        bk_a, bk_b = _block(h, GATE_UP_BLOCK_K), _block(inter, DOWN_BLOCK_K)
+        kern["gate_up_q4"][grid_a](x, ids, slot_of, gu["q"], gu["scale"], gu["zero"], act, topk, inter, h,
+                                   gu["q"].stride(0), gu["scale"].stride(0), BLOCK_N=MOE_BLOCK_N, BLOCK_K=bk_a)
+        kern["down_q4"][grid_b](act, ids, weights, slot_of, dn["q"], dn["scale"], dn["zero"], y, topk, inter, h,
+                                dn["q"].stride(0), dn["scale"].stride(0), KP=kp, BLOCK_N=DOWN_BLOCK_N, BLOCK_K=bk_b)
+        return y
+    key = "w" if codec == "bf16" else "q"
+    has_scale = codec == "q8"
+    bk_a, bk_b = _block(h, GATE_UP_BLOCK_K // 2), _block(inter, DOWN_BLOCK_K // 2)  # 1-2 bytes/weight, not 1/2
+    kern["gate_up_dense"][grid_a](x, ids, slot_of, gu[key], gu.get("scale", gu[key]), act, topk, inter, h,
+                                  gu[key].stride(0), HAS_SCALE=has_scale, BLOCK_N=MOE_BLOCK_N, BLOCK_K=bk_a)
+    kern["down_dense"][grid_b](act, ids, weights, slot_of, dn[key], dn.get("scale", dn[key]), y, topk, inter, h,
+                               dn[key].stride(0), HAS_SCALE=has_scale, KP=kp, BLOCK_N=DOWN_BLOCK_N, BLOCK_K=bk_b)
+    return y
+
+
+# ---------------------------------------------------------------- attention
+
+
+def decode_attention_torch(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, length: torch.Tensor,
+                           out: torch.Tensor | None = None) -> torch.Tensor:
+    """Reference: q [H, D], caches [capacity, KVH, D], length int [1] on the device -> float32 [H*D]."""
+    heads, dim = q.shape
+    capacity, kv_heads, _ = k_cache.shape
+    group = heads // kv_heads
+    valid = torch.arange(capacity, device=q.device) < length.to(q.device)  # mask by a device tensor: no sync
+    k = k_cache.float().repeat_interleave(group, dim=1)  # [capacity, H, D]
+    v = torch.where(valid[:, None, None], v_cache.float(), 0.0).repeat_interleave(group, dim=1)  # 0 * stale nan
+    scores = torch.einsum("hd,chd->hc", q.float(), k) / math.sqrt(dim)
+    probs = torch.softmax(scores.masked_fill(~valid[None, :], float("-inf")), dim=-1)
+    o = torch.einsum("hc,chd->hd", probs, v).reshape(heads * dim)
+    return o if out is None else out.copy_(o)
+
+
+def attention_splits(capacity: int, kv_heads: int) -> int:
+    """Splits of the cache per kv head: about ATTN_PROGRAMS programs in all, never more than blocks in capacity."""
+    return max(1, min(-(-capacity // ATTN_BLOCK), ATTN_PROGRAMS // kv_heads))
+
+
+def attention_workspace(heads: int, dim: int, capacity: int, kv_heads: int,
+                        device: torch.device | str) -> tuple[torch.Tensor, torch.Tensor]:
+    """The split kernel's partials: (acc [H, splits, D], (max, sum) [H, splits, 2]), float32, never zeroed."""
+    nsplit = attention_splits(capacity, kv_heads)
+    return (torch.empty(heads, nsplit, dim, dtype=torch.float32, device=device),
+            torch.empty(heads, nsplit, 2, dtype=torch.float32, device=device))
+
+
+def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, length: torch.Tensor,
+                     out: torch.Tensor | None = None, *, workspace: tuple[torch.Tensor, torch.Tensor] | None = None,
+                     use_triton: bool | None = None) -> torch.Tensor:
+    """Attention of one query token over cached positions < length (scale 1/sqrt(D), fp32 softmax): float32 [H*D].
+
+    q [H, D] float32 or bf16; k_cache/v_cache bf16 [capacity, KVH, D] (query head h reads kv head h // (H/KVH));
+    length int32 [1] on the device. Split-K: the grid (KVH, splits) depends on capacity only; each split covers
+    cdiv(length, splits) positions rounded up to whole blocks, so all splits work at any length, and the splits
+    past the end do nothing. A combine kernel then merges the partials of each query head. `workspace`
+    (attention_workspace) lets a caller allocate the partials once; D must be a power of two for Triton.
+    """
+    dim = q.shape[1]
+    if not _triton_ok(q, use_triton) or dim & (dim - 1):
+        return decode_attention_torch(q, k_cache, v_cache, length, out)
+    kern = _kernels()
+    heads, dim = q.shape
+    capacity, kv_heads, _ = k_cache.shape
+    group = heads // kv_heads
+    parts, ml = workspace or attention_workspace(heads, dim, capacity, kv_heads, q.device)
+    nsplit = parts.shape[1]
+    y = out if out is not None else torch.empty(heads * dim, dtype=torch.float32, device=q.device)
+    qk_scale = 1.4426950408889634 / math.sqrt(dim)  # log2(e) / sqrt(D): the softmax runs in base 2
+    k_cache, v_cache = k_cache.contiguous(), v_cache.contiguous()
+    kern["attn_split"][(kv_heads, nsplit)](q.contiguous(), k_cache, v_cache, length, parts, ml, qk_scale,
+                                           k_cache.stride(0), k_cache.stride(1), group, nsplit, D=dim,
+                                           GP=max(16, next_pow2(group)), BLOCK=ATTN_BLOCK)
+    kern["attn_combine"][(heads,)](parts, ml, length, y, nsplit, D=dim, SP=next_pow2(nsplit),
+                                   BLOCK=ATTN_BLOCK)
+    return y
+

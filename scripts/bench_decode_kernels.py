@@ -1,0 +1,166 @@
+"""GPU decode kernels (krasis_run/kernels/decode_gpu.py) at Qwen3-30B-A3B shapes, on a CUDA machine.
+
+    PYTHONPATH=. python scripts/bench_decode_kernels.py [--iters 50] [--codec q4,q8] [--json out.json]
+
+moe_decode: H=2048, I=768, 128 resident experts, top-8, M=1 (and M=4); decode_attention: 32 query / 4 KV
+heads of 128, capacity 40960, lengths 4096 and 32768. Each kernel is timed with CUDA events (median of
+--iters), with L2 flushed before every run and the chosen experts changing between runs, so the bytes
+really come from HBM. Prints time, bytes read, achieved GB/s and that as a fraction of this GPU's measured
+device-to-device copy bandwidth (read + write, the practical ceiling), the torch reference's time, and
+checks both outputs against the reference; then replays each in a CUDA graph with new inputs (expert ids,
+length) to check that what the engine captures stays correct.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+
+import torch
+
+from krasis_run.kernels.decode_gpu import decode_attention, decode_attention_torch, moe_decode, moe_decode_torch
+
+HIDDEN, INTER, EXPERTS, TOPK = 2048, 768, 128, 8
+HEADS, KV_HEADS, HEAD_DIM, CAPACITY = 32, 4, 128, 40960
+FLUSH_BYTES = 256 << 20  # larger than any H100/H200 L2
+
+
+def rel_l2(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a.double() - b.double()).norm() / b.double().norm())
+
+
+def copy_bandwidth() -> float:
+    """Device-to-device copy GB/s counting the bytes read and written."""
+    src = torch.empty(1 << 30, dtype=torch.uint8, device="cuda")
+    dst = torch.empty_like(src)
+    times = time_it(lambda i: dst.copy_(src), 10, flush=None)
+    return 2 * src.numel() / statistics.median(times) / 1e9
+
+
+def time_it(fn, iters: int, flush: torch.Tensor | None) -> list[float]:
+    """Seconds per call of fn(i), each call alone between two events, after an L2 flush."""
+    fn(0)
+    times = []
+    for i in range(iters):
+        if flush is not None:
+            flush.zero_()
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn(i)
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) / 1e3)
+    return times
+
+
+def random_parts(codec: str, n: int, k: int) -> dict[str, torch.Tensor]:
+    dev = "cuda"
+    if codec == "q4":
+        g = (EXPERTS, n, k // 32)
+        return {"q": torch.randint(0, 256, (EXPERTS, n, k // 2), dtype=torch.uint8, device=dev),
+                "scale": (0.01 * torch.rand(g, device=dev)).bfloat16(),
+                "zero": (0.01 * torch.randn(g, device=dev)).bfloat16()}
+    if codec == "q8":
+        return {"q": torch.randint(-127, 128, (EXPERTS, n, k), dtype=torch.int8, device=dev),
+                "scale": (0.001 * torch.rand(EXPERTS, n, device=dev)).bfloat16()}
+    return {"w": (0.05 * torch.randn(EXPERTS, n, k, device=dev)).bfloat16()}
+
+
+def expert_bytes(parts: dict[str, torch.Tensor]) -> int:
+    """Bytes of one expert's slice of all parts."""
+    return sum(t[0].numel() * t.element_size() for t in parts.values())
+
+
+def report(name: str, seconds: list[float], nbytes: int, ceiling: float, ref_seconds: float, err: float) -> dict:
+    t = statistics.median(seconds)
+    row = {"kernel": name, "us": t * 1e6, "MB": nbytes / 1e6, "GB/s": nbytes / t / 1e9,
+           "of_copy_bw": nbytes / t / 1e9 / ceiling, "torch_ref_us": ref_seconds * 1e6, "rel_l2_vs_ref": err}
+    print(f"{name:34s} {row['us']:9.1f} us {row['MB']:8.1f} MB {row['GB/s']:8.0f} GB/s "
+          f"({100 * row['of_copy_bw']:5.1f}% of copy)  torch ref {row['torch_ref_us']:9.1f} us  rel L2 {err:.1e}")
+    return row
+
+
+def bench_moe(codec: str, m: int, iters: int, flush: torch.Tensor, ceiling: float) -> dict:
+    gate_up, down = random_parts(codec, 2 * INTER, HIDDEN), random_parts(codec, HIDDEN, INTER)
+    slot_of = torch.randperm(EXPERTS, device="cuda").int()  # all resident, in shuffled slots
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    ids = torch.stack([torch.stack([torch.randperm(EXPERTS, device="cuda", generator=gen)[:TOPK] for _ in range(m)])
+                       for _ in range(iters)]).int()  # new experts every run: no help from L2
+    weights = torch.softmax(torch.randn(iters, m, TOPK, device="cuda"), -1)
+    x = torch.randn(m, HIDDEN, device="cuda")
+    out = torch.empty(m, HIDDEN, device="cuda")
+    per_expert = expert_bytes(gate_up) + expert_bytes(down)
+    nbytes = sum(per_expert * len(set(ids[i].flatten().tolist())) for i in range(iters)) // iters
+    times = time_it(lambda i: moe_decode(x, ids[i], weights[i], slot_of, codec, gate_up, down, out=out), iters, flush)
+    ref_times = time_it(lambda i: moe_decode_torch(x, ids[i], weights[i], slot_of, codec, gate_up, down), 5, flush)
+    err = rel_l2(moe_decode(x, ids[0], weights[0], slot_of, codec, gate_up, down),
+                 moe_decode_torch(x, ids[0], weights[0], slot_of, codec, gate_up, down))
+    assert err < 1e-4, err
+    check_moe_graph(x, ids, weights, slot_of, codec, gate_up, down)
+    return report(f"moe_decode {codec} M={m}", times, nbytes, ceiling, statistics.median(ref_times), err)
+
+
+def check_moe_graph(x, ids, weights, slot_of, codec, gate_up, down) -> None:
+    """Capture once, replay with other experts (and one non-resident), compare with the reference."""
+    ids_buf, w_buf, out = ids[0].clone(), weights[0].clone(), torch.empty_like(x)
+    moe_decode(x, ids_buf, w_buf, slot_of, codec, gate_up, down, out=out)  # compile outside the capture
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        moe_decode(x, ids_buf, w_buf, slot_of, codec, gate_up, down, out=out)
+    held = slot_of.clone()
+    held[ids[1][0, 0]] = -1
+    slot_of.copy_(held)
+    for i in (1, 2):
+        ids_buf.copy_(ids[i])
+        w_buf.copy_(weights[i])
+        graph.replay()
+        err = rel_l2(out, moe_decode_torch(x, ids_buf, w_buf, slot_of, codec, gate_up, down))
+        assert err < 1e-4, f"graph replay {i}: rel L2 {err}"
+
+
+def bench_attention(length: int, iters: int, flush: torch.Tensor, ceiling: float) -> dict:
+    q = torch.randn(HEADS, HEAD_DIM, device="cuda")
+    k_cache = torch.randn(CAPACITY, KV_HEADS, HEAD_DIM, device="cuda").bfloat16()
+    v_cache = torch.randn(CAPACITY, KV_HEADS, HEAD_DIM, device="cuda").bfloat16()
+    len_t = torch.tensor([length], dtype=torch.int32, device="cuda")
+    out = torch.empty(HEADS * HEAD_DIM, device="cuda")
+    nbytes = 2 * length * KV_HEADS * HEAD_DIM * 2
+    times = time_it(lambda i: decode_attention(q, k_cache, v_cache, len_t, out=out), iters, flush)
+    ref_times = time_it(lambda i: decode_attention_torch(q, k_cache, v_cache, len_t), 5, flush)
+    err = rel_l2(decode_attention(q, k_cache, v_cache, len_t), decode_attention_torch(q, k_cache, v_cache, len_t))
+    assert err < 3e-3, err  # tf32 dot products
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        decode_attention(q, k_cache, v_cache, len_t, out=out)
+    for n in (1, length // 3 + 7, CAPACITY):
+        len_t.fill_(n)
+        graph.replay()
+        graph_err = rel_l2(out, decode_attention_torch(q, k_cache, v_cache, len_t))
+        assert graph_err < 3e-3, f"graph replay at length {n}: rel L2 {graph_err}"
+    return report(f"decode_attention len={length}", times, nbytes, ceiling, statistics.median(ref_times), err)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--iters", type=int, default=50)
+    ap.add_argument("--codec", default="q4", help="comma-separated: q4,q8,bf16")
+    ap.add_argument("--json", help="write the rows here")
+    args = ap.parse_args()
+    torch.manual_seed(0)
+    flush = torch.empty(FLUSH_BYTES, dtype=torch.uint8, device="cuda")
+    ceiling = copy_bandwidth()
+    print(f"{torch.cuda.get_device_name()}: device-to-device copy {ceiling:.0f} GB/s (read + write)")
+    rows = []
+    for codec in args.codec.split(","):
+        for m in (1, 4):
+            rows.append(bench_moe(codec, m, args.iters, flush, ceiling))
+    for length in (4096, 32768):
+        rows.append(bench_attention(length, args.iters, flush, ceiling))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"device": torch.cuda.get_device_name(), "copy_GB/s": ceiling, "rows": rows}, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,290 @@
+"""GPU decode kernels (krasis_run/kernels/decode_gpu.py) and the two prefill Triton kernels, on the CPU.
+
+The torch references are checked against float64 math written here from formats/KRS.md §5. The Triton
+kernels (class InterpretedKernels) run under the Triton interpreter against the references and that math.
+The interpreter has to be chosen before triton is first imported (triton.language's own helpers, tl.zeros,
+tl.sum..., are @triton.jit functions decorated at import), and switching it on in this process would also
+turn the GPU tests of other modules into interpreted ones; so test_triton_kernels_under_interpreter runs
+the class in a child pytest with TRITON_INTERPRET=1 and fails with the child's report.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from krasis_run.codecs import dequant_parts, pack_q4_rows
+from krasis_run.kernels import decode_gpu, dequant, norm_rope
+from krasis_run.kernels.decode_gpu import decode_attention, decode_attention_torch, moe_decode, moe_decode_torch
+
+pytest.importorskip("triton")  # a test dependency (pyproject [test]); only a bare install skips
+
+
+def rel_l2(got: torch.Tensor, want: torch.Tensor) -> float:
+    return float((got.double() - want.double()).norm() / want.double().norm())
+
+
+# ---------------------------------------------------------------- routed experts: data and plain math
+
+
+def random_tiles(codec: str, slots: int, n: int, k: int, gen: torch.Generator) -> dict[str, torch.Tensor]:
+    """Stacked GPU "rows" parts [slots, n, k] of random quantized values."""
+    if codec == "q4":
+        q = torch.randint(0, 16, (slots, n, k), generator=gen, dtype=torch.uint8)
+        groups = (slots, n, k // 32)
+        scale = 0.005 + 0.02 * torch.rand(groups, generator=gen)
+        zero = 0.01 * torch.randn(groups, generator=gen)
+        return {"q": pack_q4_rows(q), "scale": scale.bfloat16(), "zero": zero.bfloat16()}
+    if codec == "q8":
+        q = torch.randint(-127, 128, (slots, n, k), generator=gen, dtype=torch.int8)
+        return {"q": q, "scale": (0.0005 + 0.002 * torch.rand(slots, n, generator=gen)).bfloat16()}
+    return {"w": (0.08 * torch.randn(slots, n, k, generator=gen)).bfloat16()}
+
+
+def plain_weights(codec: str, parts: dict[str, torch.Tensor]) -> torch.Tensor:
+    """float64 [S, N, K] by hand from KRS.md §5 (not through krasis_run.codecs)."""
+    if codec == "bf16":
+        return parts["w"].double()
+    if codec == "q8":
+        return parts["q"].double() * parts["scale"].double()[..., None]
+    packed = parts["q"].long()
+    q = torch.empty(*packed.shape[:-1], 2 * packed.shape[-1], dtype=torch.float64)
+    q[..., 0::2] = packed & 15  # even column in the low nibble
+    q[..., 1::2] = packed >> 4
+    scale = parts["scale"].double().repeat_interleave(32, dim=-1)
+    zero = parts["zero"].double().repeat_interleave(32, dim=-1)
+    return (q - 8) * scale + zero
+
+
+def plain_moe(x, ids, weights, slot_of, codec, gate_up, down) -> torch.Tensor:
+    w1, w2 = plain_weights(codec, gate_up), plain_weights(codec, down)
+    inter = w2.shape[-1]
+    out = torch.zeros(x.shape, dtype=torch.float64)
+    for m in range(x.shape[0]):
+        for j in range(ids.shape[1]):
+            slot = int(slot_of[int(ids[m, j])])
+            if slot < 0:
+                continue
+            h = w1[slot] @ x[m].double()
+            gate, up = h[:inter], h[inter:]
+            act = gate / (1 + torch.exp(-gate)) * up
+            out[m] += float(weights[m, j]) * (w2[slot] @ act)
+    return out
+
+
+# (M, k, H, I, experts, resident): H and I multiples of 32, not of the tile sizes
+MOE_CASES = [(1, 8, 96, 64, 16, 10), (3, 2, 160, 96, 12, 12), (3, 5, 96, 96, 20, 7), (2, 4, 64, 32, 8, 0)]
+
+
+def moe_inputs(codec: str, case, seed: int):
+    m, k, h, inter, experts, resident = case
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(m, h, generator=gen)
+    ids = torch.stack([torch.randperm(experts, generator=gen)[:k] for _ in range(m)])
+    held = torch.randperm(experts, generator=gen)[:resident]
+    slot_of = torch.full((experts,), -1, dtype=torch.int32)
+    slot_of[held] = torch.randperm(resident, generator=gen).int()  # slots in no particular expert order
+    if 0 < resident < experts:
+        ids[0, 0] = int((slot_of < 0).nonzero()[0])  # at least one chosen expert is not held here
+    ids = ids.int() if seed % 2 else ids  # both index dtypes
+    weights = torch.softmax(torch.randn(m, k, generator=gen), dim=-1)
+    slots = max(resident, 1) if resident else 3  # all non-resident: tiles exist but none is mapped
+    gate_up = random_tiles(codec, slots, 2 * inter, h, gen)
+    down = random_tiles(codec, slots, h, inter, gen)
+    if resident == 0:
+        slot_of.fill_(-1)
+    return x, ids, weights, slot_of, codec, gate_up, down
+
+
+def seed_of(codec: str, case) -> int:
+    return 10 * MOE_CASES.index(case) + 2 * ["q4", "q8", "bf16"].index(codec)  # fixed; even and odd both occur
+
+
+@pytest.mark.parametrize("codec", ["q4", "q8", "bf16"])
+@pytest.mark.parametrize("case", MOE_CASES)
+def test_moe_reference_matches_plain_math(codec, case):
+    args = moe_inputs(codec, case, seed=seed_of(codec, case))
+    got = moe_decode_torch(*args)
+    want = plain_moe(*args)
+    assert got.dtype == torch.float32 and got.shape == args[0].shape
+    if case[5] == 0:
+        assert torch.equal(got, torch.zeros_like(got))
+    else:
+        assert rel_l2(got, want) < 1e-5
+
+
+def test_moe_reference_writes_out_and_uses_stored_dequant():
+    args = moe_inputs("q4", MOE_CASES[0], seed=3)
+    out = torch.full_like(args[0], float("nan"))
+    assert moe_decode_torch(*args, out=out) is out
+    w = dequant_parts("q4", "rows", args[5])  # the codec agrees with the hand-written dequant
+    assert torch.allclose(w.double(), plain_weights("q4", args[5]), atol=1e-6)
+    assert rel_l2(out, plain_moe(*args)) < 1e-5
+
+
+def test_moe_reference_without_resident_slots():
+    x, ids, weights, slot_of, codec, gate_up, down = moe_inputs("q8", MOE_CASES[0], seed=5)
+    empty_gu = {name: t[:0] for name, t in gate_up.items()}
+    empty_dn = {name: t[:0] for name, t in down.items()}
+    got = moe_decode(x, ids, weights, torch.full_like(slot_of, -1), codec, empty_gu, empty_dn)
+    assert torch.equal(got, torch.zeros_like(x))
+
+
+@pytest.mark.parametrize("codec", ["q4", "q8", "bf16"])
+@pytest.mark.parametrize("case", MOE_CASES)
+@pytest.mark.parametrize("codec", ["q4", "q8"])
+# ---------------------------------------------------------------- attention
+
+
+def plain_attention(q, k_cache, v_cache, length: int) -> torch.Tensor:
+    heads, dim = q.shape
+    group = heads // k_cache.shape[1]
+    out = torch.empty(heads, dim, dtype=torch.float64)
+    for h in range(heads):
+        k = k_cache[:length, h // group].double()
+        v = v_cache[:length, h // group].double()
+        s = k @ q[h].double() / math.sqrt(dim)
+        p = torch.exp(s - s.max())
+        out[h] = (p / p.sum()) @ v
+    return out.reshape(-1)
+
+
+# (H, KVH, D, capacity, length, q dtype): GQA ratios 1 and 4, length 1 and capacity, capacity not a block multiple
+ATTN_CASES = [
+    (4, 4, 32, 200, 1, torch.float32),
+    (8, 2, 32, 100, 100, torch.float32),
+    (8, 2, 64, 150, 77, torch.bfloat16),
+    (4, 1, 32, 300, 300, torch.float32),
+    (2, 2, 16, 70, 65, torch.float32),
+]
+
+
+def attention_inputs(case, seed: int):
+    heads, kv_heads, dim, capacity, length, dtype = case
+    gen = torch.Generator().manual_seed(seed)
+    q = (2 * torch.randn(heads, dim, generator=gen)).to(dtype)
+    k_cache = torch.randn(capacity, kv_heads, dim, generator=gen).bfloat16()
+    v_cache = torch.randn(capacity, kv_heads, dim, generator=gen).bfloat16()
+    k_cache[length:] = float("nan")  # positions past the end must not be read (nor leak through 0 * nan)
+    v_cache[length:] = float("nan")
+    return q, k_cache, v_cache, torch.tensor([length], dtype=torch.int32)
+
+
+@pytest.mark.parametrize("case", ATTN_CASES)
+def test_attention_reference_matches_plain_math(case):
+    q, k_cache, v_cache, length = attention_inputs(case, seed=case[3])
+    got = decode_attention_torch(q, k_cache, v_cache, length)
+    assert got.dtype == torch.float32 and got.shape == (q.numel(),)
+    assert rel_l2(got, plain_attention(q, k_cache, v_cache, case[4])) < 1e-5
+
+
+# ---------------------------------------------------------------- Triton kernels, under the interpreter
+
+
+def test_triton_kernels_under_interpreter():
+    """Runs class InterpretedKernels in a child pytest with TRITON_INTERPRET=1 (see the module docstring)."""
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-o", "python_classes=InterpretedKernels",
+           f"{__file__}::InterpretedKernels"]
+    proc = subprocess.run(cmd, env=env, cwd=Path(__file__).parents[1], capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-6000:] + proc.stderr[-2000:]
+
+
+class InterpretedKernels:
+    """Collected only by the child run above (python_classes=InterpretedKernels), where the interpreter is on."""
+
+    @pytest.fixture(autouse=True)
+    def _interpreter_on(self):
+        from triton import knobs
+
+        assert knobs.runtime.interpret, "run through test_triton_kernels_under_interpreter (TRITON_INTERPRET=1)"
+
+    @pytest.mark.parametrize("codec", ["q4", "q8", "bf16"])
+    @pytest.mark.parametrize("case", MOE_CASES)
+    def test_moe_triton_matches_reference(self, monkeypatch, codec, case):
+        # 64-row tiles: the interpreter's cost is per program and per op, not per element
+        monkeypatch.setattr(decode_gpu, "MOE_BLOCK_N", 64)
+        monkeypatch.setattr(decode_gpu, "DOWN_BLOCK_N", 64)
+        args = moe_inputs(codec, case, seed=seed_of(codec, case) + 1)
+        got = moe_decode(*args, use_triton=True)
+        want = moe_decode_torch(*args)
+        if case[5] == 0:
+            assert torch.equal(got, torch.zeros_like(got))
+        else:
+            assert rel_l2(got, want) < 1e-5
+            assert rel_l2(got, plain_moe(*args)) < 1e-5
+
+    @pytest.mark.parametrize("codec", ["q4", "q8"])
+    def test_moe_triton_production_tiles(self, codec):
+        args = moe_inputs(codec, MOE_CASES[0], seed=21)
+        assert rel_l2(moe_decode(*args, use_triton=True), plain_moe(*args)) < 1e-5
+
+    @pytest.mark.parametrize("codec", ["q4", "q8", "bf16"])
+    def test_moe_triton_partial_tiles(self, monkeypatch, codec):
+        """Tiles that don't divide H or I: several loop steps, the last one partial, and partial row blocks."""
+        for name, value in (("MOE_BLOCK_N", 64), ("DOWN_BLOCK_N", 64), ("GATE_UP_BLOCK_K", 128), ("DOWN_BLOCK_K", 64)):
+            monkeypatch.setattr(decode_gpu, name, value)
+        args = moe_inputs(codec, (3, 3, 160, 96, 6, 5), seed=11)
+        out = torch.full_like(args[0], float("nan"))
+        assert moe_decode(*args, out=out, use_triton=True) is out
+        assert rel_l2(out, plain_moe(*args)) < 1e-5
+
+    @pytest.mark.parametrize("case", ATTN_CASES)
+    def test_attention_triton_matches_reference(self, case):
+        q, k_cache, v_cache, length = attention_inputs(case, seed=case[3] + 1)
+        out = torch.full((q.numel(),), float("nan"))
+        assert decode_attention(q, k_cache, v_cache, length, out=out, use_triton=True) is out
+        assert rel_l2(out, decode_attention_torch(q, k_cache, v_cache, length)) < 1e-5
+        assert rel_l2(out, plain_attention(q, k_cache, v_cache, case[4])) < 1e-5
+
+    @pytest.mark.parametrize("length", [1, 17, 299])
+    def test_attention_triton_splits_of_several_blocks(self, monkeypatch, length):
+        """Small blocks, few programs: each split loops over several blocks; some splits are past the end."""
+        monkeypatch.setattr(decode_gpu, "ATTN_BLOCK", 16)
+        monkeypatch.setattr(decode_gpu, "ATTN_PROGRAMS", 6)
+        q, k_cache, v_cache, len_t = attention_inputs((8, 2, 32, 300, length, torch.float32), seed=length)
+        assert decode_gpu.attention_splits(300, 2) == 3
+        parts, ml = decode_gpu.attention_workspace(8, 32, 300, 2, "cpu")
+        parts.fill_(float("nan"))  # stale partials of splits past the end must not be read
+        ml.fill_(float("nan"))
+        got = decode_attention(q, k_cache, v_cache, len_t, workspace=(parts, ml), use_triton=True)
+        assert rel_l2(got, plain_attention(q, k_cache, v_cache, length)) < 1e-5
+
+    def test_attention_length_is_read_from_the_device_tensor(self):
+        """One set of launches serves every length (as a replayed CUDA graph does): only the tensor's value changes."""
+        q, k_cache, v_cache, length = attention_inputs((4, 2, 32, 96, 96, torch.float32), seed=7)
+        out = torch.empty(q.numel())
+        for n in (96, 40, 1):
+            length.fill_(n)
+            decode_attention(q, k_cache, v_cache, length, out=out, use_triton=True)
+            assert rel_l2(out, plain_attention(q, k_cache, v_cache, n)) < 1e-5
+
+    # the prefill kernels (kernels/dequant.py, kernels/norm_rope.py)
+
+    def test_q4_rows_triton_matches_reference(self):
+        gen = torch.Generator().manual_seed(0)
+        parts = random_tiles("q4", 3, 40, 96, gen)
+        got = dequant.q4_rows(parts["q"], parts["scale"], parts["zero"], use_triton=True)
+        want = dequant.q4_rows_torch(parts["q"], parts["scale"], parts["zero"])
+        # 1 bf16 ulp: the interpreter rounds float32 -> bf16 towards zero, CUDA (and torch) to nearest even
+        assert torch.allclose(got.float(), want.float(), rtol=1 / 128, atol=0)
+        assert torch.allclose(got.double(), plain_weights("q4", parts), rtol=1 / 128, atol=1e-6)  # bf16 output
+
+    def test_fused_norm_rope_triton_matches_reference(self):
+        from krasis_run.models.base import norm_rope as norm_rope_torch
+        from krasis_run.models.base import rope_cos_sin, rope_inv_freq
+
+        gen = torch.Generator().manual_seed(0)
+        x = torch.randn(5, 3, 64, generator=gen)
+        w = 1 + 0.2 * torch.randn(64, generator=gen)
+        cos, sin = rope_cos_sin(rope_inv_freq(64, 1e6), torch.arange(7, 12))
+        got = norm_rope.fused_norm_rope(x, w, 1e-6, cos, sin, use_triton=True)
+        assert got.dtype == torch.bfloat16 and got.shape == x.shape
+        assert rel_l2(got.float(), norm_rope_torch(x, w, 1e-6, cos, sin)) < 4e-3  # bf16 output rounding
+        assert norm_rope.fused_norm_rope(x, w, 1e-6, cos, sin) is None  # CPU tensors: the engine uses torch
