@@ -38,10 +38,15 @@ def run(
     no_chat: bool = typer.Option(False, "--no-chat", help="Feed the prompt raw, without the chat template."),
     threads: int = typer.Option(None, "--threads", min=1, help="CPU threads (default: physical cores)."),
     device: str = typer.Option("auto", "--device",
-                               help="auto: prefill on the GPU when CUDA is available, decode on the CPU; cpu: all CPU; "
-                                    "cuda: require the GPU."),
+                               help="auto: use the GPU when CUDA is available (prefill there, decode split between "
+                                    "GPU and CPU by what VRAM holds); cpu: all CPU; cuda: require the GPU."),
     gpu_budget: str = typer.Option(None, "--gpu-budget",
-                                   help="VRAM the GPU prefill may use, e.g. 16GiB (default: free VRAM minus 1 GiB)."),
+                                   help="VRAM krasis may use, e.g. 16GiB (default: free VRAM minus 1 GiB). Dense "
+                                        "weights and the KV cache first, then whole expert layers; the other experts "
+                                        "stream through VRAM for prefill and run on the CPU for decode."),
+    context: int = typer.Option(None, "--context", "-c", min=1,
+                                help="Tokens of context (prompt + answer) the GPU KV cache holds (default: the "
+                                     "model's, at most 32768). Smaller leaves VRAM for experts."),
     verify: bool = typer.Option(False, "--verify", help="Check every chunk's checksum before running."),
     serve: bool = typer.Option(False, "--serve", help="Serve an OpenAI-compatible HTTP API instead of one prompt."),
     host: str = typer.Option("127.0.0.1", "--host", help="--serve: address to bind (default: this machine only)."),
@@ -63,7 +68,12 @@ def run(
     if prompt == "-":
         prompt = sys.stdin.read()
     started = time.perf_counter()
-    rt = load(artifact, device=device, threads=threads, verify=verify, progress=True, gpu_budget=gpu_budget)
+    rt = load(artifact, device=device, threads=threads, verify=verify, progress=True, gpu_budget=gpu_budget,
+              context=context)
+    if rt.placement.decode_device == "cuda":
+        _status(f"GPU: {len(rt.placement.resident_layers)} of {len(rt.engine.layers)} expert layers in VRAM, context "
+                f"{rt.placement.context} tokens, decode mode {rt.engine.mode}; plan (GiB) "
+                f"{ {k: round(v / 2**30, 2) for k, v in rt.placement.vram_plan.items()} }")
     _status(f"loaded {artifact} in {time.perf_counter() - started:.2f} s: {rt.args.num_hidden_layers} layers, "
             f"{rt.threads} threads, kernels {rt.ops.describe()}; resident {_size(resident_bytes())} "
             f"(heap {_size(resident_bytes('RssAnon'))}, mapped pages {_size(resident_bytes('RssFile'))}: weights are "

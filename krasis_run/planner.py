@@ -1,12 +1,15 @@
 """What lives where, decided once from the artifact header, the machine and the GPU budget.
 
-Decode runs on the CPU from the CPU expert blocks, in place in the mapping. Prefill runs on the GPU
-when there is one: dense weights resident (bf16), as many whole expert layers resident as the budget
-leaves room for after the streaming buffers and the prefill workspace, the rest streamed per prefill.
+Without a GPU everything runs on the CPU from the mapping. With one, prefill and decode both use it:
+dense weights resident (bf16), the KV cache for `context` tokens in VRAM, then as many whole expert
+layers resident as the budget leaves room for after the streaming buffers and the prefill workspace;
+the other layers' experts stream through VRAM during prefill and are computed on the CPU (from the
+CPU expert blocks, in place in the mapping) during decode.
 """
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import re
 from dataclasses import dataclass, field
@@ -18,8 +21,11 @@ from .format import SECTION_EXPERTS_CPU, SECTION_EXPERTS_GPU, KrsError
 
 GIB = 1 << 30
 SAFETY_MARGIN = GIB  # left free on the card for the CUDA context, allocator slack, other users
-WORKSPACE_TOKENS = 32768  # the prefill workspace is sized for a prompt this long
+WORKSPACE_TOKENS = 32768  # the prefill workspace is sized for a prompt this long (or the context, if shorter)
+DEFAULT_CONTEXT = 32768  # tokens of KV cache reserved in VRAM unless --context says otherwise
 STREAM_DEPTH = 2
+ATTENTION_TOKEN_CHUNK = 4096  # GPU prefill runs each layer's attention half over this many tokens at a time
+EXPERT_TOKEN_CHUNK = 4096  # ... and its expert step (prefill_gpu.py)
 
 
 @dataclass(frozen=True)
@@ -32,6 +38,7 @@ class Placement:
     gpu_budget: int = 0
     resident_layers: frozenset = field(default_factory=frozenset)
     vram_plan: dict = field(default_factory=dict)  # bytes by purpose, for the user and the benchmark
+    context: int = 0  # tokens the GPU KV cache holds (0: the cache lives on the CPU)
 
 
 def parse_size(text: str) -> int:
@@ -59,22 +66,64 @@ def _dense_vram(artifact: Artifact) -> int:
     return total
 
 
-def _workspace(config: dict, tokens: int) -> int:
-    """Peak prefill memory beyond the weights at `tokens` prompt tokens: one layer's experts dequantized to
-    bf16, the expert step's token chunk, and the attention-side activations, whose per-token size was
-    calibrated against torch.cuda.max_memory_allocated on the 30B-A3B shape (docs/BENCHMARKS.md)."""
+def _workspace(config: dict, tokens: int, codec: str = "q4") -> int:
+    """Peak GPU prefill memory beyond the weights and stream buffers at `tokens` prompt tokens (an upper bound
+    of torch.cuda.max_memory_allocated minus them), counted from the tensors alive at the peak.
+
+    Attention runs in ATTENTION_TOKEN_CHUNK slices (Model.forward(token_chunk=...)), so the peak is in the
+    expert step (H hidden, I expert width, k experts per token, bytes):
+    - per prompt token, alive through the whole step: residual x fp32 4H, its normed copy fp32 4H (the
+      caller holds it), that copy in bf16 2H (one conversion a layer), the expert output fp32 4H; rope cos/sin
+      fp32 2*4*head_dim; K/V bf16 of this layer held whole on the device (2*2*kv*hd) and the K/V of this and the
+      previous layer kept for their copy to the host (2 * 2*2*kv*hd), bounded by CacheWriter; top-k ids int64 +
+      weights fp32 12k;
+    - per routed row of one EXPERT_TOKEN_CHUNK (chunk tokens * k rows): int64 ids/order/inverse/arange/index
+      40, gathered x bf16 2H, gate_up output bf16 4I, silu(gate) and its product with up 2I + 2I, y bf16 2H,
+      and for the torch combine (no Triton) the rows gathered back to token order 2H;
+    - the layer's experts dequantized to bf16 (E*3*I*H*2), plus what dequant allocates besides its output:
+      nothing for q4 through the Triton kernels (both layouts), one gate_up's worth (twice, to be safe) for q8,
+      and the float32 temporaries of the torch q4 reference (7 gate_ups) when Triton is missing.
+    The attention half at the same T stays below that: x, cos/sin and the K/V as above, plus per chunk token
+    norm temporaries 12H, bf16 projections, attention output and its copy (8*heads*hd + 8*kv*hd + 4H).
+    Dense-MLP layers (if any) hold [T, 2*intermediate] bf16 and friends instead of the expert terms.
+    Margin: +15% and 256 MiB for what is not counted (GEMM/sort workspaces, allocator rounding).
+    The per-token constant this replaces (176 KB/token, calibrated on the H200 before attention was chunked)
+    was dominated by every layer's K/V kept until the end of the prefill and whole-prompt q/k/v temporaries."""
     h = config["hidden_size"]
     heads, kv = config["num_attention_heads"], config["num_key_value_heads"]
     hd = config.get("head_dim") or h // heads
     e = config.get("num_experts") or config.get("num_local_experts") or 0
     inter = config.get("moe_intermediate_size", 0)
+    top_k = config.get("num_experts_per_tok", 1)
+    gate_up_bf16 = e * 2 * inter * h * 2
     experts_bf16 = e * 3 * inter * h * 2
-    per_token = h * 4 * 6 + (heads + 2 * kv) * hd * 4 * 5 + heads * hd * 6  # fp32 residual/norm/rope temporaries
-    expert_chunk = min(tokens, 4096) * config.get("num_experts_per_tok", 1) * (3 * inter + 3 * h) * 2
-    return experts_bf16 + tokens * per_token + expert_chunk
+    if codec == "q4":
+        experts_bf16 += 0 if importlib.util.find_spec("triton") is not None else 7 * gate_up_bf16
+    elif codec == "q8":
+        experts_bf16 += 2 * gate_up_bf16
+    kv_token = 2 * kv * hd * 2  # K and V of one token of one layer, bf16
+    whole = tokens * (4 * h + 8 * hd + 4 * kv_token)  # residual, cos/sin, this layer's K/V (+ cat), 2 layers pending
+    expert_step = (tokens * (4 * h + 2 * h + 4 * h + 12 * top_k)
+                   + min(tokens, EXPERT_TOKEN_CHUNK) * top_k * (40 + 6 * h + 8 * inter) + experts_bf16)
+    dense_inter = config.get("intermediate_size", 0) if (config.get("mlp_only_layers") or
+                                                         config.get("decoder_sparse_step", 1) > 1 or not e) else 0
+    dense_step = tokens * (4 * h + 2 * h + 8 * dense_inter + 2 * h)
+    attention_step = min(tokens, ATTENTION_TOKEN_CHUNK) * (12 * h + 8 * heads * hd + 8 * kv * hd + 4 * h)
+    peak = whole + max(expert_step, dense_step, attention_step)
+    return int(peak * 1.15) + (256 << 20)
 
 
-def plan(artifact: Artifact, device: str = "auto", gpu_budget: str | int | None = None) -> Placement:
+def kv_cache_bytes(config: dict, tokens: int) -> int:
+    """K and V of every layer in bf16."""
+    heads, kv = config["num_attention_heads"], config["num_key_value_heads"]
+    hd = config.get("head_dim") or config["hidden_size"] // heads
+    return 2 * config["num_hidden_layers"] * tokens * kv * hd * 2
+
+
+def plan(artifact: Artifact, device: str = "auto", gpu_budget: str | int | None = None, context: int | None = None,
+         max_resident_layers: int | None = None) -> Placement:
+    """`context`: tokens of KV cache to hold in VRAM (default: the model's, at most DEFAULT_CONTEXT);
+    `max_resident_layers` caps the expert layers kept in VRAM (0 = every expert in RAM)."""
     if device not in ("cpu", "cuda", "auto"):
         raise KrsError(f"unknown device {device!r}: use cpu, cuda or auto")
     requested = parse_size(gpu_budget) if gpu_budget is not None else None
@@ -93,17 +142,26 @@ def plan(artifact: Artifact, device: str = "auto", gpu_budget: str | int | None 
     layers = _layer_bytes(artifact, section)
     dense = _dense_vram(artifact)
     stream = STREAM_DEPTH * max(layers.values(), default=0)
-    workspace = _workspace(artifact.header["config"], WORKSPACE_TOKENS)
-    room = budget - dense - workspace
+    config = artifact.header["config"]
+    model_context = config.get("max_position_embeddings") or DEFAULT_CONTEXT
+    context = min(context or DEFAULT_CONTEXT, model_context)
+    if context < 1:
+        raise KrsError("--context must be at least 1 token")
+    kv = kv_cache_bytes(config, context)
+    workspace = _workspace(config, min(context, WORKSPACE_TOKENS), artifact.header["quant"]["experts"])
+    room = budget - dense - workspace - kv
     if room < 0:
-        raise KrsError(f"--gpu-budget {budget / GIB:.1f} GiB is too small: dense weights and the prefill workspace "
-                       f"need {(dense + workspace) / GIB:.1f} GiB (use --device cpu)")
+        raise KrsError(f"--gpu-budget {budget / GIB:.1f} GiB is too small: dense weights, the KV cache for {context} "
+                       f"tokens and the prefill workspace need {(dense + kv + workspace) / GIB:.1f} GiB "
+                       "(lower --context or use --device cpu)")
     count = len(layers) if room >= sum(layers.values()) else max(0, int((room - stream) // max(layers.values())))
+    if max_resident_layers is not None:
+        count = min(count, max_resident_layers)
     order = sorted(layers)
     resident = frozenset(order[round(i * len(order) / count)] for i in range(count)) if count else frozenset()
-    vram = dict(dense=dense, workspace=workspace, stream_buffers=0 if count == len(layers) else stream,
+    vram = dict(dense=dense, workspace=workspace, kv_cache=kv, stream_buffers=0 if count == len(layers) else stream,
                 resident_experts=sum(layers[i] for i in resident))
-    return Placement("cuda", "cpu", SECTION_EXPERTS_CPU, mapped, section, budget, resident, vram)
+    return Placement("cuda", "cuda", SECTION_EXPERTS_CPU, mapped, section, budget, resident, vram, context)
 
 
 def place_weights(artifact: Artifact, placement: Placement) -> dict:

@@ -49,7 +49,8 @@ def resident_bytes(kind: str = "VmRSS") -> int:
 class Runtime:
     def __init__(self, path: str | os.PathLike, device: str = "cpu", threads: int | None = None,
                  verify: bool = False, kernel: str | None = None, progress: bool = False,
-                 gpu_budget: str | int | None = None):
+                 gpu_budget: str | int | None = None, context: int | None = None,
+                 max_resident_layers: int | None = None, graphs: bool = True):
         self.artifact = Artifact(path)
         if verify:
             self.artifact.verify(progress=progress)
@@ -62,17 +63,20 @@ class Runtime:
             )
         self.threads = set_threads(threads)
         self.args = arch.ModelArgs.from_hf(header["config"])
-        self.placement = plan(self.artifact, device, gpu_budget)
+        self.placement = plan(self.artifact, device, gpu_budget, context, max_resident_layers)
         self.ops = CpuOps(kernel)
         self.model = arch.Model(self.args, place_weights(self.artifact, self.placement), self.ops)
         self.engine = CpuEngine(self.model)  # decode (and prefill without a GPU)
         self.prefill_engine = self.engine
         if self.placement.prefill_device == "cuda":
+            from .decode_hybrid import HybridDecodeEngine
             from .prefill_gpu import GpuPrefillEngine  # only GPU users pay for its imports
 
             self.prefill_engine = GpuPrefillEngine(arch, self.args, self.artifact, "cuda",
                                                    set(self.placement.resident_layers), self.placement.prefill_section)
-            self.engine.pin_cache = True  # K/V come back from the GPU asynchronously
+            # decode keeps the GPU in the loop: the KV cache stays in VRAM where the prefill writes it
+            self.engine = HybridDecodeEngine(arch, self.args, self.artifact, self.prefill_engine, self.ops,
+                                             self.model.w, self.placement.context, graphs=graphs)
         tok = header.get("tokenizer", {})
         self.tokenizer = Tokenizer(self.artifact.blob("tokenizer.json"), tok.get("config", {}),
                                    tok.get("chat_template"), header.get("generation_config"))
@@ -81,6 +85,8 @@ class Runtime:
 
     def close(self) -> None:
         """Release pinned ranges and the mapping now rather than at garbage collection."""
+        if hasattr(self.engine, "close"):
+            self.engine.close()
         streamer = getattr(self.prefill_engine, "streamer", None)
         if streamer is not None:
             streamer.close()
@@ -88,7 +94,7 @@ class Runtime:
 
     @property
     def context_length(self) -> int:
-        return self.args.max_position_embeddings
+        return min(self.args.max_position_embeddings, self.placement.context or self.args.max_position_embeddings)
 
     def _check_tokens(self, token_ids: list[int]) -> None:
         if not token_ids:

@@ -1,13 +1,16 @@
-"""GPU streaming prefill (and host decode) on the full Qwen3-30B-A3B shape. Run on the GPU host.
+"""GPU streaming prefill and hybrid decode on the full Qwen3-30B-A3B shape. Run on the GPU host.
 
     python3 scripts/bench.py [--layers 48] [--prompts 4096,16384,32768] [--budgets 16,whole] [--sections gpu,cpu]
+                             [--decode-budgets 16,whole]
 
 Writes a synthetic artifact straight from random quantized tiles (no BF16 checkpoint: it would not
 fit the host's disk), then for every prompt length and GPU budget measures prefill tok/s, TTFT,
 PCIe GB/s achieved, the share of the copy hidden under compute and peak VRAM, each next to its floor
 (bytes streamed / measured pinned PCIe rate, GEMM FLOPs / measured GEMM rate, attention FLOPs /
-measured attention rate). Decode tok/s on the host CPU: 64 tokens, 3 runs. A JSON record goes to
-bench/results/<date>-<device>.json.
+measured attention rate). Decode: 64 tokens after a 4K-token prompt, 3 runs, for each placement
+(`cpu`: all on the host; `experts_in_ram`: every expert on the CPU, the rest on the GPU; `budget`: the
+planner's split; `all_gpu`), beside the bound CPU bytes / host read GB/s + GPU bytes / HBM GB/s.
+A JSON record goes to bench/results/<date>-<device>[tag].json.
 """
 
 from __future__ import annotations
@@ -154,6 +157,11 @@ def run_prefill(rt, prompt: int, repeat: int = 2) -> dict:
         row = dict(prompt_tokens=prompt, ttft_s=ttft, prefill_tok_s=prompt / ttft, bytes_streamed=stats.bytes_streamed,
                    copy_s=stats.copy_seconds, peak_vram_gib=torch.cuda.max_memory_allocated() / 2**30,
                    pcie_gbps=stats.bytes_streamed / stats.copy_seconds / 1e9 if stats.copy_seconds else 0.0)
+        # the planner's workspace must bound what the prefill allocates beyond the weights and stream buffers
+        plan = rt.placement.vram_plan
+        weights = sum(plan.get(k, 0) for k in ("dense", "stream_buffers", "resident_experts"))
+        row.update(workspace_planned_gib=plan.get("workspace", 0) / 2**30,
+                   workspace_used_gib=row["peak_vram_gib"] - weights / 2**30)
         if best is None or row["ttft_s"] < best["ttft_s"]:
             best = row
     return best
@@ -170,14 +178,80 @@ def profile(rt, prompt: int) -> None:
     print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=22, max_name_column_width=60), flush=True)
 
 
+DECODE_PROMPT = 4096
+
+
 def decode_speed(rt, runs: int = 3, tokens: int = 64) -> list[float]:
-    ids = torch.randint(0, SHAPE["vocab_size"], (32,), generator=torch.Generator().manual_seed(1)).tolist()
-    rt.prefill_engine = rt.engine  # decode is a CPU measurement; a short prompt on the CPU keeps it apart
+    """Decode tok/s of `tokens` greedy tokens after a DECODE_PROMPT-token GPU prefill, `runs` times."""
+    ids = torch.randint(0, SHAPE["vocab_size"], (DECODE_PROMPT,), generator=torch.Generator().manual_seed(1)).tolist()
     speeds = []
     for _ in range(runs):
         list(rt.generate(ids, max_new_tokens=tokens + 1, stop_token_ids=set()))
         speeds.append(rt.timings.decode_tok_s())
     return speeds
+
+
+def hbm_gb_s() -> float:
+    """Device-to-device copy of 2 GiB: bytes read + written per second."""
+    a = torch.empty(2**31, dtype=torch.uint8, device="cuda")
+    b = torch.empty_like(a)
+    return 2 * a.numel() / median_ms(lambda: b.copy_(a)) / 1e6
+
+
+def host_read_gb_s() -> float:
+    from scripts.bench_decode import read_bandwidth
+
+    return read_bandwidth(torch.get_num_threads())
+
+
+def decode_bytes(rt, mode: str) -> dict[str, float]:
+    """Bytes one decode step reads on each side: weights, plus the K/V of the DECODE_PROMPT context."""
+    from krasis_run.planner import _dense_vram, kv_cache_bytes
+    from scripts.bench_decode import bytes_per_token
+
+    config = rt.artifact.header["config"]
+    kv = kv_cache_bytes(config, DECODE_PROMPT)  # K and V of the prompt, read once per step
+    if mode == "cpu":
+        return dict(cpu=bytes_per_token(rt.artifact) + kv, gpu=0.0)
+    experts = rt.engine.expert_bytes_per_token()
+    return dict(cpu=experts["cpu"], gpu=experts["gpu"] + _dense_vram(rt.artifact) + kv)
+
+
+def run_decode(path: Path, budgets: list[str], runs: int, bandwidth: dict) -> list[dict]:
+    """The decode placements of issue 5: all on the CPU, every expert in RAM, the budget's, all on the GPU."""
+    from krasis_run.engine import CpuEngine
+
+    rows = []
+    context = DECODE_PROMPT + 128
+    for gib in budgets:
+        cases = [("cpu", None), ("experts_in_ram", 0), ("budget", None)] if gib != "whole" else [("all_gpu", None)]
+        for mode, cap in cases:
+            budget = None if gib == "whole" else f"{gib}GiB"
+            rt = krasis_run.load(path, device="cuda", gpu_budget=budget, context=context, max_resident_layers=cap)
+            if mode == "cpu":  # GPU prefill into a pinned host cache, then the CPU engine decodes
+                rt.engine = CpuEngine(rt.model)
+                rt.engine.pin_cache = True
+            elif rt.engine.mode != mode:
+                print(f"decode {mode}: the planner chose {rt.engine.mode} at {gib} GiB; skipped", flush=True)
+                rt.close()
+                continue
+            speeds = decode_speed(rt, runs)
+            nbytes = decode_bytes(rt, mode)
+            bound_s = nbytes["cpu"] / bandwidth["host_read_gb_s"] / 1e9 + nbytes["gpu"] / bandwidth["hbm_gb_s"] / 1e9
+            row = dict(gpu_budget_gib=None if gib == "whole" else float(gib), mode=mode,
+                       decode_tok_s=sorted(speeds)[len(speeds) // 2], runs=speeds,
+                       resident_layers=len(rt.placement.resident_layers), cpu_bytes_per_token=nbytes["cpu"],
+                       gpu_bytes_per_token=nbytes["gpu"], bound_tok_s=1 / bound_s)
+            rows.append(row)
+            print(f"decode {mode:>14} budget {gib:>5}: {row['decode_tok_s']:6.1f} tok/s {[round(v) for v in speeds]} "
+                  f"(bound {row['bound_tok_s']:.0f} tok/s = {row['decode_tok_s'] * bound_s:.0%}; CPU "
+                  f"{nbytes['cpu'] / 1e6:.0f} MB + GPU {nbytes['gpu'] / 1e6:.0f} MB per token, "
+                  f"{row['resident_layers']} layers resident)", flush=True)
+            rt.close()
+            del rt
+            gc.collect()
+            torch.cuda.empty_cache()
+    return rows
 
 
 def main() -> None:
@@ -189,6 +263,10 @@ def main() -> None:
     ap.add_argument("--budgets", default="16,whole", help="GiB values and/or 'whole'")
     ap.add_argument("--artifact", type=Path, default=Path("/tmp/krasis-bench.krs"))
     ap.add_argument("--decode-runs", type=int, default=3)
+    ap.add_argument("--decode-budgets", default="16,whole", help="GiB values and/or 'whole' ('' skips decode)")
+    ap.add_argument("--prefill-context", choices=["prompt", "max"], default="prompt",
+                    help="KV cache reserved per prefill run: prompt + 64 tokens, or the longest prompt's")
+    ap.add_argument("--tag", default="", help="suffix of the JSON file name")
     ap.add_argument("--out", type=Path, default=ROOT / "bench" / "results")
     ap.add_argument("--profile", type=int, default=0, help="also profile one prefill of this many tokens")
     args = ap.parse_args()
@@ -208,20 +286,32 @@ def main() -> None:
         git = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=ROOT)
         record["commit"] = git.stdout.strip() or None
     ceil = None
-    for budget in args.budgets.split(","):
+    prompts = [int(p) for p in args.prompts.split(",")] if args.prompts else []
+    for budget in args.budgets.split(",") if prompts else []:
         gib = None if budget == "whole" else float(budget)
-        rt = krasis_run.load(args.artifact, device="cuda", gpu_budget=None if gib is None else f"{gib}GiB")
-        plan = rt.placement
-        print(f"budget {budget}: {len(plan.resident_layers)}/{args.layers} expert layers resident, "
-              f"plan {({k: round(v / 2**30, 2) for k, v in plan.vram_plan.items()})} GiB", flush=True)
-        if ceil is None:
-            ceil = measure_ceilings(rt)
-            record["ceilings"] = ceil
-            print(f"ceilings: {ceil}", flush=True)
-        run_prefill(rt, 1024, repeat=1)  # warm-up: Triton compile, allocator
-        for prompt in map(int, args.prompts.split(",")):
+        # the KV cache (and workspace) are reserved for `context` tokens: the prompt and its answer, as a
+        # user would set --context; --prefill-context max reserves for the longest prompt in every run
+        contexts = [p + 64 for p in prompts] if args.prefill_context == "prompt" else [max(prompts) + 64] * len(prompts)
+        rt = None
+        for prompt, context in zip(prompts, contexts, strict=True):
+            if rt is None or rt.placement.context != context:
+                if rt is not None:
+                    rt.close()
+                    del rt
+                    gc.collect()
+                    torch.cuda.empty_cache()
+                rt = krasis_run.load(args.artifact, device="cuda", gpu_budget=None if gib is None else f"{gib}GiB",
+                                     context=context)
+                plan = rt.placement
+                print(f"budget {budget}, context {context}: {len(plan.resident_layers)}/{args.layers} expert layers "
+                      f"resident, plan {({k: round(v / 2**30, 2) for k, v in plan.vram_plan.items()})} GiB", flush=True)
+                if ceil is None:
+                    ceil = measure_ceilings(rt)
+                    record["ceilings"] = ceil
+                    print(f"ceilings: {ceil}", flush=True)
+                run_prefill(rt, 1024, repeat=1)  # warm-up: Triton compile, allocator
             row = run_prefill(rt, prompt)
-            row.update(gpu_budget_gib=gib if gib is not None else round(plan.gpu_budget / 2**30, 1),
+            row.update(gpu_budget_gib=gib if gib is not None else round(plan.gpu_budget / 2**30, 1), context=context,
                        resident_layers=len(plan.resident_layers), floors=floors(prompt, args.layers,
                                                                                  row["bytes_streamed"], ceil))
             record["results"].append(row)
@@ -232,25 +322,27 @@ def main() -> None:
                   f"gemm {f['gemm_s']:.3f}, attention {f['attention_s']:.3f}), "
                   f"streamed {row['bytes_streamed'] / 1e9:.1f} GB at {row['pcie_gbps']:.1f} GB/s, "
                   f"peak VRAM {row['peak_vram_gib']:.1f} GiB", flush=True)
-        gpu_engine = rt.prefill_engine
         if args.profile and budget == args.budgets.split(",")[-1]:
             profile(rt, args.profile)
-        if budget == args.budgets.split(",")[-1]:
-            speeds = decode_speed(rt, args.decode_runs)
-            record["decode_tok_s"] = sorted(speeds)[len(speeds) // 2]
-            record["decode_runs"] = speeds
-            print(f"decode on the host CPU (64 tokens, {args.decode_runs} runs): {speeds} tok/s", flush=True)
-        gpu_engine.streamer.close()
-        del rt, gpu_engine
+        rt.close()
+        del rt
         gc.collect()
         torch.cuda.empty_cache()
+    if args.decode_budgets:
+        bandwidth = dict(host_read_gb_s=host_read_gb_s(), hbm_gb_s=hbm_gb_s())
+        record["bandwidth"] = bandwidth
+        print(f"bandwidth: {bandwidth}", flush=True)
+        record["decode"] = run_decode(args.artifact, args.decode_budgets.split(","), args.decode_runs, bandwidth)
+        cpu = [r for r in record["decode"] if r["mode"] == "cpu"]
+        if cpu:
+            record["decode_tok_s"], record["decode_runs"] = cpu[0]["decode_tok_s"], cpu[0]["runs"]
     whole = {r["prompt_tokens"]: r["ttft_s"] for r in record["results"] if r["resident_layers"] == args.layers}
     for r in record["results"]:
         if r["prompt_tokens"] in whole and r["copy_s"]:
             hidden = (r["copy_s"] + whole[r["prompt_tokens"]] - r["ttft_s"]) / r["copy_s"]
             r["copy_hidden_share"] = max(0.0, min(1.0, hidden))
     args.out.mkdir(parents=True, exist_ok=True)
-    name = f"{record['date']}-{device.replace(' ', '_')}.json"
+    name = f"{record['date']}-{device.replace(' ', '_')}{args.tag}.json"
     (args.out / name).write_text(json.dumps(record, indent=1))
     print(json.dumps(record["results"]))
 

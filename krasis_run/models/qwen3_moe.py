@@ -96,6 +96,11 @@ class Model:
         self.rms_norm = getattr(ops, "rms_norm", rms_norm)  # ... and bring its own norm and router top-k
         self.route = getattr(ops, "route", route)
 
+    def _inv_freq(self, device: torch.device) -> torch.Tensor:
+        if self.inv_freq.device != device:  # moved once: a copy from the host cannot be captured in a graph
+            self.inv_freq = self.inv_freq.to(device)
+        return self.inv_freq
+
     def attention(self, i: int, x: torch.Tensor, cache, start_pos: int, cos, sin) -> torch.Tensor:
         a, n, w = self.args, self.layer_names[i], self.w
         t = x.shape[0]
@@ -121,13 +126,37 @@ class Model:
         topk_ids, topk_weights = self.route(self.ops.linear(x, w[n["router"]]), a.num_experts_per_tok, a.norm_topk_prob)
         return self.ops.experts(x, topk_ids, topk_weights, w[n["experts"]])
 
-    def forward(self, tokens: torch.Tensor, cache, start_pos: int, all_logits: bool = False) -> torch.Tensor:
-        """tokens [T] at positions start_pos.. -> logits [T, vocab] (or [1, vocab] for the last token)."""
+    def attention_chunks(self, i: int, x: torch.Tensor, cache, start_pos: int, cos, sin, chunk: int) -> torch.Tensor:
+        """The attention half of layer i added into x in place, `chunk` tokens at a time: each chunk's queries
+        attend to every key so far (cache.update returns the layer's earlier chunks with the new one)."""
+        n, eps = self.layer_names[i], self.args.rms_norm_eps
+        for s in range(0, x.shape[0], chunk):
+            xs = x[s:s + chunk]
+            xs.add_(self.attention(i, self.rms_norm(xs, self.w[n["attn_norm"]], eps), cache, start_pos + s,
+                                   cos[s:s + chunk], sin[s:s + chunk]))
+        return x
+
+    def forward(self, tokens: torch.Tensor, cache, start_pos: int, all_logits: bool = False,
+                token_chunk: int | None = None) -> torch.Tensor:
+        """tokens [T] at positions start_pos.. -> logits [T, vocab] (or [1, vocab] for the last token).
+
+        token_chunk: run the attention half of each layer over at most this many tokens at a time, so that only
+        the residual stream [T, H] and the layer's K/V stay whole (the residual adds then happen in place). The
+        MLP half still takes all T tokens in one call, so every layer sees the whole prompt before the next
+        layer's weights are needed. The results are those of the unchunked pass."""
         a, w = self.args, self.w
         x = self.ops.embed(tokens, w["embed"])
-        positions = torch.arange(start_pos, start_pos + tokens.shape[0], device=x.device)
-        cos, sin = rope_cos_sin(self.inv_freq.to(x.device), positions, self.rope_scale)
+        # start_pos may be a device tensor: a captured decode step then serves every position
+        positions = torch.arange(tokens.shape[0], device=x.device) + start_pos
+        cos, sin = rope_cos_sin(self._inv_freq(x.device), positions, self.rope_scale)
+        chunked = token_chunk is not None and token_chunk < tokens.shape[0]
+        if chunked:
+            x = x.clone()  # updated in place below: never write into what ops.embed returned
         for i, n in enumerate(self.layer_names):
+            if chunked:
+                x = self.attention_chunks(i, x, cache, start_pos, cos, sin, token_chunk)
+                x += self.mlp(i, self.rms_norm(x, w[n["mlp_norm"]], a.rms_norm_eps))
+                continue
             x = x + self.attention(i, self.rms_norm(x, w[n["attn_norm"]], a.rms_norm_eps), cache, start_pos, cos, sin)
             x = x + self.mlp(i, self.rms_norm(x, w[n["mlp_norm"]], a.rms_norm_eps))
         cache.advance(start_pos + tokens.shape[0])

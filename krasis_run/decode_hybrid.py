@@ -1,0 +1,281 @@
+"""Hybrid decode: one token at a time with the GPU in the loop for what it holds.
+
+Attention (over a KV cache that stays in VRAM where the GPU prefill wrote it), the dense projections,
+the router, the lm_head and the routed experts held in VRAM run on the GPU; the experts left in RAM
+run on the CPU through the native MoE kernel, in place in the mapping. For a layer with CPU experts
+only the normed hidden state and its routing (a few KB) cross PCIe, through pinned buffers, and the
+CPU's sum comes back the same way.
+
+The step is the architecture's own `Model.forward` on one token, run with ops that place each piece.
+On CUDA it is captured once into CUDA graphs: one graph per stretch of GPU work between two CPU
+expert calls, so a step is a few graph launches instead of ~30 kernel launches per layer; the CPU
+experts of a layer run while the GPU computes its resident experts of the same layer. On the CPU
+(device="cpu") the same code runs eagerly, which is the path CI tests.
+
+One sequence at a time: the engine owns one KV cache of `context` tokens and every `new_cache`
+hands out that storage again.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .artifact import Artifact
+from .cache import KVCache
+from .format import SECTION_EXPERTS_GPU, KrsError
+from .kernels.decode_gpu import decode_attention, moe_decode
+from .prefill_gpu import ExpertHandle, GpuOps, GpuPrefillEngine, part_views
+
+
+class LayerExperts:
+    """Where one MoE layer's experts are for decode: tiles in VRAM by slot, and/or CPU blocks in the mapping."""
+
+    def __init__(self, layer: int, experts: int, device: torch.device, tiles: dict | None, cpu_blocks,
+                 resident: list[int]):
+        self.layer, self.tiles, self.cpu_blocks = layer, tiles, cpu_blocks
+        slot = torch.full((experts,), -1, dtype=torch.int32)
+        slot[resident] = torch.arange(len(resident), dtype=torch.int32)
+        self.slot = slot.to(device)
+        self.resident = resident
+        self.on_gpu = bool(resident) and tiles is not None
+        self.on_cpu = len(resident) < experts or tiles is None
+
+
+class HostStage:
+    """Pinned buffers for one layer's crossing: what the CPU experts read and what they give back."""
+
+    def __init__(self, hidden: int, k: int, pinned: bool):
+        self.x = torch.empty(1, hidden, dtype=torch.float32, pin_memory=pinned)
+        self.ids = torch.empty(1, k, dtype=torch.int32, pin_memory=pinned)
+        self.weights = torch.empty(1, k, dtype=torch.float32, pin_memory=pinned)
+        self.out = torch.zeros(1, hidden, dtype=torch.float32, pin_memory=pinned)
+
+
+class DecodeCache:
+    """The model's view of the KV cache during a decode step: the position is a device tensor, so one
+    captured step serves every position; attention masks by length instead of slicing."""
+
+    def __init__(self, cache: KVCache):
+        self.cache = cache
+
+    def update(self, layer: int, start, k: torch.Tensor, v: torch.Tensor):
+        keys, values = self.cache.keys[layer], self.cache.values[layer]
+        keys.index_copy_(0, start, k.to(keys.dtype))
+        values.index_copy_(0, start, v.to(values.dtype))
+        return keys, values
+
+    def advance(self, length) -> None:
+        pass  # the engine advances the real cache on the host
+
+
+class HybridOps(GpuOps):
+    """GpuOps for a one-token step: split-K attention over the whole cache masked by length, experts split
+    between GPU and CPU. Projections as in prefill: bf16 activations, float32-grade (hi + lo) for bf16 artifacts."""
+
+    def __init__(self, engine: HybridDecodeEngine, device: torch.device, codec: str, exact: bool, cpu_ops):
+        super().__init__(device, codec, "rows", exact)
+        self.engine, self.cpu_ops = engine, cpu_ops
+
+    def embed(self, tokens: torch.Tensor, table) -> torch.Tensor:
+        # The host stages the token's embedding row before each step (the table stays in the mapping);
+        # the step's first copy brings it over, which a CUDA graph can replay.
+        return self.engine.embed_dev.copy_(self.engine.embed_host, non_blocking=True).float()
+
+    def attention(self, q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, start_pos) -> torch.Tensor:
+        # the valid length (start_pos + 1) is computed once per step by the engine, not once per layer
+        return decode_attention(q[0], keys, values, self.engine.length_dev).reshape(1, -1)
+
+    def experts(self, x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor,
+                handle: ExpertHandle) -> torch.Tensor:
+        e = self.engine
+        layer = e.layers[handle.layer]
+        y = None
+        if layer.on_cpu:
+            stage = e.stages[handle.layer]
+            ids = topk_ids.to(torch.int32)
+            if layer.on_gpu:  # the CPU skips the slots the GPU computes (id -1)
+                ids = torch.where(layer.slot[topk_ids] >= 0, torch.full_like(ids, -1), ids)
+            stage.x.copy_(x, non_blocking=True)
+            stage.ids.copy_(ids, non_blocking=True)
+            stage.weights.copy_(topk_weights.float(), non_blocking=True)
+            e.hand_to_cpu(handle.layer, gpu_share=layer.on_gpu)  # the CPU starts once these have arrived
+        if layer.on_gpu:
+            y = moe_decode(x, topk_ids, topk_weights.float(), layer.slot, self.codec,
+                           layer.tiles["gate_up"], layer.tiles["down"])
+        if layer.on_cpu:
+            e.join_cpu(handle.layer, gpu_share=layer.on_gpu)
+            y_cpu = e.stage_out_dev[handle.layer].copy_(e.stages[handle.layer].out, non_blocking=True)
+            y = y_cpu if y is None else y + y_cpu
+        return y
+
+
+class HybridDecodeEngine:
+    """decode(token, cache) with the GPU in the loop; prefill goes to the GPU prefill engine."""
+
+    def __init__(self, arch, args, artifact: Artifact, prefill: GpuPrefillEngine, cpu_ops, cpu_weights: dict,
+                 context: int, gpu_experts: bool = True, graphs: bool = True):
+        self.args, self.prefill_engine, self.context = args, prefill, context
+        self.device = device = prefill.device
+        self.cuda = device.type == "cuda"
+        self.cpu_ops = cpu_ops
+        a = args
+        self.kv = KVCache(a.num_hidden_layers, a.num_key_value_heads, a.head_dim, context, device=device)
+        codec = artifact.header["quant"]["experts"]
+        streamer = prefill.streamer
+        self.layers: dict[int, LayerExperts] = {}
+        for i in streamer.layers:
+            tiles = None
+            if gpu_experts and i in streamer.resident and streamer.sources[i].layout == "rows" and \
+                    prefill.section == SECTION_EXPERTS_GPU:
+                tiles = part_views(streamer.resident[i], streamer.sources[i])
+            resident = list(range(a.num_experts)) if tiles is not None else []
+            self.layers[i] = LayerExperts(i, a.num_experts, device, tiles, cpu_weights[f"layers.{i}.experts"],
+                                          resident)
+        self.stages = {i: HostStage(a.hidden_size, a.num_experts_per_tok, self.cuda)
+                       for i, layer in self.layers.items() if layer.on_cpu}
+        self.stage_out_dev = {i: torch.empty(1, a.hidden_size, device=device) for i in self.stages}
+        self.embed_table = cpu_weights["embed"].parts["w"]
+        self.embed_host = torch.empty(1, a.hidden_size, dtype=self.embed_table.dtype, pin_memory=self.cuda)
+        self.embed_dev = torch.empty(1, a.hidden_size, dtype=self.embed_table.dtype, device=device)
+        self.pos_host = torch.zeros(1, dtype=torch.long, pin_memory=self.cuda)
+        self.pos_dev = torch.zeros(1, dtype=torch.long, device=device)
+        self.token_dev = torch.zeros(1, dtype=torch.long, device=device)
+        self.length_dev = torch.ones(1, dtype=torch.int32, device=device)  # positions attention reads this step
+        self.logits_host = torch.empty(a.vocab_size, dtype=torch.float32, pin_memory=self.cuda)
+        self.ops = HybridOps(self, device, codec, prefill.ops.exact, cpu_ops)
+        self.model = arch.Model(args, prefill.model.w, self.ops)
+        self.use_graphs = graphs and self.cuda
+        self.stream = torch.cuda.Stream(device) if self.cuda else None
+        self.plan: list[tuple] | None = None  # the captured step: graphs, events and CPU expert calls in order
+        self.capturing = False
+        self.pending: dict[int, object] = {}  # layer -> event after its stage copies (eager CUDA)
+
+    # ---------------------------------------------------------------- placement summary
+    @property
+    def mode(self) -> str:
+        gpu = [layer.on_gpu for layer in self.layers.values()]
+        if all(gpu) and not any(layer.on_cpu for layer in self.layers.values()):
+            return "all_gpu"
+        return "budget" if any(gpu) else "experts_in_ram"
+
+    def expert_bytes_per_token(self) -> dict[str, float]:
+        """Expected bytes of routed experts read per token on each side, for experts picked uniformly."""
+        a, out = self.args, {"cpu": 0.0, "gpu": 0.0}
+        for layer in self.layers.values():
+            per_expert = layer.cpu_blocks.length / a.num_experts
+            share = len(layer.resident) / a.num_experts if layer.on_gpu else 0.0
+            out["gpu"] += a.num_experts_per_tok * share * per_expert
+            out["cpu"] += a.num_experts_per_tok * (1 - share) * per_expert
+        return out
+
+    # ---------------------------------------------------------------- cache
+    def new_cache(self, capacity: int = 256) -> KVCache:
+        if capacity > self.context:
+            raise KrsError(f"{capacity} tokens do not fit the GPU KV cache of {self.context} tokens (--context)")
+        return KVCache.over(self.kv.keys, self.kv.values)
+
+    def prefill(self, tokens: list[int], cache: KVCache, all_logits: bool = False) -> torch.Tensor:
+        return self.prefill_engine.prefill(tokens, cache, all_logits)
+
+    # ---------------------------------------------------------------- the CPU side of a layer
+    def hand_to_cpu(self, layer: int, gpu_share: bool) -> None:
+        if not self.cuda:
+            return
+        if self.capturing:  # close this graph: the host waits for it before the CPU experts run
+            self._end_graph()
+            event = torch.cuda.Event()
+            self.plan.append(("record", event))
+            self.pending[layer] = event
+            if gpu_share:
+                self._begin_graph()  # the GPU's share of the layer, launched before the host waits
+        else:
+            event = torch.cuda.Event()
+            event.record()
+            self.pending[layer] = event
+
+    def join_cpu(self, layer: int, gpu_share: bool) -> None:
+        if self.capturing:
+            if gpu_share:
+                self._end_graph()
+            self.plan.append(("cpu", layer, self.pending.pop(layer)))
+            self._begin_graph()
+        else:
+            event = self.pending.pop(layer, None)
+            self._cpu_experts(layer, event)
+
+    def _cpu_experts(self, layer: int, event) -> None:
+        if event is not None:
+            event.synchronize()
+        stage = self.stages[layer]
+        if bool((stage.ids >= 0).any()):
+            stage.out.copy_(self.cpu_ops.experts(stage.x, stage.ids, stage.weights, self.layers[layer].cpu_blocks))
+        else:
+            stage.out.zero_()
+
+    # ---------------------------------------------------------------- CUDA graphs
+    def _begin_graph(self) -> None:
+        self.graph = torch.cuda.CUDAGraph()
+        self.graph.capture_begin(pool=self.pool)
+
+    def _end_graph(self) -> None:
+        self.graph.capture_end()
+        self.plan.append(("graph", self.graph))
+
+    def _step(self) -> None:
+        """The GPU step as issued eagerly (or recorded, while capturing): logits land in logits_host."""
+        self.length_dev.copy_(self.pos_dev + 1)
+        logits = self.model.forward(self.token_dev, DecodeCache(self.kv), self.pos_dev)
+        self.logits_host.copy_(logits.view(-1), non_blocking=True)
+
+    def _capture(self) -> None:
+        self.pool = torch.cuda.graph_pool_handle()
+        self.plan = []
+        self.stream.wait_stream(torch.cuda.current_stream(self.device))
+        with torch.cuda.stream(self.stream):
+            for _ in range(2):  # warm-up outside capture: kernel compilation, cuBLAS workspaces
+                self.pos_dev.copy_(self.pos_host, non_blocking=True)
+                self._step()
+            self.stream.synchronize()
+            self.capturing = True
+            try:
+                self._begin_graph()
+                self.pos_dev.copy_(self.pos_host, non_blocking=True)
+                self._step()
+                self._end_graph()
+            finally:
+                self.capturing = False
+        torch.cuda.current_stream(self.device).wait_stream(self.stream)
+
+    def _replay(self) -> None:
+        with torch.cuda.stream(self.stream):
+            for item in self.plan:
+                if item[0] == "graph":
+                    item[1].replay()
+                elif item[0] == "record":
+                    item[1].record(self.stream)
+                else:
+                    self._cpu_experts(item[1], item[2])
+        self.stream.synchronize()
+
+    # ---------------------------------------------------------------- decode
+    @torch.inference_mode()
+    def decode(self, token: int, cache: KVCache) -> torch.Tensor:
+        pos = cache.length
+        if pos >= self.context:
+            raise KrsError(f"the GPU KV cache holds {self.context} tokens (--context)")
+        self.embed_host.copy_(self.embed_table[token:token + 1])
+        self.pos_host.fill_(pos)
+        if self.use_graphs:
+            if self.plan is None:
+                self._capture()  # the warm-up steps wrote K/V at `pos` too; the replay overwrites them
+            self._replay()
+        else:
+            self.pos_dev.copy_(self.pos_host)
+            self._step()
+            if self.cuda:
+                torch.cuda.synchronize(self.device)
+        cache.advance(pos + 1)
+        return self.logits_host.clone()
+
+    def close(self) -> None:
+        self.plan = None

@@ -1,0 +1,18 @@
+#!/usr/bin/env bash
+# One GPU-host session: CUDA tests, kernel timings, then the prefill + decode benchmark.
+# usage: KRASIS_COMMIT=<sha> bash scripts/device_check.sh [tests|kernels|bench ...]   (logs under $OUT)
+set -uo pipefail
+export PYTHONPATH=$PWD PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
+OUT=${OUT:-/tmp/krasis-out}
+mkdir -p "$OUT"
+for step in "$@"; do
+  case $step in
+    tests)
+      python3 -m pytest -q -x tests/test_decode_kernels.py tests/test_hybrid_decode.py tests/test_gpu_prefill.py \
+        tests/test_prefill_kernels.py 2>&1 | tail -25 | tee "$OUT/tests.log" ;;
+    kernels)
+      [ -f scripts/bench_decode_kernels.py ] && python3 scripts/bench_decode_kernels.py 2>&1 | tee "$OUT/kernels.log" ;;
+    bench)
+      python3 scripts/bench.py --out "$OUT" ${BENCH_ARGS:-} 2>&1 | grep -v Warning | tee "$OUT/bench.log" ;;
+  esac
+done
