@@ -1,0 +1,171 @@
+"""Per-layer decode glue fused into one Triton kernel each: RMSNorm (x -> normalized, cast) and the MoE router
+(logits -> softmax -> top k -> optional renormalization). In a captured decode step every launch costs ~3 us
+even inside a CUDA graph, and the torch versions of these two issue several kernels each (square, mean,
+rsqrt, two muls, cast; softmax, topk, sum, div), 48 layers over.
+
+Both are graph-capturable: the grid is one program per row (M rows, from the shape), outputs can be caller
+provided static buffers (`out`, `ids_out`/`weights_out`), and nothing reads a value back to the host.
+Each has a torch reference in krasis_run.models.base (rms_norm, route) that it must equal; it falls back to
+that off CUDA or without Triton, and use_triton=True forces the kernel (CPU tensors under TRITON_INTERPRET=1,
+as the tests do).
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+
+from ..models.base import rms_norm, route
+from .decode_gpu import next_pow2
+
+# Rows up to this many columns are held in registers in one pass (x read once); wider rows loop over blocks
+# of this size twice (sum of squares, then scale and store). 8192 covers every hidden size we run.
+RMS_MAX_BLOCK = 8192
+
+
+# ---------------------------------------------------------------- Triton kernels (built on first use)
+
+
+@functools.cache
+def _kernels():
+    """The jitted kernels, or None without Triton. Defined lazily so TRITON_INTERPRET is read at first use."""
+    try:
+        import triton
+        import triton.language as tl
+    except ImportError:
+        return None
+
+    @triton.jit
+    def rms_norm_kernel(x_ptr, w_ptr, out_ptr, H, x_row, out_row, eps, BLOCK: tl.constexpr,
+                        ONE_PASS: tl.constexpr):
+        # one row: x * rsqrt(mean(x^2) + eps) * w in float32 (the reference's order of operations), then the cast
+        row = tl.program_id(0).to(tl.int64)
+        x_ptr += row * x_row
+        out_ptr += row * out_row
+        cols = tl.arange(0, BLOCK)
+        if ONE_PASS:
+            mask = cols < H
+            x = tl.load(x_ptr + cols, mask=mask, other=0.0).to(tl.float32)
+            r = tl.rsqrt(tl.sum(x * x, 0) / H + eps)
+            w = tl.load(w_ptr + cols, mask=mask, other=0.0).to(tl.float32)
+            tl.store(out_ptr + cols, (x * r * w).to(out_ptr.dtype.element_ty), mask=mask)
+        else:
+            acc = tl.zeros([BLOCK], dtype=tl.float32)
+            for start in range(0, H, BLOCK):
+                x = tl.load(x_ptr + start + cols, mask=start + cols < H, other=0.0).to(tl.float32)
+                acc += x * x
+            r = tl.rsqrt(tl.sum(acc, 0) / H + eps)
+            for start in range(0, H, BLOCK):  # the second read of the row mostly hits L1/L2
+                mask = start + cols < H
+                x = tl.load(x_ptr + start + cols, mask=mask, other=0.0).to(tl.float32)
+                w = tl.load(w_ptr + start + cols, mask=mask, other=0.0).to(tl.float32)
+                tl.store(out_ptr + start + cols, (x * r * w).to(out_ptr.dtype.element_ty), mask=mask)
+
+    @triton.jit
+    def route_kernel(logits_ptr, ids_ptr, w_ptr, E, l_row, ids_row, w_row, K: tl.constexpr,
+                     RENORM: tl.constexpr, BLOCK_E: tl.constexpr, KP: tl.constexpr):
+        # one token: softmax over the E experts in float32, then K rounds of (max with its index, record, mask out)
+        row = tl.program_id(0).to(tl.int64)
+        cols = tl.arange(0, BLOCK_E)
+        emask = cols < E
+        logits = tl.load(logits_ptr + row * l_row + cols, mask=emask, other=float("-inf")).to(tl.float32)
+        p = tl.exp(logits - tl.max(logits, 0))  # padding lanes: exp(-inf) = 0
+        # probabilities are >= 0, so -1 marks padding and already-chosen lanes: never picked while a real one is left
+        probs = tl.where(emask, p / tl.sum(p, 0), -1.0)
+        slots = tl.arange(0, KP)
+        top_w = tl.zeros([KP], dtype=tl.float32)
+        top_ids = tl.zeros([KP], dtype=tl.int32)
+        for j in tl.static_range(K):
+            # ties go to the lowest index, as torch.topk on CUDA usually does
+            best_w, best = tl.max(probs, 0, return_indices=True, return_indices_tie_break_left=True)
+            top_w = tl.where(slots == j, best_w, top_w)
+            top_ids = tl.where(slots == j, best, top_ids)
+            probs = tl.where(cols == best, -1.0, probs)
+        if RENORM:
+            top_w = top_w / tl.sum(top_w, 0)  # slots >= K hold 0
+        kmask = slots < K
+        tl.store(ids_ptr + row * ids_row + slots, top_ids.to(ids_ptr.dtype.element_ty), mask=kmask)
+        tl.store(w_ptr + row * w_row + slots, top_w, mask=kmask)
+
+    return {"rms_norm": rms_norm_kernel, "route": route_kernel}
+
+
+def _triton_ok(t: torch.Tensor, use_triton: bool | None) -> bool:
+    return (t.is_cuda if use_triton is None else use_triton) and _kernels() is not None
+
+
+def _rows(t: torch.Tensor) -> torch.Tensor:
+    """t with unit column stride (a row-strided view, e.g. a slice of a static buffer, passes through uncopied)."""
+    return t if t.stride(-1) == 1 else t.contiguous()
+
+
+def _check_out(name: str, out: torch.Tensor, shape: tuple[int, ...], dtypes: tuple[torch.dtype, ...]) -> None:
+    # shapes and dtypes only: checking them reads no device value, so it is safe during graph capture
+    if tuple(out.shape) != shape or out.dtype not in dtypes or out.stride(-1) != 1:
+        raise ValueError(f"{name} must be {' or '.join(map(str, dtypes))} {list(shape)} with unit column stride, "
+                         f"got {out.dtype} {list(out.shape)} strides {out.stride()}")
+
+
+# ---------------------------------------------------------------- RMSNorm
+
+
+def rms_norm_decode(x: torch.Tensor, weight: torch.Tensor, eps: float, out_dtype: torch.dtype = torch.bfloat16,
+                    out: torch.Tensor | None = None, *, use_triton: bool | None = None) -> torch.Tensor:
+    """x [M, H] (float32) -> x * rsqrt(mean(x^2) + eps) * weight in out_dtype (bf16 or float32), into `out` if
+    given (its dtype must be out_dtype). Equals krasis_run.models.base.rms_norm(x, weight, eps).to(out_dtype).
+
+    One program per row; rows up to RMS_MAX_BLOCK wide are normalized from registers in one pass.
+    """
+    m, h = x.shape
+    if out is not None:
+        _check_out("out", out, (m, h), (out_dtype,))
+    if not _triton_ok(x, use_triton):
+        y = rms_norm(x, weight, eps).to(out_dtype)
+        return y if out is None else out.copy_(y)
+    y = out if out is not None else torch.empty(m, h, dtype=out_dtype, device=x.device)
+    x = _rows(x)
+    block = next_pow2(h)
+    one_pass = block <= RMS_MAX_BLOCK
+    block = min(block, RMS_MAX_BLOCK)
+    # ~16 columns a thread: 4 warps at H=2048, 16 at 8192 (a guess; scripts/bench_decode_kernels.py times it)
+    warps = max(1, min(16, block // 512))
+    _kernels()["rms_norm"][(m,)](x, weight.contiguous(), y, h, x.stride(0), y.stride(0), eps, BLOCK=block,
+                                 ONE_PASS=one_pass, num_warps=warps)
+    return y
+
+
+# ---------------------------------------------------------------- router
+
+
+def route_decode(logits: torch.Tensor, k: int, renormalize: bool, ids_out: torch.Tensor | None = None,
+                 weights_out: torch.Tensor | None = None, *,
+                 use_triton: bool | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """MoE router for a few tokens: logits [M, E] -> (ids [M, k], weights float32 [M, k]), the k most probable
+    experts of each token in descending order of softmax probability (fp32), optionally renormalized to sum 1.
+    Equals krasis_run.models.base.route(logits, k, renormalize) up to exact ties, which this kernel breaks
+    towards the lower expert id (as torch.topk on CUDA usually does).
+
+    ids are int64 by default: that is what route (torch.topk) returns, and what torch indexing downstream expects
+    without a conversion kernel. A provided ids_out may also be int32 (the kernel stores in its dtype).
+    """
+    m, e = logits.shape
+    if not 1 <= k <= e:
+        raise ValueError(f"top-k of {k} out of {e} experts")
+    if ids_out is not None:
+        _check_out("ids_out", ids_out, (m, k), (torch.int64, torch.int32))
+    if weights_out is not None:
+        _check_out("weights_out", weights_out, (m, k), (torch.float32,))
+    if not _triton_ok(logits, use_triton):
+        ids, weights = route(logits, k, renormalize)
+        return (ids if ids_out is None else ids_out.copy_(ids),
+                weights if weights_out is None else weights_out.copy_(weights))
+    ids = ids_out if ids_out is not None else torch.empty(m, k, dtype=torch.int64, device=logits.device)
+    weights = weights_out if weights_out is not None else torch.empty(m, k, dtype=torch.float32, device=logits.device)
+    logits = _rows(logits)
+    block_e = next_pow2(e)
+    # few warps: the k rounds are k cross-lane reductions in a row, and each extra warp adds a shared-memory step
+    warps = max(1, min(4, block_e // 256))
+    _kernels()["route"][(m,)](logits, ids, weights, e, logits.stride(0), ids.stride(0), weights.stride(0), K=k,
+                              RENORM=bool(renormalize), BLOCK_E=block_e, KP=next_pow2(k), num_warps=warps)
+    return ids, weights

@@ -1,0 +1,197 @@
+"""Fused decode glue (krasis_run/kernels/decode_glue.py): RMSNorm and the MoE router, on the CPU.
+
+The torch references (krasis_run.models.base.rms_norm / route, which the wrappers fall back to) are checked
+against float64 math written here; the Triton kernels (class InterpretedGlue) run under the Triton
+interpreter against the references. As in tests/test_decode_kernels.py, the interpreter must be chosen
+before triton is first imported, so test_glue_kernels_under_interpreter runs the class in a child pytest
+with TRITON_INTERPRET=1 and fails with the child's report.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from krasis_run.kernels import decode_glue
+from krasis_run.kernels.decode_glue import rms_norm_decode, route_decode
+from krasis_run.models.base import rms_norm, route
+
+EPS = 1e-6
+BF16_ULP = 1 / 128  # relative size of one bf16 ulp (7 stored mantissa bits), at most
+
+
+# ---------------------------------------------------------------- data and plain float64 math
+
+
+def norm_inputs(m: int, h: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    gen = torch.Generator().manual_seed(seed)
+    x = 3 * torch.randn(m, h, generator=gen) + 0.5
+    weight = 1 + 0.3 * torch.randn(h, generator=gen)
+    return x, weight
+
+
+def plain_rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    xd = x.double()
+    return xd / torch.sqrt((xd * xd).mean(-1, keepdim=True) + eps) * weight.double()
+
+
+def router_logits(m: int, e: int, seed: int) -> torch.Tensor:
+    """Distinct values in every row, so the top k and its order don't depend on how ties are broken."""
+    gen = torch.Generator().manual_seed(seed)
+    logits = 2 * torch.randn(m, e, generator=gen)
+    assert all(len(torch.unique(row)) == e for row in logits)
+    return logits
+
+
+def plain_route(logits: torch.Tensor, k: int, renormalize: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    probs = torch.softmax(logits.double(), dim=-1)
+    ids = torch.sort(probs, dim=-1, descending=True, stable=True).indices[:, :k]
+    weights = probs.gather(-1, ids)
+    if renormalize:
+        weights = weights / weights.sum(-1, keepdim=True)
+    return ids, weights
+
+
+def assert_close_bf16(got: torch.Tensor, want: torch.Tensor, ulps: float) -> None:
+    assert got.dtype == torch.bfloat16
+    assert torch.allclose(got.double(), want.double(), rtol=ulps * BF16_ULP, atol=1e-6)
+
+
+NORM_SHAPES = [(m, h) for m in (1, 3) for h in (64, 96, 2048)]
+ROUTE_CASES = [(e, k, renorm) for e in (8, 128, 160) for k in (1, 2, 8) for renorm in (False, True)]
+
+
+# ---------------------------------------------------------------- the references (the CPU fallback)
+
+
+@pytest.mark.parametrize("m,h", [*NORM_SHAPES, (2, 8192)])
+def test_rms_norm_reference_matches_plain_math(m, h):
+    x, weight = norm_inputs(m, h, seed=h + m)
+    want = plain_rms_norm(x, weight, EPS)
+    got = rms_norm_decode(x, weight, EPS, torch.float32)  # CPU tensors: the reference
+    assert torch.equal(got, rms_norm(x, weight, EPS))
+    assert got.dtype == torch.float32 and torch.allclose(got.double(), want, rtol=1e-5, atol=1e-6)
+    assert_close_bf16(rms_norm_decode(x, weight, EPS), want, ulps=0.5 + 1e-3)  # bf16 by default, round to nearest
+
+
+def test_rms_norm_reference_writes_out():
+    x, weight = norm_inputs(3, 96, seed=0)
+    buf = torch.full((3, 200), float("nan"), dtype=torch.bfloat16)
+    out = buf[:, 8:104]  # a row-strided view of a static buffer
+    assert rms_norm_decode(x, weight, EPS, out=out) is out
+    assert torch.equal(out, rms_norm(x, weight, EPS).bfloat16())
+    assert buf[:, :8].isnan().all() and buf[:, 104:].isnan().all()
+
+
+def test_rms_norm_rejects_mismatched_out():
+    x, weight = norm_inputs(1, 64, seed=0)
+    with pytest.raises(ValueError, match="out must be"):
+        rms_norm_decode(x, weight, EPS, out=torch.empty(1, 64))  # float32 buffer, bf16 requested
+    with pytest.raises(ValueError, match="out must be"):
+        rms_norm_decode(x, weight, EPS, torch.float32, out=torch.empty(2, 64))
+
+
+@pytest.mark.parametrize("m", [1, 3])
+@pytest.mark.parametrize("e,k,renorm", ROUTE_CASES)
+def test_route_reference_matches_plain_math(m, e, k, renorm):
+    logits = router_logits(m, e, seed=e + k + m)
+    ids, weights = route_decode(logits, k, renorm)
+    want_ids, want_w = plain_route(logits, k, renorm)
+    assert ids.dtype == torch.int64 and weights.dtype == torch.float32 and ids.shape == (m, k)
+    assert torch.equal(ids, want_ids)
+    assert torch.allclose(weights.double(), want_w, rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("ids_dtype", [torch.int64, torch.int32])
+def test_route_reference_writes_out(ids_dtype):
+    logits = router_logits(3, 160, seed=1)
+    ids_out = torch.full((3, 8), -1, dtype=ids_dtype)
+    w_out = torch.full((3, 8), float("nan"))
+    ids, weights = route_decode(logits, 8, True, ids_out, w_out)
+    assert ids is ids_out and weights is w_out
+    want_ids, want_w = route(logits, 8, True)
+    assert torch.equal(ids.long(), want_ids) and torch.equal(weights, want_w)
+
+
+def test_route_rejects_bad_arguments():
+    logits = router_logits(2, 8, seed=0)
+    with pytest.raises(ValueError, match="top-k"):
+        route_decode(logits, 9, False)
+    with pytest.raises(ValueError, match="ids_out"):
+        route_decode(logits, 2, False, ids_out=torch.empty(2, 2))
+    with pytest.raises(ValueError, match="weights_out"):
+        route_decode(logits, 2, False, weights_out=torch.empty(2, 3))
+
+
+# ---------------------------------------------------------------- Triton kernels, under the interpreter
+
+
+def test_glue_kernels_under_interpreter():
+    """Runs class InterpretedGlue in a child pytest with TRITON_INTERPRET=1 (see the module docstring)."""
+    pytest.importorskip("triton")  # a test dependency (pyproject [test]); only a bare install skips
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-o", "python_classes=InterpretedGlue",
+           f"{__file__}::InterpretedGlue"]
+    proc = subprocess.run(cmd, env=env, cwd=Path(__file__).parents[1], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-6000:] + proc.stderr[-2000:]
+
+
+class InterpretedGlue:
+    """Collected only by the child run above (python_classes=InterpretedGlue), where the interpreter is on."""
+
+    @pytest.fixture(autouse=True)
+    def _interpreter_on(self):
+        from triton import knobs
+
+        assert knobs.runtime.interpret, "run through test_glue_kernels_under_interpreter (TRITON_INTERPRET=1)"
+
+    @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+    @pytest.mark.parametrize("m,h", NORM_SHAPES)
+    def test_rms_norm_triton_matches_reference(self, m, h, dtype):
+        x, weight = norm_inputs(m, h, seed=h + m + 1)
+        out = torch.full((m, h), float("nan"), dtype=dtype)
+        assert rms_norm_decode(x, weight, EPS, dtype, out=out, use_triton=True) is out
+        want = rms_norm(x, weight, EPS)
+        if dtype == torch.float32:
+            assert torch.allclose(out, want, rtol=1e-6, atol=1e-6)  # only the order of the sum differs
+        else:
+            assert_close_bf16(out, want, ulps=1)  # the interpreter rounds to bf16 towards zero, CUDA to nearest
+        assert torch.equal(rms_norm_decode(x, weight, EPS, dtype, use_triton=True), out)  # and allocates without out
+
+    @pytest.mark.parametrize("h", [96, 2048])
+    def test_rms_norm_triton_wide_rows_loop(self, monkeypatch, h):
+        """Rows wider than RMS_MAX_BLOCK: two loops over blocks, the last one partial at H=96."""
+        monkeypatch.setattr(decode_glue, "RMS_MAX_BLOCK", 64)
+        x, weight = norm_inputs(3, h, seed=h)
+        buf = torch.full((3, h + 32), float("nan"))
+        out = buf[:, :h]  # a row-strided view: the kernel takes the row stride, no copy
+        assert rms_norm_decode(x, weight, EPS, torch.float32, out=out, use_triton=True) is out
+        assert torch.allclose(out, rms_norm(x, weight, EPS), rtol=1e-6, atol=1e-6)
+        assert buf[:, h:].isnan().all()
+
+    @pytest.mark.parametrize("m", [1, 3])
+    @pytest.mark.parametrize("e,k,renorm", ROUTE_CASES)
+    def test_route_triton_matches_reference(self, m, e, k, renorm):
+        logits = router_logits(m, e, seed=e + k + m + 1)
+        ids_out = torch.full((m, k), -1, dtype=torch.int64)
+        w_out = torch.full((m, k), float("nan"))
+        ids, weights = route_decode(logits, k, renorm, ids_out, w_out, use_triton=True)
+        assert ids is ids_out and weights is w_out
+        want_ids, want_w = route(logits, k, renorm)
+        assert torch.equal(ids, want_ids)
+        assert torch.allclose(weights, want_w, rtol=1e-6, atol=1e-7)
+
+    def test_route_triton_allocates_int64_and_fills_int32_buffers(self):
+        logits = router_logits(3, 160, seed=5)[:, :128]  # a row-strided view of wider logits
+        ids, weights = route_decode(logits, 8, False, use_triton=True)
+        assert ids.dtype == torch.int64 and weights.dtype == torch.float32 and ids.shape == (3, 8)
+        want_ids, want_w = route(logits, 8, False)
+        assert torch.equal(ids, want_ids) and torch.allclose(weights, want_w, rtol=1e-6, atol=1e-7)
+        ids32 = torch.full((3, 8), -1, dtype=torch.int32)
+        assert route_decode(logits, 8, False, ids_out=ids32, use_triton=True)[0] is ids32
+        assert torch.equal(ids32.long(), want_ids)
