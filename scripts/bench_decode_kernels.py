@@ -19,7 +19,9 @@ import statistics
 
 import torch
 
+from krasis_run.kernels.decode_glue import rms_norm_decode, route_decode
 from krasis_run.kernels.decode_gpu import decode_attention, decode_attention_torch, moe_decode, moe_decode_torch
+from krasis_run.models.base import rms_norm, route
 
 HIDDEN, INTER, EXPERTS, TOPK = 2048, 768, 128, 8
 HEADS, KV_HEADS, HEAD_DIM, CAPACITY = 32, 4, 128, 40960
@@ -141,6 +143,51 @@ def bench_attention(length: int, iters: int, flush: torch.Tensor, ceiling: float
     return report(f"decode_attention len={length}", times, nbytes, ceiling, statistics.median(ref_times), err)
 
 
+GLUE_REPS = 48  # one call per layer of a 48-layer model, all in one graph: per-call cost as the engine sees it
+
+
+def graph_per_call(fn, iters: int) -> tuple[float, torch.cuda.CUDAGraph]:
+    """Median seconds per fn() call when GLUE_REPS calls are captured in one CUDA graph and replayed; the graph."""
+    fn()  # compile outside the capture
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for _ in range(GLUE_REPS):
+            fn()
+    return statistics.median(time_it(lambda i: graph.replay(), iters, flush=None)) / GLUE_REPS, graph
+
+
+def bench_glue_shape(m: int, h: int, e: int, k: int, iters: int) -> list[dict]:
+    """rms_norm_decode and route_decode vs their torch references, all in CUDA graphs; then a replay of the
+    kernels' graphs with new inputs must match the references."""
+    x, w = torch.randn(m, h, device="cuda"), 1 + 0.1 * torch.randn(h, device="cuda")
+    normed = torch.empty(m, h, dtype=torch.bfloat16, device="cuda")
+    logits = torch.randn(m, e, device="cuda")
+    ids, weights = torch.empty(m, k, dtype=torch.int64, device="cuda"), torch.empty(m, k, device="cuda")
+    t_norm, g_norm = graph_per_call(lambda: rms_norm_decode(x, w, 1e-6, out=normed), iters)
+    t_route, g_route = graph_per_call(lambda: route_decode(logits, k, True, ids, weights), iters)
+    t_norm_ref, _ = graph_per_call(lambda: rms_norm(x, w, 1e-6).to(torch.bfloat16), iters)
+    t_route_ref, _ = graph_per_call(lambda: route(logits, k, True), iters)
+    x.copy_(torch.randn_like(x))
+    logits.copy_(torch.randn_like(logits))
+    g_norm.replay()
+    g_route.replay()
+    assert torch.allclose(normed.float(), rms_norm(x, w, 1e-6).bfloat16().float(), rtol=1 / 128, atol=1e-5)
+    want_ids, want_w = route(logits, k, True)
+    assert torch.equal(ids, want_ids) and torch.allclose(weights, want_w, rtol=1e-5)
+    rows = []
+    for name, t, t_ref in (("rms_norm_decode", t_norm, t_norm_ref), ("route_decode", t_route, t_route_ref)):
+        row = {"kernel": f"{name} M={m} H={h} E={e} k={k}", "us": t * 1e6, "torch_ref_us": t_ref * 1e6}
+        print(f"{row['kernel']:40s} {row['us']:7.2f} us a call in a graph, torch ref {row['torch_ref_us']:7.2f} us")
+        rows.append(row)
+    return rows
+
+
+def bench_glue(iters: int) -> list[dict]:
+    """kernels/decode_glue.py at 30B-A3B shapes (M=1 and 4) and at a wider model's (H=4096, 512 experts, top-10)."""
+    shapes = ((1, HIDDEN, EXPERTS, TOPK), (4, HIDDEN, EXPERTS, TOPK), (1, 4096, 512, 10))
+    return [row for shape in shapes for row in bench_glue_shape(*shape, iters)]
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--iters", type=int, default=50)
@@ -157,6 +204,7 @@ def main() -> None:
             rows.append(bench_moe(codec, m, args.iters, flush, ceiling))
     for length in (4096, 32768):
         rows.append(bench_attention(length, args.iters, flush, ceiling))
+    rows += bench_glue(args.iters)
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"device": torch.cuda.get_device_name(), "copy_GB/s": ceiling, "rows": rows}, f, indent=1)
