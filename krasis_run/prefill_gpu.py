@@ -2,10 +2,11 @@
 experts stream from the mapped artifact into VRAM, the copy hidden under the current layer's compute.
 
 Each expert layer crosses PCIe at most once per prefill, however long the prompt: all prompt tokens
-pass through a layer before the next layer's weights are needed (tokens are chunked inside the
-expert step only to bound activation memory). Dense weights and as many whole expert layers as the
-budget allows stay resident. K/V go back to the (pinned) CPU cache as each layer finishes, so decode
-continues on the CPU exactly as after a CPU prefill.
+pass through a layer before the next layer's weights are needed (tokens are chunked inside a layer
+only to bound activation memory: the attention half in ATTENTION_TOKEN_CHUNK slices, each attending to
+the layer's keys so far, the expert step in EXPERT_TOKEN_CHUNK slices). Dense weights and as many whole
+expert layers as the budget allows stay resident. K/V go back to the (pinned) CPU cache as each layer
+finishes, so decode continues on the CPU exactly as after a CPU prefill.
 
 The same code runs on the CPU (device="cpu", no streams, torch reference dequant, a loop instead
 of the grouped GEMM): that is the path CI tests.
@@ -18,15 +19,19 @@ from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
+from torch.nn.attention.bias import causal_lower_right
 
 from .artifact import Artifact
 from .codecs import TORCH_DTYPES, dequant_parts
 from .format import SECTION_EXPERTS_CPU, SECTION_EXPERTS_GPU
 from .kernels.dequant import dequant_experts
+from .kernels.moe_combine import moe_combine
 from .kernels.norm_rope import fused_norm_rope
 from .models.base import norm_rope
+from .planner import ATTENTION_TOKEN_CHUNK, EXPERT_TOKEN_CHUNK
 
-EXPERT_TOKEN_CHUNK = 4096  # tokens per grouped-GEMM pass: bounds the [T*k, 2I] intermediate
+# EXPERT_TOKEN_CHUNK: tokens per grouped-GEMM pass, bounds the [T*k, 2I] intermediate (planner.py sizes it)
+
 HOST_REGISTER_READ_ONLY = 8  # cudaHostRegisterReadOnly
 
 
@@ -215,6 +220,19 @@ class GpuOps:
     def __init__(self, device: torch.device, codec: str, layout: str, exact: bool):
         self.device, self.codec, self.layout, self.exact = device, codec, layout, exact
         self.grouped_mm = device.type == "cuda" and hasattr(torch, "_grouped_mm")
+        self._bf16_memo: tuple | None = None  # (x, bf16 copy) of the last activation converted (x kept alive)
+
+    def _bf16(self, x: torch.Tensor) -> torch.Tensor:
+        """x in bf16, converted once: the q/k/v projections share one normed input. By identity: the model never
+        writes into a tensor it passes to ops (inference tensors have no version counter to check)."""
+        if x.dtype == torch.bfloat16:
+            return x
+        memo = self._bf16_memo
+        if memo is not None and memo[0] is x:
+            return memo[1]
+        xb = x.to(torch.bfloat16)
+        self._bf16_memo = (x, xb)
+        return xb
 
     def embed(self, tokens: torch.Tensor, table) -> torch.Tensor:
         return table.parts["w"][tokens].to(self.device, non_blocking=True).float()
@@ -222,7 +240,7 @@ class GpuOps:
     def linear(self, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
         if w.dtype == torch.float32:
             return F.linear(x, w)
-        xb = x.to(torch.bfloat16)
+        xb = self._bf16(x)
         if self.exact:  # bf16 weights: keep float32-grade activations (hi + lo), as the CPU path does
             m = x.shape[0]
             y = F.linear(torch.cat([xb, (x - xb.float()).to(torch.bfloat16)]), w).float()
@@ -237,16 +255,16 @@ class GpuOps:
         return fused if fused is not None else norm_rope(x, weight, eps, cos, sin)
 
     def attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, start_pos: int) -> torch.Tensor:
+        self._bf16_memo = None  # the projections of this input are done
         t, heads, dim = q.shape
         qh = q.transpose(0, 1).unsqueeze(0).to(torch.bfloat16)
         kh = k.transpose(0, 1).unsqueeze(0).to(torch.bfloat16)
         vh = v.transpose(0, 1).unsqueeze(0).to(torch.bfloat16)
-        if start_pos == 0 and k.shape[0] == t:
+        if k.shape[0] == t:
             out = F.scaled_dot_product_attention(qh, kh, vh, is_causal=True, enable_gqa=True)
-        else:
-            rows = torch.arange(start_pos, start_pos + t, device=q.device)[:, None]
-            mask = torch.arange(k.shape[0], device=q.device)[None, :] <= rows
-            out = F.scaled_dot_product_attention(qh, kh, vh, attn_mask=mask, enable_gqa=True)
+        else:  # a chunk of queries at the last t of the k.shape[0] positions: causal aligned to the lower right
+            bias = causal_lower_right(t, k.shape[0])  # flash attention on CUDA, a materialized mask on the CPU
+            out = F.scaled_dot_product_attention(qh, kh, vh, attn_mask=bias, enable_gqa=True)
         out = out.squeeze(0).transpose(0, 1).reshape(t, heads * dim)
         return out.float() if self.exact else out
 
@@ -255,24 +273,26 @@ class GpuOps:
         parts = handle.streamer.get(handle.layer)
         gate_up, down = dequant_experts(self.codec, self.layout, parts["gate_up"], parts["down"])
         out = torch.empty_like(x)
-        x_bf16 = x.to(torch.bfloat16)
+        x_bf16 = self._bf16(x)  # once per layer, shared by every token chunk
         k = topk_ids.shape[1]
         for start in range(0, x.shape[0], EXPERT_TOKEN_CHUNK):
             ids = topk_ids[start:start + EXPERT_TOKEN_CHUNK]
             weights = topk_weights[start:start + EXPERT_TOKEN_CHUNK]
             flat = ids.flatten()
             order = torch.argsort(flat, stable=True)
+            inv = torch.empty_like(order)  # inverse permutation: row of the sorted y for each (token, slot)
+            inv[order] = torch.arange(order.numel(), device=order.device)
             xs = x_bf16[order // k + start]
             counts = torch.bincount(flat, minlength=gate_up.shape[0])
             h = self._grouped(xs, gate_up, counts)
             gate, up = h.chunk(2, dim=-1)
             y = self._grouped(F.silu(gate) * up, down, counts)  # bf16 like the GEMM outputs: no fp32 copies
-            # back to token order by a permutation (no atomics), then each token sums its k weighted rows
-            unsorted = torch.empty_like(y)
-            unsorted[order] = y
-            mixed = torch.bmm(weights.unsqueeze(1).to(y.dtype), unsorted.view(-1, k, y.shape[-1]))
-            out[start:start + ids.shape[0]] = mixed.squeeze(1)
+            # each token gathers its k rows of y through inv and sums them weighted, straight into out (one
+            # Triton pass on CUDA; index_select + bmm elsewhere, as the scatter + bmm computed before)
+            moe_combine(y, inv, weights, out[start:start + ids.shape[0]])
+            del xs, h, gate, up, y  # free before the next chunk allocates its own (planner._workspace counts one)
         handle.streamer.release(handle.layer)
+        self._bf16_memo = None
         return out
 
     def _grouped(self, xs: torch.Tensor, w: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
@@ -296,25 +316,47 @@ class CacheWriter:
         self.cache, self.device = cache, device
         self.cuda = device.type == "cuda"
         self.stream = torch.cuda.Stream(device) if self.cuda else None
-        self.pending: list[torch.Tensor] = []
+        self.pending: list[tuple[int, object, torch.Tensor]] = []  # (layer, copy done, source kept alive)
+        self.layer_kv: tuple | None = None  # (layer, end, keys, values) on the device: the layer's tokens so far
+
+    def _release_copied(self, layer: int) -> None:
+        """Drop the copy sources of layers before layer - 1: the compute stream waits for their copies (long done
+        by now), so their memory can be reused at once; this bounds the pending K/V to two layers."""
+        keep = []
+        for entry in self.pending:
+            if entry[0] < layer - 1:
+                torch.cuda.current_stream(self.device).wait_event(entry[1])
+            else:
+                keep.append(entry)
+        self.pending = keep
 
     def update(self, layer: int, start: int, k: torch.Tensor, v: torch.Tensor):
         end = start + k.shape[0]
         self.cache.reserve(end)
+        if self.cuda:
+            self._release_copied(layer)
         for store, new in ((self.cache.keys, k), (self.cache.values, v)):
             src = new.to(store[layer].dtype)
             if self.cuda:
                 self.stream.wait_stream(torch.cuda.current_stream(self.device))
                 with torch.cuda.stream(self.stream):
                     store[layer][start:end].copy_(src, non_blocking=True)
-                self.pending.append(src)  # keep alive until the copy is done
+                    done = torch.cuda.Event()
+                    done.record()
+                self.pending.append((layer, done, src))  # keep alive until the copy is done
             else:
                 store[layer][start:end] = src
-        if start == 0:
-            return k, v
-        past_k = self.cache.keys[layer][:start].to(self.device)
-        past_v = self.cache.values[layer][:start].to(self.device)
-        return torch.cat([past_k.to(k.dtype), k]), torch.cat([past_v.to(v.dtype), v])
+        held = self.layer_kv
+        if held is not None and held[0] == layer and held[1] == start:  # a later token chunk of the same layer
+            keys, values = torch.cat([held[2], k.to(held[2].dtype)]), torch.cat([held[3], v.to(held[3].dtype)])
+        elif start == 0:
+            keys, values = k, v
+        else:  # after an earlier prefill: its K/V are in the host cache (copies finished)
+            past_k = self.cache.keys[layer][:start].to(self.device)
+            past_v = self.cache.values[layer][:start].to(self.device)
+            keys, values = torch.cat([past_k.to(k.dtype), k]), torch.cat([past_v.to(v.dtype), v])
+        self.layer_kv = (layer, end, keys, values)  # replaces the previous layer's: one layer's K/V on the device
+        return keys, values
 
     def advance(self, length: int) -> None:
         self.cache.advance(length)
@@ -323,6 +365,7 @@ class CacheWriter:
         if self.cuda:
             self.stream.synchronize()
         self.pending.clear()
+        self.layer_kv = None
 
 
 def place_gpu_weights(artifact: Artifact, device: torch.device, streamer: ExpertStreamer) -> dict:
@@ -348,6 +391,8 @@ def place_gpu_weights(artifact: Artifact, device: torch.device, streamer: Expert
 class GpuPrefillEngine:
     """prefill(tokens, cache) on `device`; decode stays with the CPU engine on the same cache."""
 
+    token_chunk = ATTENTION_TOKEN_CHUNK  # attention runs over this many tokens at a time (None: the whole prompt)
+
     def __init__(self, arch, args, artifact: Artifact, device: str | torch.device, resident_layers: set[int],
                  section: str):
         self.device = torch.device(device)
@@ -366,7 +411,7 @@ class GpuPrefillEngine:
         writer = CacheWriter(cache, self.device)
         self.streamer.begin()
         logits = self.model.forward(torch.tensor(tokens, dtype=torch.long), writer, cache.length,
-                                    all_logits=all_logits)
+                                    all_logits=all_logits, token_chunk=self.token_chunk)
         logits = logits.float().cpu()
         writer.finish()
         if self.device.type == "cuda":

@@ -84,7 +84,8 @@ def tight_budget(path) -> int:
 
     art = Artifact(path)
     layers = _layer_bytes(art, "experts_gpu")
-    return _dense_vram(art) + _workspace(art.header["config"], 32768) + int(2.9 * max(layers.values()))
+    workspace = _workspace(art.header["config"], 32768, art.header["quant"]["experts"])
+    return _dense_vram(art) + workspace + int(2.9 * max(layers.values()))
 
 
 @cuda
@@ -132,3 +133,100 @@ def test_cuda_prefill_then_cpu_decode_equals_cpu(tiny_per_expert):
     ids = prompt_ids(cpu.args.vocab_size, 24, seed=12)
     want = list(cpu.generate(ids, max_new_tokens=16, stop_token_ids=set()))
     assert list(gpu.generate(ids, max_new_tokens=16, stop_token_ids=set())) == want
+
+
+
+@pytest.mark.parametrize("quant,dense", [("bf16", "bf16"), ("q4", "q8")])
+def test_chunked_attention_prefill_equals_unchunked(tiny, quant, dense):
+    """Attention in token chunks (each chunk's queries over the layer's keys so far) changes nothing, on the
+    engine's CPU path: the same logits and the same K/V in the cache."""
+    rt = krasis_run.load(tiny.artifact(quant, dense), threads=1)
+    ids = prompt_ids(rt.args.vocab_size, 40, seed=14)
+    engine = cpu_streaming_engine(rt, {1}, "experts_gpu")
+    results = {}
+    for chunk in (None, 16, 7):
+        engine.token_chunk = chunk
+        cache = rt.engine.new_cache()
+        results[chunk] = (engine.prefill(ids, cache, all_logits=True), cache)
+        assert cache.length == len(ids)
+    want, want_cache = results[None]
+    got, cache = results[16]  # torch's CPU attention kernel rounds alike for 16-row blocks: bit for bit
+    assert torch.equal(got, want)
+    for layer in range(rt.args.num_hidden_layers):
+        assert torch.equal(cache.keys[layer][:len(ids)], want_cache.keys[layer][:len(ids)])
+        assert torch.equal(cache.values[layer][:len(ids)], want_cache.values[layer][:len(ids)])
+    # other lengths: the CPU SDPA kernel's bf16 output differs in the last bit (causal over 7 rows vs over 40
+    # gives different roundings), which the tiny random model amplifies; a wrong mask or stale key is O(1)
+    assert rel_l2(results[7][0].numpy(), want.numpy()) < 5e-2  # measured 3e-3 to 3e-2
+
+
+def test_chunked_attention_after_earlier_prefill(tiny_per_expert):
+    """A second prefill (start_pos > 0) in chunks: earlier chunks of a layer come from the writer, older tokens
+    from the host cache."""
+    rt = krasis_run.load(tiny_per_expert.artifact("bf16", "bf16"), threads=1)
+    ids = prompt_ids(rt.args.vocab_size, 48, seed=15)
+    engine = cpu_streaming_engine(rt, set(), "experts_gpu")
+    out = {}
+    for chunk in (None, 16):
+        engine.token_chunk = chunk
+        cache = rt.engine.new_cache()
+        out[chunk] = torch.cat([engine.prefill(ids[:16], cache, all_logits=True),
+                                engine.prefill(ids[16:], cache, all_logits=True)]).numpy()
+        assert cache.length == len(ids)
+    assert np.array_equal(out[16], out[None])  # 16-row chunks: bit for bit, as above
+    assert rel_l2(out[16], rt.logits(ids)) < 2e-2  # against the CPU engine (its own 2048-token chunks)
+
+
+@cuda
+@pytest.mark.parametrize("deinterleave", [False, True])
+def test_triton_q4_blocks_match_torch_reference(deinterleave):
+    from test_prefill_kernels import strided_blocks
+
+    from krasis_run.kernels.dequant import q4_blocks
+
+    q, scale_zero = strided_blocks(experts=5, rows=256, cols=192, device="cuda")  # strided views, as streamed
+    want = q4_blocks(q, scale_zero, deinterleave, use_triton=False)
+    assert torch.equal(q4_blocks(q, scale_zero, deinterleave, use_triton=True), want)
+
+
+@cuda
+def test_triton_combine_matches_torch_reference():
+    from test_prefill_kernels import combine_case
+
+    from krasis_run.kernels.moe_combine import moe_combine
+
+    y, _, inv, weights = (t.cuda() for t in combine_case(tokens=1000, k=8, hidden=2048, seed=5))
+    want = moe_combine(y, inv, weights, torch.empty(1000, 2048, device="cuda"), use_triton=False)
+    got = moe_combine(y, inv, weights, torch.empty(1000, 2048, device="cuda"), use_triton=True)
+    torch.testing.assert_close(got, want, rtol=2**-7, atol=1e-5)  # one bf16 rounding apart at most
+
+
+@cuda
+def test_chunked_attention_on_cuda_matches_whole_prompt():
+    """Lower-right causal attention of query chunks over the keys so far = the whole prompt's causal attention."""
+    from krasis_run.prefill_gpu import GpuOps
+
+    ops = GpuOps(torch.device("cuda"), "q4", "rows", exact=False)
+    t, g = 1536, torch.Generator(device="cuda").manual_seed(0)
+    q, k, v = (torch.randn(t, h, 128, device="cuda", generator=g).to(torch.bfloat16) for h in (32, 4, 4))
+    whole = ops.attention(q, k, v, 0).float()
+    chunks = torch.cat([ops.attention(q[s:s + 512], k[:s + 512], v[:s + 512], s) for s in range(0, t, 512)]).float()
+    assert float((chunks - whole).norm() / whole.norm()) < 1e-2
+
+
+@cuda
+def test_cuda_chunked_prefill_matches_unchunked(tiny):
+    """On the GPU: side-stream K/V copies released two layers later, lower-right causal chunks, same cache."""
+    path = tiny.artifact("q4", "q8")
+    rt = krasis_run.load(path, device="cuda", threads=1, gpu_budget=tight_budget(path))
+    ids = prompt_ids(rt.args.vocab_size, 40, seed=16)
+    engine = rt.prefill_engine
+    out = {}
+    for chunk in (None, 16):
+        engine.token_chunk = chunk
+        cache = rt.engine.new_cache()
+        out[chunk] = (engine.prefill(ids, cache, all_logits=True).numpy(), cache)
+    assert rel_l2(out[16][0], out[None][0]) < 2e-2
+    for layer in range(rt.args.num_hidden_layers):
+        a, b = out[16][1].keys[layer][:40].float(), out[None][1].keys[layer][:40].float()
+        assert float((a - b).norm() / b.norm()) < 2e-2

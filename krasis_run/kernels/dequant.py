@@ -2,8 +2,9 @@
 
 `dequant_experts` takes the parts of either expert layout (GPU tiles "rows" [E, N, ...] or CPU blocks
 viewed with a leading expert dim) and returns gate_up [E, 2I, H] (gate rows first) and down
-[E, H, I] in bf16. On CUDA the q4 tiles go through a Triton kernel; everywhere else (and as the
-reference the tests compare it with) through krasis_run.codecs in torch.
+[E, H, I] in bf16. On CUDA the q4 tiles and the q4 CPU blocks go through Triton kernels (the blocks'
+one also undoes the gate/up interleave by where it writes each row); everywhere else (and as the
+reference the tests compare them with) through torch.
 """
 
 from __future__ import annotations
@@ -86,6 +87,75 @@ def _q4_blocks(q: torch.Tensor, scale_zero: torch.Tensor) -> torch.Tensor:
     return out.view(e, -1, k).to(torch.bfloat16)
 
 
+BLOCK_COLS = 64  # input columns per Triton program of the CPU-block kernel
+
+
+@functools.cache
+def _triton_q4_blocks():
+    try:
+        import triton
+        import triton.language as tl
+    except ImportError:
+        return None
+
+    @triton.jit
+    def q4_blocks_kernel(q_ptr, sz_ptr, out_ptr, q_expert_stride, sz_expert_stride, n_blocks, rows, cols,
+                         DEINTERLEAVE: tl.constexpr, BLOCK_COLS: tl.constexpr):
+        # q [E, NB, K, 32] bytes: byte b of column c in block nb holds row nb*64 + b (low nibble) and
+        # nb*64 + 32 + b (high nibble); scale_zero [E, K/32, N, 2] bf16 (scale, zero) per row and 32 columns.
+        # Experts lie q_expert_stride / sz_expert_stride elements apart (strided views of the layer's bytes).
+        pid = tl.program_id(0)  # one (expert, 64-row block); program_id(1) picks BLOCK_COLS columns
+        e = pid // n_blocks
+        nb = pid % n_blocks
+        c = tl.program_id(1) * BLOCK_COLS + tl.arange(0, BLOCK_COLS)[:, None]  # [BLOCK_COLS, 1]
+        b = tl.arange(0, 32)[None, :]  # [1, 32]
+        mask = (c < cols) & (b < 32)
+        q_base = q_ptr + e.to(tl.int64) * q_expert_stride + nb.to(tl.int64) * cols * 32
+        byte = tl.load(q_base + c * 32 + b, mask=mask, other=0).to(tl.int32)
+        sz_base = sz_ptr + e.to(tl.int64) * sz_expert_stride + (c // 32) * rows * 2
+        row_lo = nb * 64 + b
+        row_hi = row_lo + 32
+        s_lo = tl.load(sz_base + row_lo * 2, mask=mask, other=0.0).to(tl.float32)
+        z_lo = tl.load(sz_base + row_lo * 2 + 1, mask=mask, other=0.0).to(tl.float32)
+        s_hi = tl.load(sz_base + row_hi * 2, mask=mask, other=0.0).to(tl.float32)
+        z_hi = tl.load(sz_base + row_hi * 2 + 1, mask=mask, other=0.0).to(tl.float32)
+        lo = ((byte & 15) - 8).to(tl.float32) * s_lo + z_lo
+        hi = ((byte >> 4) - 8).to(tl.float32) * s_hi + z_hi
+        if DEINTERLEAVE:  # gate_up: each block is 32 gate rows (low nibbles) then 32 up rows (high nibbles)
+            out_lo = nb * 32 + b
+            out_hi = rows // 2 + nb * 32 + b
+        else:
+            out_lo = row_lo
+            out_hi = row_hi
+        out_base = out_ptr + e.to(tl.int64) * rows * cols
+        tl.store(out_base + out_lo * cols + c, lo.to(tl.bfloat16), mask=mask)
+        tl.store(out_base + out_hi * cols + c, hi.to(tl.bfloat16), mask=mask)
+
+    def run(q: torch.Tensor, scale_zero: torch.Tensor, deinterleave: bool) -> torch.Tensor:
+        e, nb, k, _ = q.shape
+        if not (q[0].is_contiguous() and scale_zero[0].is_contiguous()):  # inner layout as written; else copy
+            q, scale_zero = q.contiguous(), scale_zero.contiguous()
+        rows = nb * CPU_BLOCK_ROWS
+        out = torch.empty(e, rows, k, dtype=torch.bfloat16, device=q.device)
+        q4_blocks_kernel[(e * nb, triton.cdiv(k, BLOCK_COLS))](q, scale_zero, out, q.stride(0), scale_zero.stride(0),
+                                                                nb, rows, k, DEINTERLEAVE=deinterleave,
+                                                                BLOCK_COLS=BLOCK_COLS)
+        return out
+
+    return run
+
+
+def q4_blocks(q: torch.Tensor, scale_zero: torch.Tensor, deinterleave: bool,
+              use_triton: bool | None = None) -> torch.Tensor:
+    """CPU blocks q [E, N/64, K, 32], scale_zero [E, K/32, N, 2] (strided per expert is fine) -> bf16 [E, N, K],
+    with gate rows first when `deinterleave` (the gate_up matrix)."""
+    kernel = _triton_q4_blocks() if (q.is_cuda if use_triton is None else use_triton) else None
+    if kernel is not None:
+        return kernel(q, scale_zero, deinterleave)
+    w = _q4_blocks(q, scale_zero)
+    return _deinterleave_rows(w) if deinterleave else w
+
+
 def _deinterleave_rows(w: torch.Tensor) -> torch.Tensor:
     """[E, 2I, ...] in 64-row blocks of (32 gate, 32 up) -> [E, 2I, ...] with all gate rows first."""
     e, two_i = w.shape[:2]
@@ -104,8 +174,9 @@ def dequant_experts(codec: str, layout: str, gate_up: dict[str, torch.Tensor], d
             w = (parts["q"].to(torch.bfloat16) * parts["scale"].unsqueeze(-1)).to(torch.bfloat16)
         elif layout == "rows":
             w = q4_rows(parts["q"], parts["scale"], parts["zero"], use_triton)
-        else:
-            w = _q4_blocks(parts["q"], parts["scale_zero"])
+        else:  # q4 CPU blocks: the de-interleave happens inside
+            out.append(q4_blocks(parts["q"], parts["scale_zero"], matrix == "gate_up", use_triton))
+            continue
         if layout == "cpu_blocks" and matrix == "gate_up":
             w = _deinterleave_rows(w)
         out.append(w)
