@@ -18,11 +18,14 @@ hands out that storage again.
 
 from __future__ import annotations
 
+import time
+
 import torch
 
 from .artifact import Artifact
 from .cache import KVCache
 from .format import SECTION_EXPERTS_GPU, KrsError
+from .kernels.decode_glue import rms_norm_decode, route_decode
 from .kernels.decode_gpu import decode_attention, moe_decode
 from .prefill_gpu import ExpertHandle, GpuOps, GpuPrefillEngine, part_views
 
@@ -75,6 +78,17 @@ class HybridOps(GpuOps):
     def __init__(self, engine: HybridDecodeEngine, device: torch.device, codec: str, exact: bool, cpu_ops):
         super().__init__(device, codec, "rows", exact)
         self.engine, self.cpu_ops = engine, cpu_ops
+
+    # One fused kernel each instead of ~5 torch ops: in a graph every tiny kernel still costs a few us.
+    def rms_norm(self, x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+        # bf16 straight into the projections (which take bf16 anyway), unless the artifact is bf16 (exact)
+        return rms_norm_decode(x.float(), weight, eps, out_dtype=torch.float32 if self.exact else torch.bfloat16)
+
+    def route(self, logits: torch.Tensor, k: int, renormalize: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        return route_decode(logits.float(), k, renormalize)
+
+    def linear(self, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+        return super().linear(x.float() if w.dtype == torch.float32 else x, w)  # the router is float32
 
     def embed(self, tokens: torch.Tensor, table) -> torch.Tensor:
         # The host stages the token's embedding row before each step (the table stays in the mapping);
@@ -149,6 +163,7 @@ class HybridDecodeEngine:
         self.plan: list[tuple] | None = None  # the captured step: graphs, events and CPU expert calls in order
         self.capturing = False
         self.pending: dict[int, object] = {}  # layer -> event after its stage copies (eager CUDA)
+        self.timing = dict(steps=0, step_s=0.0, gpu_wait_s=0.0, cpu_experts_s=0.0)  # where decode time goes
 
     # ---------------------------------------------------------------- placement summary
     @property
@@ -204,13 +219,17 @@ class HybridDecodeEngine:
             self._cpu_experts(layer, event)
 
     def _cpu_experts(self, layer: int, event) -> None:
+        started = time.perf_counter()
         if event is not None:
             event.synchronize()
+        waited = time.perf_counter()
         stage = self.stages[layer]
         if bool((stage.ids >= 0).any()):
             stage.out.copy_(self.cpu_ops.experts(stage.x, stage.ids, stage.weights, self.layers[layer].cpu_blocks))
         else:
             stage.out.zero_()
+        self.timing["gpu_wait_s"] += waited - started  # the host waiting for the GPU's part of the layer
+        self.timing["cpu_experts_s"] += time.perf_counter() - waited
 
     # ---------------------------------------------------------------- CUDA graphs
     def _begin_graph(self) -> None:
@@ -260,6 +279,7 @@ class HybridDecodeEngine:
     # ---------------------------------------------------------------- decode
     @torch.inference_mode()
     def decode(self, token: int, cache: KVCache) -> torch.Tensor:
+        started = time.perf_counter()
         pos = cache.length
         if pos >= self.context:
             raise KrsError(f"the GPU KV cache holds {self.context} tokens (--context)")
@@ -268,6 +288,8 @@ class HybridDecodeEngine:
         if self.use_graphs:
             if self.plan is None:
                 self._capture()  # the warm-up steps wrote K/V at `pos` too; the replay overwrites them
+                self.timing = dict.fromkeys(self.timing, 0)
+                started = time.perf_counter()  # capture is a one-off: count the steps from here
             self._replay()
         else:
             self.pos_dev.copy_(self.pos_host)
@@ -275,6 +297,8 @@ class HybridDecodeEngine:
             if self.cuda:
                 torch.cuda.synchronize(self.device)
         cache.advance(pos + 1)
+        self.timing["steps"] += 1
+        self.timing["step_s"] += time.perf_counter() - started
         return self.logits_host.clone()
 
     def close(self) -> None:

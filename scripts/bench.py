@@ -236,17 +236,22 @@ def run_decode(path: Path, budgets: list[str], runs: int, bandwidth: dict) -> li
                 rt.close()
                 continue
             speeds = decode_speed(rt, runs)
+            split = {}
+            if mode != "cpu":  # per token: host waiting for the GPU's part, CPU experts, the whole step (ms)
+                t = rt.engine.timing
+                keys = ("gpu_wait_s", "cpu_experts_s", "step_s")
+                split = {k: round(1e3 * t[k] / max(1, t["steps"]), 3) for k in keys}
             nbytes = decode_bytes(rt, mode)
             bound_s = nbytes["cpu"] / bandwidth["host_read_gb_s"] / 1e9 + nbytes["gpu"] / bandwidth["hbm_gb_s"] / 1e9
             row = dict(gpu_budget_gib=None if gib == "whole" else float(gib), mode=mode,
                        decode_tok_s=sorted(speeds)[len(speeds) // 2], runs=speeds,
                        resident_layers=len(rt.placement.resident_layers), cpu_bytes_per_token=nbytes["cpu"],
-                       gpu_bytes_per_token=nbytes["gpu"], bound_tok_s=1 / bound_s)
+                       gpu_bytes_per_token=nbytes["gpu"], bound_tok_s=1 / bound_s, ms_per_token=split)
             rows.append(row)
             print(f"decode {mode:>14} budget {gib:>5}: {row['decode_tok_s']:6.1f} tok/s {[round(v) for v in speeds]} "
                   f"(bound {row['bound_tok_s']:.0f} tok/s = {row['decode_tok_s'] * bound_s:.0%}; CPU "
                   f"{nbytes['cpu'] / 1e6:.0f} MB + GPU {nbytes['gpu'] / 1e6:.0f} MB per token, "
-                  f"{row['resident_layers']} layers resident)", flush=True)
+                  f"{row['resident_layers']} layers resident) ms/token {split}", flush=True)
             rt.close()
             del rt
             gc.collect()

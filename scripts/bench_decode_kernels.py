@@ -121,6 +121,48 @@ def check_moe_graph(x, ids, weights, slot_of, codec, gate_up, down) -> None:
         assert err < 1e-4, f"graph replay {i}: rel L2 {err}"
 
 
+def graph_time(fn, iters: int, flush: torch.Tensor) -> float:
+    """Median seconds of one CUDA-graph replay of fn (one launch: the kernels' own time, no Python)."""
+    fn()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    return statistics.median(time_it(lambda i: graph.replay(), iters, flush))
+
+
+def sweep_moe(iters: int, flush: torch.Tensor, ceiling: float) -> list[dict]:
+    """q4 moe_decode at M=1 in a CUDA graph for several tile shapes: the engine's real per-layer cost."""
+    from krasis_run.kernels import decode_gpu as dg
+
+    gate_up, down = random_parts("q4", 2 * INTER, HIDDEN), random_parts("q4", HIDDEN, INTER)
+    slot_of = torch.arange(EXPERTS, device="cuda").int()
+    ids = torch.randperm(EXPERTS, device="cuda")[None, :TOPK].int()
+    weights = torch.softmax(torch.randn(1, TOPK, device="cuda"), -1)
+    x, out = torch.randn(1, HIDDEN, device="cuda"), torch.empty(1, HIDDEN, device="cuda")
+    nbytes = TOPK * (expert_bytes(gate_up) + expert_bytes(down))
+    want = moe_decode_torch(x, ids, weights, slot_of, "q4", gate_up, down)
+    rows = []
+    for pairs in (True,):
+        for block_n, block_k, down_n, down_k, warps in ((16, 512, 16, 128, 4), (4, 256, 4, 256, 2),
+                                                        (2, 256, 2, 256, 1), (4, 128, 4, 128, 1),
+                                                        (2, 512, 4, 256, 1), (4, 256, 4, 256, 1),
+                                                        (8, 128, 8, 128, 2), (1, 512, 2, 256, 1)):
+            cfg = dict(DOWN_PAIRS=pairs, MOE_BLOCK_N=block_n, GATE_UP_BLOCK_K=block_k, DOWN_BLOCK_N=down_n,
+                       DOWN_BLOCK_K=down_k, MOE_WARPS=warps)
+            for k, v in cfg.items():
+                setattr(dg, k, v)
+            try:
+                err = rel_l2(moe_decode(x, ids, weights, slot_of, "q4", gate_up, down), want)
+                t = graph_time(lambda: moe_decode(x, ids, weights, slot_of, "q4", gate_up, down, out=out), iters, flush)
+            except Exception as e:  # a tile shape this Triton cannot compile
+                print(f"sweep {cfg}: failed {type(e).__name__}: {str(e)[:120]}")
+                continue
+            rows.append(dict(cfg, us=t * 1e6, gb_s=nbytes / t / 1e9, err=err))
+            print(f"sweep {cfg}: {t * 1e6:7.1f} us in a graph, {nbytes / t / 1e9:6.0f} GB/s "
+                  f"({nbytes / t / 1e9 / ceiling * 2:.0%} of read bandwidth), rel L2 {err:.1e}", flush=True)
+    return rows
+
+
 def bench_attention(length: int, iters: int, flush: torch.Tensor, ceiling: float) -> dict:
     q = torch.randn(HEADS, HEAD_DIM, device="cuda")
     k_cache = torch.randn(CAPACITY, KV_HEADS, HEAD_DIM, device="cuda").bfloat16()
@@ -193,6 +235,7 @@ def main() -> None:
     ap.add_argument("--iters", type=int, default=50)
     ap.add_argument("--codec", default="q4", help="comma-separated: q4,q8,bf16")
     ap.add_argument("--json", help="write the rows here")
+    ap.add_argument("--sweep", action="store_true", help="also time q4 moe_decode tile shapes in a CUDA graph")
     args = ap.parse_args()
     torch.manual_seed(0)
     flush = torch.empty(FLUSH_BYTES, dtype=torch.uint8, device="cuda")
@@ -204,6 +247,13 @@ def main() -> None:
             rows.append(bench_moe(codec, m, args.iters, flush, ceiling))
     for length in (4096, 32768):
         rows.append(bench_attention(length, args.iters, flush, ceiling))
+        q = torch.randn(HEADS, HEAD_DIM, device="cuda")
+        kv = torch.randn(CAPACITY, KV_HEADS, HEAD_DIM, device="cuda").bfloat16()
+        len_t = torch.tensor([length], dtype=torch.int32, device="cuda")
+        t = graph_time(lambda q=q, kv=kv, n=len_t: decode_attention(q, kv, kv, n), args.iters, flush)
+        print(f"decode_attention len={length} in a graph: {t * 1e6:.1f} us", flush=True)
+    if args.sweep:
+        rows += sweep_moe(args.iters, flush, ceiling)
     rows += bench_glue(args.iters)
     if args.json:
         with open(args.json, "w") as f:

@@ -80,11 +80,13 @@ def _random_q4(shape, device):
 def tight_budget(path) -> int:
     """Room for the dense weights, the workspace, the stream buffers and exactly one resident expert layer."""
     from krasis_run.artifact import Artifact
-    from krasis_run.planner import _dense_vram, _layer_bytes, _workspace
+    from krasis_run.planner import DEFAULT_CONTEXT, _dense_vram, _layer_bytes, _workspace, kv_cache_bytes
 
     art = Artifact(path)
+    config = art.header["config"]
+    context = min(DEFAULT_CONTEXT, config["max_position_embeddings"])  # what load() reserves by default
     layers = _layer_bytes(art, "experts_gpu")
-    workspace = _workspace(art.header["config"], 32768, art.header["quant"]["experts"])
+    workspace = _workspace(config, context, art.header["quant"]["experts"]) + kv_cache_bytes(config, context)
     return _dense_vram(art) + workspace + int(2.9 * max(layers.values()))
 
 
@@ -203,14 +205,19 @@ def test_triton_combine_matches_torch_reference():
 
 @cuda
 def test_chunked_attention_on_cuda_matches_whole_prompt():
-    """Lower-right causal attention of query chunks over the keys so far = the whole prompt's causal attention."""
+    """Lower-right causal attention of query chunks over the keys so far = the whole prompt's causal attention,
+    and flash attention runs it (only flash allowed: the math fallback would need [heads, chunk, keys] floats)."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
     from krasis_run.prefill_gpu import GpuOps
 
     ops = GpuOps(torch.device("cuda"), "q4", "rows", exact=False)
     t, g = 1536, torch.Generator(device="cuda").manual_seed(0)
     q, k, v = (torch.randn(t, h, 128, device="cuda", generator=g).to(torch.bfloat16) for h in (32, 4, 4))
-    whole = ops.attention(q, k, v, 0).float()
-    chunks = torch.cat([ops.attention(q[s:s + 512], k[:s + 512], v[:s + 512], s) for s in range(0, t, 512)]).float()
+    with sdpa_kernel([SDPBackend.FLASH_ATTENTION]):
+        whole = ops.attention(q, k, v, 0).float()
+        chunks = [ops.attention(q[s:s + 512], k[:s + 512], v[:s + 512], s) for s in range(0, t, 512)]
+    chunks = torch.cat(chunks).float()
     assert float((chunks - whole).norm() / whole.norm()) < 1e-2
 
 

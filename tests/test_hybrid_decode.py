@@ -117,13 +117,20 @@ def test_planner_reserves_the_kv_cache(tiny_per_expert, monkeypatch):
 @pytest.mark.parametrize("resident", [set(), {1}, {0, 1, 2}])
 @pytest.mark.parametrize("graphs", [False, True])
 def test_cuda_hybrid_decode_equals_cpu_path(tiny, quant, dense, resident, graphs):
+    """Teacher-forced (both see the CPU path's greedy tokens): logits within the bounds at every step, and the
+    same greedy choice wherever the CPU's top two logits are further apart than the quantized paths' noise."""
     rt = krasis_run.load(tiny.artifact(quant, dense), threads=2)
     ids = prompt_ids(rt.args.vocab_size, 20, seed=5)
-    want_tokens, want_logits = greedy(rt, rt.engine, ids, 16)
-    got_tokens, got_logits = greedy(rt, hybrid_engine(rt, resident, "cuda", graphs=graphs), ids, 16)
-    assert_same_greedy(got_tokens, want_tokens, want_logits)
+    tokens, want_logits = greedy(rt, rt.engine, ids, 16)
+    engine = hybrid_engine(rt, resident, "cuda", graphs=graphs)
+    cache = engine.new_cache(40)
+    got_logits = [engine.prefill(ids, cache)] + [engine.decode(t, cache) for t in tokens[:-1]]
+    tie = 1e-2 if quant == "bf16" else 0.1
     for got, want in zip(got_logits, want_logits, strict=True):
+        got = got.float().numpy()
         assert np.linalg.norm(got - want) / np.linalg.norm(want) < (1e-2 if quant == "bf16" else 3e-2)
+        top2 = np.sort(want)[-2:]
+        assert top2[1] - top2[0] < tie or int(np.argmax(got)) == int(np.argmax(want))
 
 
 @cuda

@@ -24,11 +24,14 @@ import torch.nn.functional as F
 
 from ..codecs import dequant_parts
 
-# Tile sizes (tuned for H100/H200 by scripts/bench_decode_kernels.py; tests shrink them to cover the masks).
-MOE_BLOCK_N = 16  # output rows per program: 30B-A3B gate_up at M=1 -> 8 experts x 48 = 384 programs
-GATE_UP_BLOCK_K = 512  # input columns per loop step (q4: 256 bytes of each of 32 rows in flight)
-DOWN_BLOCK_N = 16
-DOWN_BLOCK_K = 128  # down loads all k experts' rows at once: [k, 16, 64] bytes per step for q4
+# Tile sizes: the fastest of scripts/bench_decode_kernels.py --sweep on the H200 (small tiles, many programs:
+# 56 us per 30B-A3B layer at M=1 in a CUDA graph against 129 us for 16-row tiles); tests shrink them to cover the masks.
+MOE_BLOCK_N = 4  # output rows per program: 30B-A3B gate_up at M=1 -> 8 experts x 192 programs
+GATE_UP_BLOCK_K = 256  # input columns per loop step (q4: 128 bytes of each gate and up row)
+DOWN_BLOCK_N = 4
+DOWN_BLOCK_K = 256  # input columns per loop step of the down kernels
+MOE_WARPS = 2
+DOWN_PAIRS = True  # q4 down: one program per (token, expert) pair and row block, then a sum over the k experts
 ATTN_BLOCK = 64  # cached positions per loop step
 ATTN_PROGRAMS = 256  # target programs for the split kernel: KVH x splits
 
@@ -164,6 +167,30 @@ def _kernels():
         tl.store(out_ptr + m * H + rows, tl.sum(acc * w[:, None], 0), mask=rmask)
 
     @triton.jit
+    def down_q4_pairs_kernel(act_ptr, ids_ptr, w_ptr, slot_ptr, q_ptr, s_ptr, z_ptr, part_ptr, TOPK, INTER, H, q_slot,
+                             s_slot, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+        # one (token, chosen expert) pair x BLOCK_N output rows -> its weighted share in part [M*k, H]: k times the
+        # programs of one program per row block, each streaming one expert's rows in short 2D tiles (the 3D tiles
+        # of down_q4_kernel spill registers); a sum over k then gives the output, in a fixed order
+        pair = tl.program_id(0)
+        rows = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+        slot = tl.load(slot_ptr + tl.load(ids_ptr + pair))
+        rmask = rows < tl.where(slot >= 0, H, 0)  # not resident: loads nothing, stores zeros
+        w = tl.load(w_ptr + pair)
+        slot = tl.maximum(slot, 0).to(tl.int64)
+        ib, ng = INTER // 2, INTER // 32
+        qrow = slot * q_slot + rows[:, None].to(tl.int64) * ib
+        srow = slot * s_slot + rows[:, None].to(tl.int64) * ng
+        acc = tl.zeros([BLOCK_N, BLOCK_K // 2], dtype=tl.float32)
+        for k0 in range(0, ib, BLOCK_K // 2):
+            bcols = k0 + tl.arange(0, BLOCK_K // 2)
+            bmask = bcols < ib
+            ae = tl.load(act_ptr + pair * INTER + 2 * bcols, mask=bmask, other=0.0)[None, :]
+            ao = tl.load(act_ptr + pair * INTER + 2 * bcols + 1, mask=bmask, other=0.0)[None, :]
+            acc += _q4_tile(q_ptr, s_ptr, z_ptr, qrow, srow, bcols[None, :], rmask[:, None] & bmask[None, :], ae, ao)
+        tl.store(part_ptr + pair * H + rows, tl.sum(acc, 1) * w, mask=rows < H)
+
+    @triton.jit
     def down_dense_kernel(act_ptr, ids_ptr, w_ptr, slot_ptr, q_ptr, s_ptr, out_ptr, TOPK, INTER, H, q_slot,
                           HAS_SCALE: tl.constexpr, KP: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
         m = tl.program_id(0)
@@ -253,6 +280,7 @@ def _kernels():
         "gate_up_q4": gate_up_q4_kernel,
         "gate_up_dense": gate_up_dense_kernel,
         "down_q4": down_q4_kernel,
+        "down_q4_pairs": down_q4_pairs_kernel,
         "down_dense": down_dense_kernel,
         "attn_split": attn_split_kernel,
         "attn_combine": attn_combine_kernel,
@@ -325,9 +353,17 @@ def moe_decode(x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tens
     if codec == "q4":
         bk_a, bk_b = _block(h, GATE_UP_BLOCK_K), _block(inter, DOWN_BLOCK_K)
         kern["gate_up_q4"][grid_a](x, ids, slot_of, gu["q"], gu["scale"], gu["zero"], act, topk, inter, h,
-                                   gu["q"].stride(0), gu["scale"].stride(0), BLOCK_N=MOE_BLOCK_N, BLOCK_K=bk_a)
+                                   gu["q"].stride(0), gu["scale"].stride(0), BLOCK_N=MOE_BLOCK_N, BLOCK_K=bk_a,
+                                   num_warps=MOE_WARPS)
+        if DOWN_PAIRS:
+            part = torch.empty(m, topk, h, dtype=torch.float32, device=x.device)
+            kern["down_q4_pairs"][(m * topk, kern["cdiv"](h, DOWN_BLOCK_N))](
+                act, ids, weights, slot_of, dn["q"], dn["scale"], dn["zero"], part, topk, inter, h,
+                dn["q"].stride(0), dn["scale"].stride(0), BLOCK_N=DOWN_BLOCK_N, BLOCK_K=bk_b, num_warps=MOE_WARPS)
+            return torch.sum(part, 1, out=y)
         kern["down_q4"][grid_b](act, ids, weights, slot_of, dn["q"], dn["scale"], dn["zero"], y, topk, inter, h,
-                                dn["q"].stride(0), dn["scale"].stride(0), KP=kp, BLOCK_N=DOWN_BLOCK_N, BLOCK_K=bk_b)
+                                dn["q"].stride(0), dn["scale"].stride(0), KP=kp, BLOCK_N=DOWN_BLOCK_N, BLOCK_K=bk_b,
+                                num_warps=MOE_WARPS)
         return y
     key = "w" if codec == "bf16" else "q"
     has_scale = codec == "q8"
