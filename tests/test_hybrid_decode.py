@@ -128,7 +128,8 @@ def test_cuda_hybrid_decode_equals_cpu_path(tiny, quant, dense, resident, graphs
     tie = 1e-2 if quant == "bf16" else 0.1
     for got, want in zip(got_logits, want_logits, strict=True):
         got = got.float().numpy()
-        assert np.linalg.norm(got - want) / np.linalg.norm(want) < (1e-2 if quant == "bf16" else 3e-2)
+        # each path rounds its activations its own way (GPU bf16, CPU int8), so q4 gets the q4 oracle bound
+        assert np.linalg.norm(got - want) / np.linalg.norm(want) < {"bf16": 1e-2, "q8": 3e-2, "q4": 0.2}[quant]
         top2 = np.sort(want)[-2:]
         assert top2[1] - top2[0] < tie or int(np.argmax(got)) == int(np.argmax(want))
 
