@@ -28,7 +28,7 @@ from .kernels.dequant import dequant_experts
 from .kernels.moe_combine import moe_combine
 from .kernels.norm_rope import fused_norm_rope
 from .models.base import norm_rope
-from .planner import ATTENTION_TOKEN_CHUNK, EXPERT_TOKEN_CHUNK
+from .planner import EXPERT_TOKEN_CHUNK
 
 # EXPERT_TOKEN_CHUNK: tokens per grouped-GEMM pass, bounds the [T*k, 2I] intermediate (planner.py sizes it)
 
@@ -391,7 +391,7 @@ def place_gpu_weights(artifact: Artifact, device: torch.device, streamer: Expert
 class GpuPrefillEngine:
     """prefill(tokens, cache) on `device`; decode stays with the CPU engine on the same cache."""
 
-    token_chunk = ATTENTION_TOKEN_CHUNK  # attention runs over this many tokens at a time (None: the whole prompt)
+    token_chunk = None  # attention over this many tokens at a time (ATTENTION_TOKEN_CHUNK), or the whole prompt
 
     def __init__(self, arch, args, artifact: Artifact, device: str | torch.device, resident_layers: set[int],
                  section: str):

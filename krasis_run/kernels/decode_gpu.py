@@ -25,7 +25,8 @@ import torch.nn.functional as F
 from ..codecs import dequant_parts
 
 # Tile sizes: the fastest of scripts/bench_decode_kernels.py --sweep on the H200 (small tiles, many programs:
-# 46.5 us per 30B-A3B layer at M=1 in a CUDA graph against 128 us for 16-row tiles, 4 warps); tests shrink them to cover the masks.
+# 46.5 us per 30B-A3B layer at M=1 in a CUDA graph against 128 us for 16-row tiles and 4 warps);
+# the tests shrink them to cover the masks.
 MOE_BLOCK_N = 2  # output rows per program: 30B-A3B gate_up at M=1 -> 8 experts x 384 programs
 GATE_UP_BLOCK_K = 512  # input columns per loop step (q4: 256 bytes of each gate and up row)
 DOWN_BLOCK_N = 4
