@@ -87,9 +87,6 @@ class HybridOps(GpuOps):
     def route(self, logits: torch.Tensor, k: int, renormalize: bool) -> tuple[torch.Tensor, torch.Tensor]:
         return route_decode(logits.float(), k, renormalize)
 
-    def linear(self, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-        return super().linear(x.float() if w.dtype == torch.float32 else x, w)  # the router is float32
-
     def embed(self, tokens: torch.Tensor, table) -> torch.Tensor:
         # The host stages the token's embedding row before each step (the table stays in the mapping);
         # the step's first copy brings it over, which a CUDA graph can replay.

@@ -24,10 +24,12 @@ from torch.nn.attention.bias import causal_lower_right
 from .artifact import Artifact
 from .codecs import TORCH_DTYPES, dequant_parts
 from .format import SECTION_EXPERTS_CPU, SECTION_EXPERTS_GPU
+from .kernels.activation import silu_mul
+from .kernels.decode_glue import rms_norm_decode
 from .kernels.dequant import dequant_experts
 from .kernels.moe_combine import moe_combine
 from .kernels.norm_rope import fused_norm_rope
-from .models.base import norm_rope
+from .models.base import norm_rope, rms_norm
 from .planner import EXPERT_TOKEN_CHUNK
 
 # EXPERT_TOKEN_CHUNK: tokens per grouped-GEMM pass, bounds the [T*k, 2I] intermediate (planner.py sizes it)
@@ -237,9 +239,17 @@ class GpuOps:
     def embed(self, tokens: torch.Tensor, table) -> torch.Tensor:
         return table.parts["w"][tokens].to(self.device, non_blocking=True).float()
 
+    def rms_norm(self, x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+        """One Triton pass straight to bf16 (what every consumer of a normed input takes, the float32 router
+        aside): at 32K tokens the torch version's five kernels and the bf16 conversion after it moved ~2 GB a
+        norm. Exact (bf16) artifacts keep the float32 reference."""
+        if self.exact or not x.is_cuda:
+            return rms_norm(x, weight, eps)
+        return rms_norm_decode(x.float(), weight, eps, out_dtype=torch.bfloat16)
+
     def linear(self, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-        if w.dtype == torch.float32:
-            return F.linear(x, w)
+        if w.dtype == torch.float32:  # the router: routing decisions in float32, as in the reference
+            return F.linear(x.float(), w)
         xb = self._bf16(x)
         if self.exact:  # bf16 weights: keep float32-grade activations (hi + lo), as the CPU path does
             m = x.shape[0]
@@ -272,7 +282,7 @@ class GpuOps:
                 handle: ExpertHandle) -> torch.Tensor:
         parts = handle.streamer.get(handle.layer)
         gate_up, down = dequant_experts(self.codec, self.layout, parts["gate_up"], parts["down"])
-        out = torch.empty_like(x)
+        out = torch.empty(x.shape, dtype=torch.float32, device=x.device)  # x may come in bf16 from the norm
         x_bf16 = self._bf16(x)  # once per layer, shared by every token chunk
         k = topk_ids.shape[1]
         for start in range(0, x.shape[0], EXPERT_TOKEN_CHUNK):
@@ -285,12 +295,11 @@ class GpuOps:
             xs = x_bf16[order // k + start]
             counts = torch.bincount(flat, minlength=gate_up.shape[0])
             h = self._grouped(xs, gate_up, counts)
-            gate, up = h.chunk(2, dim=-1)
-            y = self._grouped(F.silu(gate) * up, down, counts)  # bf16 like the GEMM outputs: no fp32 copies
+            y = self._grouped(silu_mul(h), down, counts)  # bf16 like the GEMM outputs: no fp32 copies
             # each token gathers its k rows of y through inv and sums them weighted, straight into out (one
             # Triton pass on CUDA; index_select + bmm elsewhere, as the scatter + bmm computed before)
             moe_combine(y, inv, weights, out[start:start + ids.shape[0]])
-            del xs, h, gate, up, y  # free before the next chunk allocates its own (planner._workspace counts one)
+            del xs, h, y  # free before the next chunk allocates its own (planner._workspace counts one)
         handle.streamer.release(handle.layer)
         self._bf16_memo = None
         return out

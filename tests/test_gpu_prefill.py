@@ -237,3 +237,20 @@ def test_cuda_chunked_prefill_matches_unchunked(tiny):
     for layer in range(rt.args.num_hidden_layers):
         a, b = out[16][1].keys[layer][:40].float(), out[None][1].keys[layer][:40].float()
         assert float((a - b).norm() / b.norm()) < 2e-2
+
+
+@cuda
+def test_fused_prefill_kernels_match_torch():
+    """The fused RMSNorm (to bf16) and silu(gate) * up the CUDA prefill uses, against torch on the same inputs."""
+    from krasis_run.kernels.activation import silu_mul, silu_mul_torch
+    from krasis_run.kernels.decode_glue import rms_norm_decode
+    from krasis_run.models.base import rms_norm
+
+    g = torch.Generator(device="cuda").manual_seed(0)
+    x = torch.randn(3000, 2048, device="cuda", generator=g)
+    w = torch.rand(2048, device="cuda", generator=g) + 0.5
+    got, want = rms_norm_decode(x, w, 1e-6), rms_norm(x, w, 1e-6)
+    assert got.dtype == torch.bfloat16 and torch.allclose(got.float(), want, rtol=2**-7, atol=1e-6)
+    h = torch.randn(3000, 1536, device="cuda", generator=g).to(torch.bfloat16)
+    exact = silu_mul_torch(h.float())
+    assert torch.allclose(silu_mul(h).float(), exact, rtol=2**-7, atol=1e-6)

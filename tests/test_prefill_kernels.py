@@ -95,3 +95,18 @@ def test_q4_blocks_in_dequant_experts_matches_reference(interpret, monkeypatch):
     got = dequant.dequant_experts("q4", "cpu_blocks", gate_up, down, use_triton=True)
     assert_within_one_ulp(got[0], want[0])
     assert_within_one_ulp(got[1], want[1])
+
+
+def test_silu_mul_triton_interpreted(interpret):
+    from krasis_run.kernels import activation
+
+    kernel = activation._triton_silu_mul.__wrapped__()
+    g = torch.Generator().manual_seed(3)
+    h = (torch.randn(5, 2 * 1100, generator=g) * 3).to(torch.bfloat16)  # 1100: two column blocks, the last partial
+    got = kernel(h)
+    gate, up = h.float().chunk(2, dim=-1)
+    exact = gate * torch.sigmoid(gate) * up
+    assert got.shape == (5, 1100) and got.dtype == torch.bfloat16
+    assert bool(((got.float() - exact).abs() <= 2**-7 * exact.abs() + 1e-6).all())  # one bf16 rounding
+    torch_ref = activation.silu_mul(h)  # the CPU path: torch in bf16, two roundings
+    assert bool(((torch_ref.float() - exact).abs() <= 2**-6 * exact.abs() + 1e-2).all())
