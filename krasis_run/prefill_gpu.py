@@ -222,6 +222,7 @@ class GpuOps:
     def __init__(self, device: torch.device, codec: str, layout: str, exact: bool):
         self.device, self.codec, self.layout, self.exact = device, codec, layout, exact
         self.grouped_mm = device.type == "cuda" and hasattr(torch, "_grouped_mm")
+        self._embed_rows: torch.Tensor | None = None  # pinned host rows of the last prompt's embeddings
         self._bf16_memo: tuple | None = None  # (x, bf16 copy) of the last activation converted (x kept alive)
 
     def _bf16(self, x: torch.Tensor) -> torch.Tensor:
@@ -237,7 +238,15 @@ class GpuOps:
         return xb
 
     def embed(self, tokens: torch.Tensor, table) -> torch.Tensor:
-        return table.parts["w"][tokens].to(self.device, non_blocking=True).float()
+        """The prompt's rows gathered on the host (the table stays in the mapping), into a pinned buffer kept
+        between prefills: a pageable 128 MB copy at 32K tokens ran at ~8 GB/s, pinned at PCIe speed."""
+        w = table.parts["w"]
+        if self.device.type != "cuda":
+            return w[tokens].to(self.device).float()
+        if self._embed_rows is None or self._embed_rows.shape[0] < tokens.shape[0]:
+            self._embed_rows = torch.empty(tokens.shape[0], w.shape[1], dtype=w.dtype, pin_memory=True)
+        rows = torch.index_select(w, 0, tokens, out=self._embed_rows[: tokens.shape[0]])
+        return rows.to(self.device, non_blocking=True).float()
 
     def rms_norm(self, x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
         """One Triton pass straight to bf16 (what every consumer of a normed input takes, the float32 router

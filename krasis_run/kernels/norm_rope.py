@@ -11,6 +11,8 @@ import functools
 
 import torch
 
+ROWS = 16  # (token, head) rows per program
+
 
 @functools.cache
 def _kernel():
@@ -21,27 +23,34 @@ def _kernel():
         return None
 
     @triton.jit
-    def norm_rope_kernel(x_ptr, w_ptr, cos_ptr, sin_ptr, out_ptr, heads, eps, HALF: tl.constexpr):
-        row = tl.program_id(0)  # one (token, head) row of head_dim = 2 * HALF
-        token = row // heads
-        offs = tl.arange(0, HALF)
-        x1 = tl.load(x_ptr + row * 2 * HALF + offs).to(tl.float32)
-        x2 = tl.load(x_ptr + row * 2 * HALF + HALF + offs).to(tl.float32)
-        inv = 1.0 / tl.sqrt((tl.sum(x1 * x1, 0) + tl.sum(x2 * x2, 0)) / (2 * HALF) + eps)
+    def norm_rope_kernel(x_ptr, w_ptr, cos_ptr, sin_ptr, out_ptr, n_rows, heads, eps, HALF: tl.constexpr,
+                         ROWS: tl.constexpr):
+        # ROWS (token, head) rows of head_dim = 2 * HALF per program: one row per program left most of the
+        # program's threads idle and ran at ~1/3 of memory bandwidth on the H200 at 32K tokens
+        rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
+        rmask = (rows < n_rows)[:, None]
+        token = (rows // heads).to(tl.int64)[:, None]
+        base = rows.to(tl.int64)[:, None] * 2 * HALF
+        offs = tl.arange(0, HALF)[None, :]
+        x1 = tl.load(x_ptr + base + offs, mask=rmask, other=0.0).to(tl.float32)
+        x2 = tl.load(x_ptr + base + HALF + offs, mask=rmask, other=0.0).to(tl.float32)
+        inv = 1.0 / tl.sqrt((tl.sum(x1 * x1, 1) + tl.sum(x2 * x2, 1)) / (2 * HALF) + eps)[:, None]
         y1 = x1 * inv * tl.load(w_ptr + offs).to(tl.float32)
         y2 = x2 * inv * tl.load(w_ptr + HALF + offs).to(tl.float32)
-        c1 = tl.load(cos_ptr + token * 2 * HALF + offs)
-        c2 = tl.load(cos_ptr + token * 2 * HALF + HALF + offs)
-        s1 = tl.load(sin_ptr + token * 2 * HALF + offs)
-        s2 = tl.load(sin_ptr + token * 2 * HALF + HALF + offs)
-        tl.store(out_ptr + row * 2 * HALF + offs, (y1 * c1 - y2 * s1).to(tl.bfloat16))
-        tl.store(out_ptr + row * 2 * HALF + HALF + offs, (y2 * c2 + y1 * s2).to(tl.bfloat16))
+        c1 = tl.load(cos_ptr + token * 2 * HALF + offs, mask=rmask, other=0.0)
+        c2 = tl.load(cos_ptr + token * 2 * HALF + HALF + offs, mask=rmask, other=0.0)
+        s1 = tl.load(sin_ptr + token * 2 * HALF + offs, mask=rmask, other=0.0)
+        s2 = tl.load(sin_ptr + token * 2 * HALF + HALF + offs, mask=rmask, other=0.0)
+        tl.store(out_ptr + base + offs, (y1 * c1 - y2 * s1).to(tl.bfloat16), mask=rmask)
+        tl.store(out_ptr + base + HALF + offs, (y2 * c2 + y1 * s2).to(tl.bfloat16), mask=rmask)
 
     def run(x, weight, eps, cos, sin):
         t, heads, dim = x.shape
         out = torch.empty(t, heads, dim, dtype=torch.bfloat16, device=x.device)
-        norm_rope_kernel[(t * heads,)](x.contiguous(), weight.contiguous(), cos.float().contiguous(),
-                                       sin.float().contiguous(), out, heads, eps, HALF=dim // 2)
+        n_rows = t * heads
+        norm_rope_kernel[(triton.cdiv(n_rows, ROWS),)](x.contiguous(), weight.contiguous(), cos.float().contiguous(),
+                                                       sin.float().contiguous(), out, n_rows, heads, eps,
+                                                       HALF=dim // 2, ROWS=ROWS)
         return out
 
     return run
