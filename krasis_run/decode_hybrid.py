@@ -35,13 +35,17 @@ class LayerExperts:
 
     def __init__(self, layer: int, experts: int, device: torch.device, tiles: dict | None, cpu_blocks,
                  resident: list[int]):
-        self.layer, self.tiles, self.cpu_blocks = layer, tiles, cpu_blocks
-        slot = torch.full((experts,), -1, dtype=torch.int32)
+        self.layer, self.experts, self.device, self.cpu_blocks = layer, experts, device, cpu_blocks
+        self.whole_layer = tiles is not None  # resident for prefill too; otherwise hot experts may come and go
+        self.place(resident, tiles)
+
+    def place(self, resident: list[int], tiles: dict | None) -> None:
+        """Experts `resident` (in slot order) are on the GPU in `tiles`; the others on the CPU."""
+        slot = torch.full((self.experts,), -1, dtype=torch.int32)
         slot[resident] = torch.arange(len(resident), dtype=torch.int32)
-        self.slot = slot.to(device)
-        self.resident = resident
+        self.slot, self.resident, self.tiles = slot.to(self.device), list(resident), tiles
         self.on_gpu = bool(resident) and tiles is not None
-        self.on_cpu = len(resident) < experts or tiles is None
+        self.on_cpu = len(resident) < self.experts or tiles is None
 
 
 class HostStage:
@@ -124,7 +128,7 @@ class HybridDecodeEngine:
     """decode(token, cache) with the GPU in the loop; prefill goes to the GPU prefill engine."""
 
     def __init__(self, arch, args, artifact: Artifact, prefill: GpuPrefillEngine, cpu_ops, cpu_weights: dict,
-                 context: int, gpu_experts: bool = True, graphs: bool = True):
+                 context: int, gpu_experts: bool = True, graphs: bool = True, hot_bytes: int = 0):
         self.args, self.prefill_engine, self.context = args, prefill, context
         self.device = device = prefill.device
         self.cuda = device.type == "cuda"
@@ -160,7 +164,12 @@ class HybridDecodeEngine:
         self.plan: list[tuple] | None = None  # the captured step: graphs, events and CPU expert calls in order
         self.capturing = False
         self.pending: dict[int, object] = {}  # layer -> event after its stage copies (eager CUDA)
-        self.timing = dict(steps=0, step_s=0.0, gpu_wait_s=0.0, cpu_experts_s=0.0)  # where decode time goes
+        self.timing = dict(steps=0, step_s=0.0, gpu_wait_s=0.0, cpu_experts_s=0.0, cpu_picks=0)  # where time goes
+        # Hot experts: VRAM the prefill workspace needs only while prefilling holds, during decode, the experts
+        # the last prompt routed to most (of the layers not resident), loaded after each prefill.
+        self.hot_bytes = hot_bytes if gpu_experts and prefill.section == SECTION_EXPERTS_GPU else 0
+        self.hot_pending = False
+        self.hot_stats: dict = {}
 
     # ---------------------------------------------------------------- placement summary
     @property
@@ -170,9 +179,15 @@ class HybridDecodeEngine:
             return "all_gpu"
         return "budget" if any(gpu) else "experts_in_ram"
 
-    def expert_bytes_per_token(self) -> dict[str, float]:
-        """Expected bytes of routed experts read per token on each side, for experts picked uniformly."""
+    def expert_bytes_per_token(self, measured: bool = False) -> dict[str, float]:
+        """Bytes of routed experts read per token on each side: expected for experts picked uniformly, or
+        (measured) as the decode steps so far picked them."""
         a, out = self.args, {"cpu": 0.0, "gpu": 0.0}
+        if measured and self.timing["steps"]:
+            per_expert = max(layer.cpu_blocks.length for layer in self.layers.values()) / a.num_experts
+            picks = a.num_experts_per_tok * len(self.layers)
+            cpu = self.timing["cpu_picks"] / self.timing["steps"]
+            return {"cpu": cpu * per_expert, "gpu": (picks - cpu) * per_expert}
         for layer in self.layers.values():
             per_expert = layer.cpu_blocks.length / a.num_experts
             share = len(layer.resident) / a.num_experts if layer.on_gpu else 0.0
@@ -187,7 +202,54 @@ class HybridDecodeEngine:
         return KVCache.over(self.kv.keys, self.kv.values)
 
     def prefill(self, tokens: list[int], cache: KVCache, all_logits: bool = False) -> torch.Tensor:
-        return self.prefill_engine.prefill(tokens, cache, all_logits)
+        if self.hot_bytes:
+            self._drop_hot()  # the prefill workspace needs that VRAM back
+        logits = self.prefill_engine.prefill(tokens, cache, all_logits)
+        self.hot_pending = bool(self.hot_bytes)
+        return logits
+
+    # ---------------------------------------------------------------- hot experts
+    def _drop_hot(self) -> None:
+        changed = False
+        for layer in self.layers.values():
+            if not layer.whole_layer and layer.resident:
+                layer.place([], None)
+                changed = True
+        if changed:
+            self.plan = None  # the graphs address the dropped tiles: capture again with the new placement
+
+    def _load_hot(self) -> None:
+        """The most-picked experts of the last prefill, over all layers not resident, up to hot_bytes of VRAM:
+        copied from the mapping (registered for streaming, so at full PCIe speed) into per-layer stacks."""
+        streamer, counts = self.prefill_engine.streamer, self.prefill_engine.ops.routing_counts
+        picks = []  # (count, layer, expert)
+        for i, layer in self.layers.items():
+            if not layer.whole_layer and i in counts:
+                picks += [(c, i, e) for e, c in enumerate(counts[i].tolist()) if c > 0]
+        if not picks:
+            return
+        per_expert = max(streamer.sources[i].length for i in self.layers) / self.args.num_experts
+        picks.sort(key=lambda p: -p[0])
+        chosen: dict[int, list[int]] = {}
+        for _, i, e in picks[: int(self.hot_bytes // per_expert)]:
+            chosen.setdefault(i, []).append(e)
+        for i, experts in chosen.items():
+            experts.sort()
+            host = part_views(streamer.host[i], streamer.sources[i])
+            tiles = {m: {p: torch.empty((len(experts), *t.shape[1:]), dtype=t.dtype, device=self.device)
+                         for p, t in parts.items()} for m, parts in host.items()}
+            for m, parts in host.items():
+                for p, t in parts.items():
+                    for slot, e in enumerate(experts):
+                        tiles[m][p][slot].copy_(t[e], non_blocking=True)
+            self.layers[i].place(experts, tiles)
+        if self.cuda:
+            torch.cuda.synchronize(self.device)
+        picked = sum(len(v) for v in chosen.values())
+        total = sum(p[0] for p in picks)
+        self.hot_stats = dict(experts=picked, bytes=picked * per_expert, layers=len(chosen),
+                              prefill_pick_share=sum(p[0] for p in picks[:picked]) / total)
+        self.plan = None
 
     # ---------------------------------------------------------------- the CPU side of a layer
     def hand_to_cpu(self, layer: int, gpu_share: bool) -> None:
@@ -221,7 +283,9 @@ class HybridDecodeEngine:
             event.synchronize()
         waited = time.perf_counter()
         stage = self.stages[layer]
-        if bool((stage.ids >= 0).any()):
+        picks = int((stage.ids >= 0).sum())
+        self.timing["cpu_picks"] += picks  # experts the CPU read: the measured split, not the uniform estimate
+        if picks:
             stage.out.copy_(self.cpu_ops.experts(stage.x, stage.ids, stage.weights, self.layers[layer].cpu_blocks))
         else:
             stage.out.zero_()
@@ -280,6 +344,9 @@ class HybridDecodeEngine:
         pos = cache.length
         if pos >= self.context:
             raise KrsError(f"the GPU KV cache holds {self.context} tokens (--context)")
+        if self.hot_pending:
+            self.hot_pending = False
+            self._load_hot()
         self.embed_host.copy_(self.embed_table[token:token + 1])
         self.pos_host.fill_(pos)
         if self.use_graphs:

@@ -223,6 +223,7 @@ class GpuOps:
         self.device, self.codec, self.layout, self.exact = device, codec, layout, exact
         self.grouped_mm = device.type == "cuda" and hasattr(torch, "_grouped_mm")
         self._embed_rows: torch.Tensor | None = None  # pinned host rows of the last prompt's embeddings
+        self.routing_counts: dict[int, torch.Tensor] = {}  # layer -> picks per expert in the last prefill
         self._bf16_memo: tuple | None = None  # (x, bf16 copy) of the last activation converted (x kept alive)
 
     def _bf16(self, x: torch.Tensor) -> torch.Tensor:
@@ -303,6 +304,8 @@ class GpuOps:
             inv[order] = torch.arange(order.numel(), device=order.device)
             xs = x_bf16[order // k + start]
             counts = torch.bincount(flat, minlength=gate_up.shape[0])
+            seen = self.routing_counts.get(handle.layer)  # how often each expert was picked: decode's hot experts
+            self.routing_counts[handle.layer] = counts if seen is None else seen + counts
             h = self._grouped(xs, gate_up, counts)
             y = self._grouped(silu_mul(h), down, counts)  # bf16 like the GEMM outputs: no fp32 copies
             # each token gathers its k rows of y through inv and sums them weighted, straight into out (one
@@ -427,6 +430,7 @@ class GpuPrefillEngine:
     def prefill(self, tokens: list[int], cache, all_logits: bool = False) -> torch.Tensor:
         started = time.perf_counter()
         writer = CacheWriter(cache, self.device)
+        self.ops.routing_counts = {}
         self.streamer.begin()
         logits = self.model.forward(torch.tensor(tokens, dtype=torch.long), writer, cache.length,
                                     all_logits=all_logits, token_chunk=self.token_chunk)

@@ -19,6 +19,8 @@ from .planner import place_weights, plan, set_threads
 from .sampling import sample
 from .tokenizer import Tokenizer
 
+HOT_MARGIN = 512 << 20
+
 
 @dataclass
 class Timings:
@@ -50,7 +52,7 @@ class Runtime:
     def __init__(self, path: str | os.PathLike, device: str = "cpu", threads: int | None = None,
                  verify: bool = False, kernel: str | None = None, progress: bool = False,
                  gpu_budget: str | int | None = None, context: int | None = None,
-                 max_resident_layers: int | None = None, graphs: bool = True):
+                 max_resident_layers: int | None = None, graphs: bool = True, hot_experts: bool = True):
         self.artifact = Artifact(path)
         if verify:
             self.artifact.verify(progress=progress)
@@ -75,8 +77,12 @@ class Runtime:
             self.prefill_engine = GpuPrefillEngine(arch, self.args, self.artifact, "cuda",
                                                    set(self.placement.resident_layers), self.placement.prefill_section)
             # decode keeps the GPU in the loop: the KV cache stays in VRAM where the prefill writes it
+            vram = self.placement.vram_plan
+            # during decode the prefill workspace is idle: hot experts of the streamed layers use it (a margin
+            # stays for the decode step's own buffers and graphs)
+            hot = max(0, vram["workspace"] - HOT_MARGIN) if hot_experts and vram["stream_buffers"] else 0
             self.engine = HybridDecodeEngine(arch, self.args, self.artifact, self.prefill_engine, self.ops,
-                                             self.model.w, self.placement.context, graphs=graphs)
+                                             self.model.w, self.placement.context, graphs=graphs, hot_bytes=hot)
         tok = header.get("tokenizer", {})
         self.tokenizer = Tokenizer(self.artifact.blob("tokenizer.json"), tok.get("config", {}),
                                    tok.get("chat_template"), header.get("generation_config"))

@@ -213,7 +213,7 @@ def decode_bytes(rt, mode: str) -> dict[str, float]:
     kv = kv_cache_bytes(config, DECODE_PROMPT)  # K and V of the prompt, read once per step
     if mode == "cpu":
         return dict(cpu=bytes_per_token(rt.artifact) + kv, gpu=0.0)
-    experts = rt.engine.expert_bytes_per_token()
+    experts = rt.engine.expert_bytes_per_token(measured=True)
     return dict(cpu=experts["cpu"], gpu=experts["gpu"] + _dense_vram(rt.artifact) + kv)
 
 
@@ -224,14 +224,17 @@ def run_decode(path: Path, budgets: list[str], runs: int, bandwidth: dict) -> li
     rows = []
     context = DECODE_PROMPT + 128
     for gib in budgets:
-        cases = [("cpu", None), ("experts_in_ram", 0), ("budget", None)] if gib != "whole" else [("all_gpu", None)]
-        for mode, cap in cases:
+        cases = [("cpu", None), ("experts_in_ram", 0), ("budget_layers", None), ("budget", None)]
+        for mode, cap in cases if gib != "whole" else [("all_gpu", None)]:
             budget = None if gib == "whole" else f"{gib}GiB"
-            rt = krasis_run.load(path, device="cuda", gpu_budget=budget, context=context, max_resident_layers=cap)
+            # budget_layers: whole expert layers only; budget: plus the last prompt's hottest experts in the VRAM
+            # the prefill workspace leaves idle during decode
+            rt = krasis_run.load(path, device="cuda", gpu_budget=budget, context=context, max_resident_layers=cap,
+                                 hot_experts=mode == "budget")
             if mode == "cpu":  # GPU prefill into a pinned host cache, then the CPU engine decodes
                 rt.engine = CpuEngine(rt.model)
                 rt.engine.pin_cache = True
-            elif rt.engine.mode != mode:
+            elif rt.engine.mode != mode.removesuffix("_layers"):
                 print(f"decode {mode}: the planner chose {rt.engine.mode} at {gib} GiB; skipped", flush=True)
                 rt.close()
                 continue
@@ -241,17 +244,19 @@ def run_decode(path: Path, budgets: list[str], runs: int, bandwidth: dict) -> li
                 t = rt.engine.timing
                 keys = ("gpu_wait_s", "cpu_experts_s", "step_s")
                 split = {k: round(1e3 * t[k] / max(1, t["steps"]), 3) for k in keys}
+                split["cpu_picks"] = round(t["cpu_picks"] / max(1, t["steps"]), 1)  # expert reads a token, CPU
             nbytes = decode_bytes(rt, mode)
             bound_s = nbytes["cpu"] / bandwidth["host_read_gb_s"] / 1e9 + nbytes["gpu"] / bandwidth["hbm_gb_s"] / 1e9
             row = dict(gpu_budget_gib=None if gib == "whole" else float(gib), mode=mode,
                        decode_tok_s=sorted(speeds)[len(speeds) // 2], runs=speeds,
                        resident_layers=len(rt.placement.resident_layers), cpu_bytes_per_token=nbytes["cpu"],
-                       gpu_bytes_per_token=nbytes["gpu"], bound_tok_s=1 / bound_s, ms_per_token=split)
+                       gpu_bytes_per_token=nbytes["gpu"], bound_tok_s=1 / bound_s, ms_per_token=split,
+                       hot_experts=getattr(rt.engine, "hot_stats", {}))
             rows.append(row)
             print(f"decode {mode:>14} budget {gib:>5}: {row['decode_tok_s']:6.1f} tok/s {[round(v) for v in speeds]} "
                   f"(bound {row['bound_tok_s']:.0f} tok/s = {row['decode_tok_s'] * bound_s:.0%}; CPU "
                   f"{nbytes['cpu'] / 1e6:.0f} MB + GPU {nbytes['gpu'] / 1e6:.0f} MB per token, "
-                  f"{row['resident_layers']} layers resident) ms/token {split}", flush=True)
+                  f"{row['resident_layers']} layers resident, hot {row['hot_experts']}) ms/token {split}", flush=True)
             rt.close()
             del rt
             gc.collect()

@@ -71,6 +71,28 @@ def test_hybrid_decode_with_native_cpu_experts_within_bounds(tiny, resident):
         assert np.linalg.norm(g.numpy() - w) / np.linalg.norm(w) < 3e-2
 
 
+def test_hot_experts_follow_the_prefill_routing(tiny):
+    """Hot experts: after a prefill, the most-picked experts of the streamed layers go to the GPU (up to the
+    byte budget), decode computes them there and the rest on the CPU, with the same tokens; the next prefill
+    drops them."""
+    rt = krasis_run.load(tiny.artifact("q4", "q8"), threads=1, kernel="reference")
+    ids = prompt_ids(rt.args.vocab_size, 30, seed=8)
+    want_tokens, want_logits = greedy(rt, rt.engine, ids, 10)
+    per_expert = rt.artifact.tensor("layers.0.experts_cpu").length / rt.args.num_experts
+    engine = hybrid_engine(rt, {1}, hot_bytes=int(5.5 * per_expert))
+    got_tokens, _ = greedy(rt, engine, ids, 10)
+    assert_same_greedy(got_tokens, want_tokens, want_logits)
+    counts = engine.prefill_engine.ops.routing_counts
+    hot = {i: engine.layers[i].resident for i in (0, 2)}
+    assert sum(len(v) for v in hot.values()) == 5 and engine.hot_stats["experts"] == 5
+    ranked = sorted(((int(c), i, e) for i in (0, 2) for e, c in enumerate(counts[i].tolist())), reverse=True)
+    assert all(int(counts[i][e]) >= ranked[4][0] for i in (0, 2) for e in hot[i])  # the five most picked
+    assert engine.layers[1].resident == list(range(rt.args.num_experts))  # the resident layer stays whole
+    assert 0 < engine.timing["cpu_picks"] < 10 * 2 * 3  # some picks went to the CPU, some did not
+    engine.prefill(ids, engine.new_cache(40))
+    assert engine.layers[0].resident == [] and engine.layers[2].resident == []
+
+
 def test_hybrid_cache_holds_what_prefill_wrote(tiny_per_expert):
     """The K/V the prefill engine writes are the ones decode attends over (no copy between them)."""
     rt = krasis_run.load(tiny_per_expert.artifact("bf16", "bf16"), threads=1)
