@@ -81,11 +81,12 @@ def write_checkpoint(folder: Path, layers: int, vocab: int = SHAPE["vocab_size"]
     return total
 
 
-def compile_artifact(folder: Path, out: Path, quant: str, dense_quant: str) -> dict:
-    """Compile in a fresh process so its peak RSS is the compiler's alone."""
+def compile_artifact(folder: Path, out: Path, quant: str, dense_quant: str, **options) -> dict:
+    """Compile in a fresh process so its peak RSS is the compiler's alone; options go to compile_model."""
     code = (
         "import json,sys; from krasis_compile.compile import compile_model;"
-        f"r = compile_model({str(folder)!r}, {str(out)!r}, quant={quant!r}, dense_quant={dense_quant!r});"
+        f"r = compile_model({str(folder)!r}, {str(out)!r}, quant={quant!r}, dense_quant={dense_quant!r},"
+        f" **{options!r});"
         "print(json.dumps(dict(size=r.file_size, read=r.bytes_read, seconds=r.seconds, peak_rss=r.peak_rss)))"
     )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
