@@ -170,6 +170,7 @@ class HybridDecodeEngine:
         self.hot_bytes = hot_bytes if gpu_experts and prefill.section == SECTION_EXPERTS_GPU else 0
         self.hot_pending = False
         self.hot_stats: dict = {}
+        prefill.listeners.append(self)
 
     # ---------------------------------------------------------------- placement summary
     @property
@@ -202,11 +203,14 @@ class HybridDecodeEngine:
         return KVCache.over(self.kv.keys, self.kv.values)
 
     def prefill(self, tokens: list[int], cache: KVCache, all_logits: bool = False) -> torch.Tensor:
+        return self.prefill_engine.prefill(tokens, cache, all_logits)
+
+    def before_prefill(self) -> None:
         if self.hot_bytes:
             self._drop_hot()  # the prefill workspace needs that VRAM back
-        logits = self.prefill_engine.prefill(tokens, cache, all_logits)
-        self.hot_pending = bool(self.hot_bytes)
-        return logits
+
+    def after_prefill(self) -> None:
+        self.hot_pending = bool(self.hot_bytes)  # loaded by the next decode step, from this prefill's routing
 
     # ---------------------------------------------------------------- hot experts
     def _drop_hot(self) -> None:

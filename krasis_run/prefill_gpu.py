@@ -425,10 +425,13 @@ class GpuPrefillEngine:
         self.ops = GpuOps(self.device, codec, layout, exact)
         self.model = arch.Model(args, place_gpu_weights(artifact, self.device, self.streamer), self.ops)
         self.stats = PrefillStats()
+        self.listeners: list = []  # objects with before_prefill() / after_prefill(): the decode engine's hot experts
 
     @torch.inference_mode()
     def prefill(self, tokens: list[int], cache, all_logits: bool = False) -> torch.Tensor:
         started = time.perf_counter()
+        for listener in self.listeners:
+            listener.before_prefill()
         writer = CacheWriter(cache, self.device)
         self.ops.routing_counts = {}
         self.streamer.begin()
@@ -440,4 +443,6 @@ class GpuPrefillEngine:
             torch.cuda.synchronize(self.device)
         self.stats = PrefillStats(len(tokens), time.perf_counter() - started, self.streamer.bytes_copied,
                                   self.streamer.copy_time() if self.device.type == "cuda" else 0.0)
+        for listener in self.listeners:
+            listener.after_prefill()
         return logits if all_logits else logits[-1]
