@@ -139,9 +139,9 @@ def sweep_moe(iters: int, flush: torch.Tensor, ceiling: float) -> list[dict]:
     ids = torch.randperm(EXPERTS, device="cuda")[None, :TOPK].int()
     weights = torch.softmax(torch.randn(1, TOPK, device="cuda"), -1)
     x, out = torch.randn(1, HIDDEN, device="cuda"), torch.empty(1, HIDDEN, device="cuda")
-    nbytes = TOPK * (expert_bytes(gate_up) + expert_bytes(down))
     want = moe_decode_torch(x, ids, weights, slot_of, "q4", gate_up, down)
     rows = []
+    dg.Q4_KERNEL = "bytes"
     for pairs in (True,):
         for block_n, block_k, down_n, down_k, warps in ((16, 512, 16, 128, 4), (4, 256, 4, 256, 2),
                                                         (2, 256, 2, 256, 1), (4, 128, 4, 128, 1),
@@ -149,18 +149,34 @@ def sweep_moe(iters: int, flush: torch.Tensor, ceiling: float) -> list[dict]:
                                                         (8, 128, 8, 128, 2), (1, 512, 2, 256, 1)):
             cfg = dict(DOWN_PAIRS=pairs, MOE_BLOCK_N=block_n, GATE_UP_BLOCK_K=block_k, DOWN_BLOCK_N=down_n,
                        DOWN_BLOCK_K=down_k, MOE_WARPS=warps)
-            for k, v in cfg.items():
-                setattr(dg, k, v)
-            try:
-                err = rel_l2(moe_decode(x, ids, weights, slot_of, "q4", gate_up, down), want)
-                t = graph_time(lambda: moe_decode(x, ids, weights, slot_of, "q4", gate_up, down, out=out), iters, flush)
-            except Exception as e:  # a tile shape this Triton cannot compile
-                print(f"sweep {cfg}: failed {type(e).__name__}: {str(e)[:120]}")
-                continue
-            rows.append(dict(cfg, us=t * 1e6, gb_s=nbytes / t / 1e9, err=err))
-            print(f"sweep {cfg}: {t * 1e6:7.1f} us in a graph, {nbytes / t / 1e9:6.0f} GB/s "
-                  f"({nbytes / t / 1e9 / ceiling * 2:.0%} of read bandwidth), rel L2 {err:.1e}", flush=True)
-    return rows
+            rows.append(sweep_row(cfg, x, ids, weights, slot_of, gate_up, down, out, want, iters, flush, ceiling))
+    # the grouped kernels: (gate_up rows, groups a step, down rows, down groups, experts a down program, warps)
+    for block_n, groups, down_n, down_groups, experts, warps in (
+            (2, 16, 4, 8, 1, 1), (2, 8, 4, 8, 1, 1), (4, 8, 4, 8, 1, 1), (2, 16, 4, 8, 1, 2), (4, 16, 8, 8, 1, 2),
+            (1, 16, 2, 8, 1, 1), (2, 16, 1, 8, 8, 1), (2, 16, 2, 8, 4, 1), (2, 32, 4, 32, 1, 2), (8, 16, 8, 8, 2, 4)):
+        cfg = dict(Q4_KERNEL="grouped", Q4G_BLOCK_N=block_n, Q4G_GROUPS=groups, Q4G_DOWN_BLOCK_N=down_n,
+                   Q4G_DOWN_GROUPS=down_groups, Q4G_DOWN_EXPERTS=experts, Q4G_WARPS=warps)
+        rows.append(sweep_row(cfg, x, ids, weights, slot_of, gate_up, down, out, want, iters, flush, ceiling))
+    return [row for row in rows if row is not None]
+
+
+def sweep_row(cfg, x, ids, weights, slot_of, gate_up, down, out, want, iters, flush, ceiling) -> dict | None:
+    """Set cfg's decode_gpu constants, check against the reference and time one config in a graph."""
+    from krasis_run.kernels import decode_gpu as dg
+
+    nbytes = TOPK * (expert_bytes(gate_up) + expert_bytes(down))
+    for k, v in cfg.items():
+        setattr(dg, k, v)
+    try:
+        err = rel_l2(moe_decode(x, ids, weights, slot_of, "q4", gate_up, down), want)
+        t = graph_time(lambda: moe_decode(x, ids, weights, slot_of, "q4", gate_up, down, out=out), iters, flush)
+    except Exception as e:  # a tile shape this Triton cannot compile
+        print(f"sweep {cfg}: failed {type(e).__name__}: {str(e)[:120]}")
+        return None
+    print(f"sweep {cfg}: {t * 1e6:7.1f} us in a graph, {nbytes / t / 1e9:6.0f} GB/s "
+          f"({nbytes / t / 1e9 / ceiling * 2:.0%} of read bandwidth), rel L2 {err:.1e}", flush=True)
+    assert err < 1e-4, f"sweep {cfg}: rel L2 {err}"
+    return dict(cfg, us=t * 1e6, gb_s=nbytes / t / 1e9, err=err)
 
 
 def bench_attention(length: int, iters: int, flush: torch.Tensor, ceiling: float) -> dict:

@@ -136,9 +136,6 @@ def test_moe_reference_without_resident_slots():
     assert torch.equal(got, torch.zeros_like(x))
 
 
-@pytest.mark.parametrize("codec", ["q4", "q8", "bf16"])
-@pytest.mark.parametrize("case", MOE_CASES)
-@pytest.mark.parametrize("codec", ["q4", "q8"])
 # ---------------------------------------------------------------- attention
 
 
@@ -208,9 +205,9 @@ class InterpretedKernels:
     @pytest.mark.parametrize("codec", ["q4", "q8", "bf16"])
     @pytest.mark.parametrize("case", MOE_CASES)
     def test_moe_triton_matches_reference(self, monkeypatch, codec, case):
-        # 64-row tiles: the interpreter's cost is per program and per op, not per element
-        monkeypatch.setattr(decode_gpu, "MOE_BLOCK_N", 64)
-        monkeypatch.setattr(decode_gpu, "DOWN_BLOCK_N", 64)
+        # 64-row tiles: the interpreter's cost is per program and per op, not per element (q4: the grouped kernels)
+        for name in ("MOE_BLOCK_N", "DOWN_BLOCK_N", "Q4G_BLOCK_N", "Q4G_DOWN_BLOCK_N"):
+            monkeypatch.setattr(decode_gpu, name, 64)
         args = moe_inputs(codec, case, seed=seed_of(codec, case) + 1)
         got = moe_decode(*args, use_triton=True)
         want = moe_decode_torch(*args)
@@ -225,11 +222,25 @@ class InterpretedKernels:
         args = moe_inputs(codec, MOE_CASES[0], seed=21)
         assert rel_l2(moe_decode(*args, use_triton=True), plain_moe(*args)) < 1e-5
 
-    @pytest.mark.parametrize("codec", ["q4", "q8", "bf16"])
-    def test_moe_triton_partial_tiles(self, monkeypatch, codec):
-        """Tiles that don't divide H or I: several loop steps, the last one partial, and partial row blocks."""
-        for name, value in (("MOE_BLOCK_N", 64), ("DOWN_BLOCK_N", 64), ("GATE_UP_BLOCK_K", 128), ("DOWN_BLOCK_K", 64)):
+    @pytest.mark.parametrize("case", [MOE_CASES[0], MOE_CASES[2]])
+    def test_moe_triton_q4_bytes_kernels(self, monkeypatch, case):
+        """The per-byte q4 kernels (Q4_KERNEL = "bytes"), kept for the sweep: M=1 and 3, non-resident experts."""
+        for name, value in (("Q4_KERNEL", "bytes"), ("MOE_BLOCK_N", 64), ("DOWN_BLOCK_N", 64)):
             monkeypatch.setattr(decode_gpu, name, value)
+        args = moe_inputs("q4", case, seed=31)
+        assert rel_l2(moe_decode(*args, use_triton=True), plain_moe(*args)) < 1e-5
+
+    @pytest.mark.parametrize("codec", ["q4", "q4-bytes", "q8", "bf16"])
+    def test_moe_triton_partial_tiles(self, monkeypatch, codec):
+        """Tiles that don't divide H or I: several loop steps, the last one partial, and partial row blocks.
+        Grouped q4: 5 and 3 groups in steps of 2, and the k=3 experts of a down program in blocks of 2."""
+        tiles = {"MOE_BLOCK_N": 64, "DOWN_BLOCK_N": 64, "GATE_UP_BLOCK_K": 128, "DOWN_BLOCK_K": 64, "Q4G_BLOCK_N": 64,
+                 "Q4G_DOWN_BLOCK_N": 64, "Q4G_GROUPS": 2, "Q4G_DOWN_GROUPS": 2, "Q4G_DOWN_EXPERTS": 2}
+        for name, value in tiles.items():
+            monkeypatch.setattr(decode_gpu, name, value)
+        if codec == "q4-bytes":
+            monkeypatch.setattr(decode_gpu, "Q4_KERNEL", "bytes")
+            codec = "q4"
         args = moe_inputs(codec, (3, 3, 160, 96, 6, 5), seed=11)
         out = torch.full_like(args[0], float("nan"))
         assert moe_decode(*args, out=out, use_triton=True) is out

@@ -33,6 +33,16 @@ DOWN_BLOCK_N = 4
 DOWN_BLOCK_K = 256  # input columns per loop step of the down kernels
 MOE_WARPS = 1
 DOWN_PAIRS = True  # q4 down: one program per (token, expert) pair and row block, then a sum over the k experts
+# q4 kernels: "grouped" (the default) factors each 32-column group's dot product, sum_j ((q_j - 8) s + z) x_j =
+# s * sum_j (q_j - 8) x_j + z * sum_j x_j, so scale, zero and the input sum are per group, and reads int32 words
+# of 8 nibbles; "bytes" (the kernels above it, per-byte scale/zero gathers) stays for the sweep to compare.
+Q4_KERNEL = "grouped"
+Q4G_BLOCK_N = 2  # gate_up output rows per program (gate and up rows of each)
+Q4G_GROUPS = 16  # 32-column groups per loop step (16 bytes of each row a group)
+Q4G_DOWN_BLOCK_N = 4  # down output rows per program
+Q4G_DOWN_GROUPS = 8
+Q4G_DOWN_EXPERTS = 1  # chosen experts per down program; fewer than k: partial sums [M, k/EXPERTS, H], then a sum
+Q4G_WARPS = 1
 ATTN_BLOCK = 64  # cached positions per loop step
 ATTN_PROGRAMS = 256  # target programs for the split kernel: KVH x splits
 
@@ -101,6 +111,101 @@ def _kernels():
         u = tl.sum(acc_u, 1)
         act = g / (1.0 + tl.exp(-g)) * u
         tl.store(act_ptr + pair * INTER + rows, act, mask=rows < INTER)
+
+    @triton.jit
+    def _q4_nibbles(word, shifts):
+        # q - 8 of the 8 nibbles of each int32 word, [..., 8], with no int->float convert (quarter rate): the bits
+        # 0x4B000000 | q are the float 2^23 + q, exactly, and subtracting 2^23 + 8 is exact too
+        nib = (tl.expand_dims(word, -1) >> shifts) & 15
+        return (nib | 0x4B000000).to(tl.float32, bitcast=True) - 8388616.0
+
+    @triton.jit
+    def _q4_group_step(q_ptr, s_ptr, z_ptr, qoff, soff, mask, x_ptr, xoff, xmask):
+        # grouped q4: sum_j ((q_j - 8) s + z) x_j = s * sum_j (q_j - 8) x_j + z * sum_j x_j over the 32 columns
+        # of a group, kept as [..., G, 8] partials (summed once, at the end: no cross-lane sums in the loop).
+        # qoff/soff: word/group offsets of each row's groups [..., G]; xoff [..., G] the groups' first inputs.
+        # Word w of a group holds columns 8w..8w+7, column 8w+s in bits 4s..4s+3 (little-endian bytes, the even
+        # column in the low nibble), so each word meets 8 contiguous inputs.
+        words = tl.load(q_ptr + tl.expand_dims(qoff, -1) + tl.arange(0, 4), mask=tl.expand_dims(mask, -1), other=0)
+        even, odd = tl.split(tl.reshape(words, words.shape[:-1] + [2, 2]))  # split takes the last axis: w & 1
+        w0, w2 = tl.split(even)
+        w1, w3 = tl.split(odd)
+        shifts = 4 * tl.arange(0, 8)
+        cols = tl.expand_dims(xoff, -1) + tl.arange(0, 8)
+        xm = tl.expand_dims(xmask, -1)
+        x = tl.load(x_ptr + cols, mask=xm, other=0.0)
+        dot = _q4_nibbles(w0, shifts) * x
+        xsum = x
+        x = tl.load(x_ptr + cols + 8, mask=xm, other=0.0)
+        dot += _q4_nibbles(w1, shifts) * x
+        xsum += x
+        x = tl.load(x_ptr + cols + 16, mask=xm, other=0.0)
+        dot += _q4_nibbles(w2, shifts) * x
+        xsum += x
+        x = tl.load(x_ptr + cols + 24, mask=xm, other=0.0)
+        dot += _q4_nibbles(w3, shifts) * x
+        xsum += x
+        scale = tl.expand_dims(tl.load(s_ptr + soff, mask=mask, other=0.0).to(tl.float32), -1)
+        zero = tl.expand_dims(tl.load(z_ptr + soff, mask=mask, other=0.0).to(tl.float32), -1)
+        return scale * dot + zero * xsum
+
+    @triton.jit
+    def gate_up_q4g_kernel(x_ptr, ids_ptr, slot_ptr, q_ptr, s_ptr, z_ptr, act_ptr, TOPK, INTER, H, q_slot, s_slot,
+                           BLOCK_N: tl.constexpr, GROUPS: tl.constexpr):
+        # grouped q4 (Q4_KERNEL): the grid of gate_up_q4_kernel; q_ptr is the tiles as int32 words, q_slot in words.
+        # The BLOCK_N gate rows and their BLOCK_N up rows form one tile of 2 * BLOCK_N rows sharing each input load.
+        pair = tl.program_id(0)
+        m = pair // TOPK
+        r = tl.arange(0, 2 * BLOCK_N)
+        rows = tl.program_id(1) * BLOCK_N + r % BLOCK_N
+        slot = tl.load(slot_ptr + tl.load(ids_ptr + pair))
+        rmask = rows < tl.where(slot >= 0, INTER, 0)  # not resident: loads nothing, writes zeros
+        slot = tl.maximum(slot, 0).to(tl.int64)
+        rows_gu = (rows + (r // BLOCK_N) * INTER).to(tl.int64)  # gate rows, then up rows
+        ng = H // 32
+        qrow = (slot * q_slot + rows_gu * (H // 8))[:, None]
+        srow = (slot * s_slot + rows_gu * ng)[:, None]
+        acc = tl.zeros([2 * BLOCK_N, GROUPS, 8], dtype=tl.float32)
+        for g0 in range(0, ng, GROUPS):
+            groups = g0 + tl.arange(0, GROUPS)
+            gmask = groups < ng
+            acc += _q4_group_step(q_ptr, s_ptr, z_ptr, qrow + groups[None, :] * 4, srow + groups[None, :],
+                                  rmask[:, None] & gmask[None, :], x_ptr, (m * H + groups * 32)[None, :],
+                                  gmask[None, :])
+        gu = tl.sum(tl.sum(acc, 2), 1)
+        g, u = tl.split(tl.trans(tl.reshape(gu, [2, BLOCK_N])))
+        act = g / (1.0 + tl.exp(-g)) * u
+        out_rows = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+        tl.store(act_ptr + pair * INTER + out_rows, act, mask=out_rows < INTER)
+
+    @triton.jit
+    def down_q4g_kernel(act_ptr, ids_ptr, w_ptr, slot_ptr, q_ptr, s_ptr, z_ptr, part_ptr, TOPK, NJ, INTER, H, q_slot,
+                        s_slot, EXPERTS: tl.constexpr, BLOCK_N: tl.constexpr, GROUPS: tl.constexpr):
+        # grouped q4 down: program (token m, block jb of EXPERTS chosen experts) x BLOCK_N output rows -> the
+        # weighted sum over those experts in part [M, NJ, H] (NJ = cdiv(k, EXPERTS); NJ = 1: part is the output)
+        m = tl.program_id(0) // NJ
+        j = (tl.program_id(0) % NJ) * EXPERTS + tl.arange(0, EXPERTS)
+        jmask = j < TOPK
+        pair = m * TOPK + j
+        slot = tl.load(slot_ptr + tl.load(ids_ptr + pair, mask=jmask, other=0), mask=jmask, other=-1)
+        w = tl.where(slot >= 0, tl.load(w_ptr + pair, mask=jmask, other=0.0), 0.0)
+        rows = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+        tmask = (slot >= 0)[:, None] & (rows < H)[None, :]  # [EXPERTS, BLOCK_N]
+        slot = tl.maximum(slot, 0).to(tl.int64)
+        ng = INTER // 32
+        qrow = ((slot * q_slot)[:, None] + rows[None, :].to(tl.int64) * (INTER // 8))[:, :, None]
+        srow = ((slot * s_slot)[:, None] + rows[None, :].to(tl.int64) * ng)[:, :, None]
+        acc = tl.zeros([EXPERTS, BLOCK_N, GROUPS, 8], dtype=tl.float32)
+        for g0 in range(0, ng, GROUPS):
+            groups = g0 + tl.arange(0, GROUPS)
+            gmask = groups < ng
+            # each expert's act inputs, shared by its BLOCK_N rows: [EXPERTS, 1, G]
+            xoff = (pair * INTER)[:, None, None] + groups[None, None, :] * 32
+            xmask = jmask[:, None, None] & gmask[None, None, :]
+            acc += _q4_group_step(q_ptr, s_ptr, z_ptr, qrow + groups[None, None, :] * 4, srow + groups[None, None, :],
+                                  tmask[:, :, None] & gmask[None, None, :], act_ptr, xoff, xmask)
+        out = tl.sum(tl.sum(tl.sum(acc, 3), 2) * w[:, None], 0)
+        tl.store(part_ptr + tl.program_id(0) * H + rows, out, mask=rows < H)
 
     @triton.jit
     def gate_up_dense_kernel(x_ptr, ids_ptr, slot_ptr, q_ptr, s_ptr, act_ptr, TOPK, INTER, H, q_slot,
@@ -275,13 +380,16 @@ def _kernels():
 
     # The interpreter re-executes a kernel's source in its module's globals, without the closure, so the kernels
     # find their @triton.jit helpers there (the compiler looks in both).
-    globals().update(_q4_tile=_q4_tile, _expert_slots=_expert_slots, _split_bounds=_split_bounds)
+    globals().update(_q4_tile=_q4_tile, _expert_slots=_expert_slots, _split_bounds=_split_bounds,
+                     _q4_nibbles=_q4_nibbles, _q4_group_step=_q4_group_step)
     return {
         "cdiv": triton.cdiv,
         "gate_up_q4": gate_up_q4_kernel,
         "gate_up_dense": gate_up_dense_kernel,
         "down_q4": down_q4_kernel,
         "down_q4_pairs": down_q4_pairs_kernel,
+        "gate_up_q4g": gate_up_q4g_kernel,
+        "down_q4g": down_q4g_kernel,
         "down_dense": down_dense_kernel,
         "attn_split": attn_split_kernel,
         "attn_combine": attn_combine_kernel,
@@ -348,24 +456,12 @@ def moe_decode(x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tens
     y = out if out is not None else torch.empty(m, h, dtype=torch.float32, device=x.device)
     gu = {name: t.contiguous() for name, t in gate_up.items()}
     dn = {name: t.contiguous() for name, t in down.items()}
+    if codec == "q4":
+        q4 = _moe_q4_grouped if Q4_KERNEL == "grouped" else _moe_q4_bytes
+        return q4(kern, x, ids, weights, slot_of, gu, dn, act, y)
     grid_a = (m * topk, kern["cdiv"](inter, MOE_BLOCK_N))
     grid_b = (m, kern["cdiv"](h, DOWN_BLOCK_N))
     kp = next_pow2(topk)
-    if codec == "q4":
-        bk_a, bk_b = _block(h, GATE_UP_BLOCK_K), _block(inter, DOWN_BLOCK_K)
-        kern["gate_up_q4"][grid_a](x, ids, slot_of, gu["q"], gu["scale"], gu["zero"], act, topk, inter, h,
-                                   gu["q"].stride(0), gu["scale"].stride(0), BLOCK_N=MOE_BLOCK_N, BLOCK_K=bk_a,
-                                   num_warps=MOE_WARPS)
-        if DOWN_PAIRS:
-            part = torch.empty(m, topk, h, dtype=torch.float32, device=x.device)
-            kern["down_q4_pairs"][(m * topk, kern["cdiv"](h, DOWN_BLOCK_N))](
-                act, ids, weights, slot_of, dn["q"], dn["scale"], dn["zero"], part, topk, inter, h,
-                dn["q"].stride(0), dn["scale"].stride(0), BLOCK_N=DOWN_BLOCK_N, BLOCK_K=bk_b, num_warps=MOE_WARPS)
-            return torch.sum(part, 1, out=y)
-        kern["down_q4"][grid_b](act, ids, weights, slot_of, dn["q"], dn["scale"], dn["zero"], y, topk, inter, h,
-                                dn["q"].stride(0), dn["scale"].stride(0), KP=kp, BLOCK_N=DOWN_BLOCK_N, BLOCK_K=bk_b,
-                                num_warps=MOE_WARPS)
-        return y
     key = "w" if codec == "bf16" else "q"
     has_scale = codec == "q8"
     bk_a, bk_b = _block(h, GATE_UP_BLOCK_K // 2), _block(inter, DOWN_BLOCK_K // 2)  # 1-2 bytes/weight, not 1/2
@@ -374,6 +470,46 @@ def moe_decode(x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tens
     kern["down_dense"][grid_b](act, ids, weights, slot_of, dn[key], dn.get("scale", dn[key]), y, topk, inter, h,
                                dn[key].stride(0), HAS_SCALE=has_scale, KP=kp, BLOCK_N=DOWN_BLOCK_N, BLOCK_K=bk_b)
     return y
+
+
+def _moe_q4_bytes(kern, x, ids, weights, slot_of, gu, dn, act, y) -> torch.Tensor:
+    """q4 through the per-byte kernels (Q4_KERNEL = "bytes")."""
+    m, h = x.shape
+    topk, inter = act.shape[1:]
+    bk_a, bk_b = _block(h, GATE_UP_BLOCK_K), _block(inter, DOWN_BLOCK_K)
+    kern["gate_up_q4"][(m * topk, kern["cdiv"](inter, MOE_BLOCK_N))](
+        x, ids, slot_of, gu["q"], gu["scale"], gu["zero"], act, topk, inter, h, gu["q"].stride(0),
+        gu["scale"].stride(0), BLOCK_N=MOE_BLOCK_N, BLOCK_K=bk_a, num_warps=MOE_WARPS)
+    if DOWN_PAIRS:
+        part = torch.empty(m, topk, h, dtype=torch.float32, device=x.device)
+        kern["down_q4_pairs"][(m * topk, kern["cdiv"](h, DOWN_BLOCK_N))](
+            act, ids, weights, slot_of, dn["q"], dn["scale"], dn["zero"], part, topk, inter, h,
+            dn["q"].stride(0), dn["scale"].stride(0), BLOCK_N=DOWN_BLOCK_N, BLOCK_K=bk_b, num_warps=MOE_WARPS)
+        return torch.sum(part, 1, out=y)
+    kern["down_q4"][(m, kern["cdiv"](h, DOWN_BLOCK_N))](
+        act, ids, weights, slot_of, dn["q"], dn["scale"], dn["zero"], y, topk, inter, h, dn["q"].stride(0),
+        dn["scale"].stride(0), KP=next_pow2(topk), BLOCK_N=DOWN_BLOCK_N, BLOCK_K=bk_b, num_warps=MOE_WARPS)
+    return y
+
+
+def _moe_q4_grouped(kern, x, ids, weights, slot_of, gu, dn, act, y) -> torch.Tensor:
+    """q4 through the group-factored kernels (Q4_KERNEL = "grouped"): the tiles read as int32 words (rows of
+    K/2 bytes, K a multiple of 32, so every row and group starts on a word)."""
+    m, h = x.shape
+    topk, inter = act.shape[1:]
+    gu_q, dn_q = gu["q"].view(torch.int32), dn["q"].view(torch.int32)
+    groups_a, groups_b = _block(h // 32, Q4G_GROUPS), _block(inter // 32, Q4G_DOWN_GROUPS)
+    kern["gate_up_q4g"][(m * topk, kern["cdiv"](inter, Q4G_BLOCK_N))](
+        x, ids, slot_of, gu_q, gu["scale"], gu["zero"], act, topk, inter, h, gu_q.stride(0), gu["scale"].stride(0),
+        BLOCK_N=Q4G_BLOCK_N, GROUPS=groups_a, num_warps=Q4G_WARPS)
+    experts = _block(topk, Q4G_DOWN_EXPERTS)
+    nj = -(-topk // experts)
+    # one expert block: the programs write the output directly; several: partial sums, then one sum over them
+    part = y.view(m, 1, h) if nj == 1 else torch.empty(m, nj, h, dtype=torch.float32, device=x.device)
+    kern["down_q4g"][(m * nj, kern["cdiv"](h, Q4G_DOWN_BLOCK_N))](
+        act, ids, weights, slot_of, dn_q, dn["scale"], dn["zero"], part, topk, nj, inter, h, dn_q.stride(0),
+        dn["scale"].stride(0), EXPERTS=experts, BLOCK_N=Q4G_DOWN_BLOCK_N, GROUPS=groups_b, num_warps=Q4G_WARPS)
+    return y if nj == 1 else torch.sum(part, 1, out=y)
 
 
 # ---------------------------------------------------------------- attention
