@@ -97,8 +97,11 @@ class HybridOps(GpuOps):
         return self.engine.embed_dev.copy_(self.engine.embed_host, non_blocking=True).float()
 
     def attention(self, q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, start_pos) -> torch.Tensor:
-        # the valid length (start_pos + 1) is computed once per step by the engine, not once per layer
-        return decode_attention(q[0], keys, values, self.engine.length_dev).reshape(1, -1)
+        # the valid length (start_pos + 1) is computed once per step by the engine, not once per layer; the output
+        # is stored in bf16 (what o_proj takes) unless the artifact is bf16 (exact)
+        out = torch.empty(q.shape[1] * q.shape[2], dtype=torch.float32 if self.exact else torch.bfloat16,
+                          device=q.device)
+        return decode_attention(q[0], keys, values, self.engine.length_dev, out=out).reshape(1, -1)
 
     def experts(self, x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor,
                 handle: ExpertHandle) -> torch.Tensor:

@@ -25,7 +25,7 @@ from .artifact import Artifact
 from .codecs import TORCH_DTYPES, dequant_parts
 from .format import SECTION_EXPERTS_CPU, SECTION_EXPERTS_GPU
 from .kernels.activation import silu_mul
-from .kernels.decode_glue import rms_norm_decode
+from .kernels.decode_glue import add_rms_norm, rms_norm_decode
 from .kernels.dequant import dequant_experts
 from .kernels.moe_combine import moe_combine
 from .kernels.norm_rope import fused_norm_rope
@@ -256,6 +256,13 @@ class GpuOps:
         if self.exact or not x.is_cuda:
             return rms_norm(x, weight, eps)
         return rms_norm_decode(x.float(), weight, eps, out_dtype=torch.bfloat16)
+
+    def add_rms_norm(self, x: torch.Tensor, delta: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+        """x += delta in place, then the norm (one pass on CUDA; x is the model's own residual stream)."""
+        if self.exact or not x.is_cuda:
+            x += delta
+            return self.rms_norm(x, weight, eps)
+        return add_rms_norm(x, delta, weight, eps, out_dtype=torch.bfloat16)
 
     def linear(self, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
         if w.dtype == torch.float32:  # the router: routing decisions in float32, as in the reference

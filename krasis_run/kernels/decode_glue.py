@@ -88,7 +88,20 @@ def _kernels():
         tl.store(ids_ptr + row * ids_row + slots, top_ids.to(ids_ptr.dtype.element_ty), mask=kmask)
         tl.store(w_ptr + row * w_row + slots, top_w, mask=kmask)
 
-    return {"rms_norm": rms_norm_kernel, "route": route_kernel}
+    @triton.jit
+    def add_rms_norm_kernel(x_ptr, d_ptr, w_ptr, out_ptr, H, x_row, d_row, out_row, eps, BLOCK: tl.constexpr):
+        # one row: the residual add x += delta (in place, float32), then RMSNorm of the sum into out
+        row = tl.program_id(0).to(tl.int64)
+        cols = tl.arange(0, BLOCK)
+        mask = cols < H
+        x = tl.load(x_ptr + row * x_row + cols, mask=mask, other=0.0).to(tl.float32)
+        x += tl.load(d_ptr + row * d_row + cols, mask=mask, other=0.0).to(tl.float32)
+        tl.store(x_ptr + row * x_row + cols, x, mask=mask)
+        r = tl.rsqrt(tl.sum(x * x, 0) / H + eps)
+        w = tl.load(w_ptr + cols, mask=mask, other=0.0).to(tl.float32)
+        tl.store(out_ptr + row * out_row + cols, (x * r * w).to(out_ptr.dtype.element_ty), mask=mask)
+
+    return {"rms_norm": rms_norm_kernel, "route": route_kernel, "add_rms_norm": add_rms_norm_kernel}
 
 
 def _triton_ok(t: torch.Tensor, use_triton: bool | None) -> bool:
@@ -132,6 +145,22 @@ def rms_norm_decode(x: torch.Tensor, weight: torch.Tensor, eps: float, out_dtype
     warps = max(1, min(16, block // 512))
     _kernels()["rms_norm"][(m,)](x, weight.contiguous(), y, h, x.stride(0), y.stride(0), eps, BLOCK=block,
                                  ONE_PASS=one_pass, num_warps=warps)
+    return y
+
+
+def add_rms_norm(x: torch.Tensor, delta: torch.Tensor, weight: torch.Tensor, eps: float,
+                 out_dtype: torch.dtype = torch.bfloat16, *, use_triton: bool | None = None) -> torch.Tensor:
+    """The residual add and the next norm in one pass: x [M, H] float32 += delta (in place), returns
+    rms_norm(x, weight, eps) in out_dtype. Two kernels fewer per add than torch (add, then the norm)."""
+    m, h = x.shape
+    if not _triton_ok(x, use_triton) or next_pow2(h) > RMS_MAX_BLOCK or x.stride(-1) != 1 or x.dtype != torch.float32:
+        x += delta
+        return rms_norm(x, weight, eps).to(out_dtype)
+    y = torch.empty(m, h, dtype=out_dtype, device=x.device)
+    delta = _rows(delta)
+    block = next_pow2(h)
+    _kernels()["add_rms_norm"][(m,)](x, delta, weight.contiguous(), y, h, x.stride(0), delta.stride(0), y.stride(0),
+                                     eps, BLOCK=block, num_warps=max(1, min(16, block // 512)))
     return y
 
 

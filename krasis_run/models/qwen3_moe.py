@@ -95,6 +95,7 @@ class Model:
         self.norm_rope = getattr(ops, "norm_rope", norm_rope)  # an engine may fuse the per-head norm and rotary
         self.rms_norm = getattr(ops, "rms_norm", rms_norm)  # ... and bring its own norm and router top-k
         self.route = getattr(ops, "route", route)
+        self.add_rms_norm = getattr(ops, "add_rms_norm", None)  # x += delta in place, then the norm, fused
 
     def _inv_freq(self, device: torch.device) -> torch.Tensor:
         if self.inv_freq.device != device:  # moved once: a copy from the host cannot be captured in a graph
@@ -152,14 +153,24 @@ class Model:
         chunked = token_chunk is not None and token_chunk < tokens.shape[0]
         if chunked:
             x = x.clone()  # updated in place below: never write into what ops.embed returned
-        for i, n in enumerate(self.layer_names):
-            if chunked:
+        if chunked:
+            for i, n in enumerate(self.layer_names):
                 x = self.attention_chunks(i, x, cache, start_pos, cos, sin, token_chunk)
                 x += self.mlp(i, self.rms_norm(x, w[n["mlp_norm"]], a.rms_norm_eps))
-                continue
-            x = x + self.attention(i, self.rms_norm(x, w[n["attn_norm"]], a.rms_norm_eps), cache, start_pos, cos, sin)
-            x = x + self.mlp(i, self.rms_norm(x, w[n["mlp_norm"]], a.rms_norm_eps))
+            h = self.rms_norm(x if all_logits else x[-1:], w["norm"], a.rms_norm_eps)
+        else:
+            # each residual add goes with the norm after it: an engine may fuse the pair (ops.add_rms_norm)
+            norms = [w[n[r]] for n in self.layer_names for r in ("attn_norm", "mlp_norm")][1:] + [w["norm"]]
+            h = self.rms_norm(x, w[self.layer_names[0]["attn_norm"]], a.rms_norm_eps)
+            for i in range(len(self.layer_names)):
+                x, h = self._add_norm(x, self.attention(i, h, cache, start_pos, cos, sin), norms[2 * i])
+                x, h = self._add_norm(x, self.mlp(i, h), norms[2 * i + 1])
+            h = h if all_logits else h[-1:]
         cache.advance(start_pos + tokens.shape[0])
-        if not all_logits:
-            x = x[-1:]
-        return self.ops.linear(self.rms_norm(x, w["norm"], a.rms_norm_eps), w["lm_head"])
+        return self.ops.linear(h, w["lm_head"])
+
+    def _add_norm(self, x: torch.Tensor, delta: torch.Tensor, weight) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.add_rms_norm is not None:
+            return x, self.add_rms_norm(x, delta, weight, self.args.rms_norm_eps)  # x updated in place
+        x = x + delta
+        return x, self.rms_norm(x, weight, self.args.rms_norm_eps)
