@@ -18,7 +18,7 @@ import pytest
 import torch
 
 from krasis_run.kernels import decode_glue
-from krasis_run.kernels.decode_glue import rms_norm_decode, route_decode
+from krasis_run.kernels.decode_glue import add_rms_norm, rms_norm_decode, route_decode
 from krasis_run.models.base import rms_norm, route
 
 EPS = 1e-6
@@ -131,6 +131,15 @@ def test_route_rejects_bad_arguments():
 # ---------------------------------------------------------------- Triton kernels, under the interpreter
 
 
+def test_add_rms_norm_reference_adds_in_place():
+    x, weight = norm_inputs(2, 64, seed=4)
+    delta = torch.randn(2, 64, generator=torch.Generator().manual_seed(5))
+    want_x = x + delta
+    got = add_rms_norm(x, delta, weight, EPS, torch.float32, use_triton=False)
+    assert torch.equal(x, want_x)
+    assert torch.allclose(got, plain_rms_norm(want_x, weight, EPS).float(), rtol=1e-5, atol=1e-6)
+
+
 def test_glue_kernels_under_interpreter():
     """Runs class InterpretedGlue in a child pytest with TRITON_INTERPRET=1 (see the module docstring)."""
     pytest.importorskip("triton")  # a test dependency (pyproject [test]); only a bare install skips
@@ -162,6 +171,15 @@ class InterpretedGlue:
         else:
             assert_close_bf16(out, want, ulps=1)  # the interpreter rounds to bf16 towards zero, CUDA to nearest
         assert torch.equal(rms_norm_decode(x, weight, EPS, dtype, use_triton=True), out)  # and allocates without out
+
+    @pytest.mark.parametrize("m,h", [(1, 96), (3, 2048)])
+    def test_add_rms_norm_triton_matches_reference(self, m, h):
+        x, weight = norm_inputs(m, h, seed=h + 7)
+        delta = torch.randn(m, h, generator=torch.Generator().manual_seed(m)).to(torch.bfloat16)
+        want_x = x + delta.float()
+        got = add_rms_norm(x, delta, weight, EPS, torch.float32, use_triton=True)
+        assert torch.equal(x, want_x)  # the residual stream, updated in place
+        assert torch.allclose(got, plain_rms_norm(want_x, weight, EPS).float(), rtol=1e-5, atol=1e-5)
 
     @pytest.mark.parametrize("h", [96, 2048])
     def test_rms_norm_triton_wide_rows_loop(self, monkeypatch, h):
