@@ -38,7 +38,7 @@ DOWN_PAIRS = True  # q4 down: one program per (token, expert) pair and row block
 # of 8 nibbles; "bytes" (the kernels above it, per-byte scale/zero gathers) stays for the sweep to compare.
 Q4_KERNEL = "grouped"
 Q4G_BLOCK_N = 2  # gate_up output rows per program (gate and up rows of each)
-Q4G_GROUPS = 16  # 32-column groups per loop step (16 bytes of each row a group)
+Q4G_GROUPS = 8  # 32-column groups per loop step (16 bytes of each row a group)
 Q4G_DOWN_BLOCK_N = 4  # down output rows per program
 Q4G_DOWN_GROUPS = 8
 Q4G_DOWN_EXPERTS = 1  # chosen experts per down program; fewer than k: partial sums [M, k/EXPERTS, H], then a sum
