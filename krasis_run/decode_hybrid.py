@@ -166,6 +166,7 @@ class HybridDecodeEngine:
         self.stream = torch.cuda.Stream(device) if self.cuda else None
         self.plan: list[tuple] | None = None  # the captured step: graphs, events and CPU expert calls in order
         self.capturing = False
+        self.captures = 0  # after the first, the kernels are compiled: captures again skip the warm-up steps
         self.pending: dict[int, object] = {}  # layer -> event after its stage copies (eager CUDA)
         self.timing = dict(steps=0, step_s=0.0, gpu_wait_s=0.0, cpu_experts_s=0.0, cpu_picks=0)  # where time goes
         # Hot experts: VRAM the prefill workspace needs only while prefilling holds, during decode, the experts
@@ -319,7 +320,7 @@ class HybridDecodeEngine:
         self.plan = []
         self.stream.wait_stream(torch.cuda.current_stream(self.device))
         with torch.cuda.stream(self.stream):
-            for _ in range(2):  # warm-up outside capture: kernel compilation, cuBLAS workspaces
+            for _ in range(2 if self.captures == 0 else 0):  # warm-up outside capture: compilation, cuBLAS
                 self.pos_dev.copy_(self.pos_host, non_blocking=True)
                 self._step()
             self.stream.synchronize()
@@ -329,6 +330,7 @@ class HybridDecodeEngine:
                 self.pos_dev.copy_(self.pos_host, non_blocking=True)
                 self._step()
                 self._end_graph()
+                self.captures += 1
             finally:
                 self.capturing = False
         torch.cuda.current_stream(self.device).wait_stream(self.stream)

@@ -413,6 +413,21 @@ def place_gpu_weights(artifact: Artifact, device: torch.device, streamer: Expert
             weights[name] = w.to(torch.bfloat16)
     for layer in streamer.layers:
         weights[f"layers.{layer}.experts"] = ExpertHandle(streamer, layer)
+    return stack_qkv(weights)
+
+
+def stack_qkv(weights: dict) -> dict:
+    """`P.q_proj`, `P.k_proj`, `P.v_proj` (bf16, no biases) -> one `P.qkv_proj` the model splits after one GEMM:
+    a decode step launches one GEMV instead of three (48 layers: ~100 kernels a token fewer)."""
+    for name in [n for n in weights if n.endswith(".q_proj")]:
+        prefix = name[: -len("q_proj")]
+        parts = [weights.get(prefix + r) for r in ("q_proj", "k_proj", "v_proj")]
+        if any(not isinstance(p, torch.Tensor) or p.dtype != torch.bfloat16 for p in parts) or \
+                any(prefix + r + "_bias" in weights for r in ("q_proj", "k_proj", "v_proj")):
+            continue
+        weights[prefix + "qkv_proj"] = torch.cat(parts)
+        for r in ("q_proj", "k_proj", "v_proj"):
+            del weights[prefix + r]
     return weights
 
 

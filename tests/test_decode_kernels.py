@@ -299,3 +299,7 @@ class InterpretedKernels:
         assert got.dtype == torch.bfloat16 and got.shape == x.shape
         assert rel_l2(got.float(), norm_rope_torch(x, w, 1e-6, cos, sin)) < 4e-3  # bf16 output rounding
         assert norm_rope.fused_norm_rope(x, w, 1e-6, cos, sin) is None  # CPU tensors: the engine uses torch
+        qkv = torch.randn(5, 3 * 64 + 2 * 64, generator=gen)  # q as a slice of a stacked q|k|v projection
+        q = qkv[:, :192].view(5, 3, 64)
+        got = norm_rope.fused_norm_rope(q, w, 1e-6, cos, sin, use_triton=True)
+        assert rel_l2(got.float(), norm_rope_torch(q.contiguous(), w, 1e-6, cos, sin)) < 4e-3

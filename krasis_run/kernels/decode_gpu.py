@@ -102,8 +102,8 @@ def _kernels():
         for k0 in range(0, hb, BLOCK_K // 2):
             bcols = k0 + tl.arange(0, BLOCK_K // 2)
             bmask = bcols < hb
-            xe = tl.load(x_ptr + m * H + 2 * bcols, mask=bmask, other=0.0)[None, :]
-            xo = tl.load(x_ptr + m * H + 2 * bcols + 1, mask=bmask, other=0.0)[None, :]
+            xe = tl.load(x_ptr + m * H + 2 * bcols, mask=bmask, other=0.0).to(tl.float32)[None, :]
+            xo = tl.load(x_ptr + m * H + 2 * bcols + 1, mask=bmask, other=0.0).to(tl.float32)[None, :]
             mask = rmask[:, None] & bmask[None, :]
             acc_g += _q4_tile(q_ptr, s_ptr, z_ptr, g_q, g_s, bcols[None, :], mask, xe, xo)
             acc_u += _q4_tile(q_ptr, s_ptr, z_ptr, u_q, u_s, bcols[None, :], mask, xe, xo)
@@ -133,16 +133,16 @@ def _kernels():
         shifts = 4 * tl.arange(0, 8)
         cols = tl.expand_dims(xoff, -1) + tl.arange(0, 8)
         xm = tl.expand_dims(xmask, -1)
-        x = tl.load(x_ptr + cols, mask=xm, other=0.0)
+        x = tl.load(x_ptr + cols, mask=xm, other=0.0).to(tl.float32)
         dot = _q4_nibbles(w0, shifts) * x
         xsum = x
-        x = tl.load(x_ptr + cols + 8, mask=xm, other=0.0)
+        x = tl.load(x_ptr + cols + 8, mask=xm, other=0.0).to(tl.float32)
         dot += _q4_nibbles(w1, shifts) * x
         xsum += x
-        x = tl.load(x_ptr + cols + 16, mask=xm, other=0.0)
+        x = tl.load(x_ptr + cols + 16, mask=xm, other=0.0).to(tl.float32)
         dot += _q4_nibbles(w2, shifts) * x
         xsum += x
-        x = tl.load(x_ptr + cols + 24, mask=xm, other=0.0)
+        x = tl.load(x_ptr + cols + 24, mask=xm, other=0.0).to(tl.float32)
         dot += _q4_nibbles(w3, shifts) * x
         xsum += x
         scale = tl.expand_dims(tl.load(s_ptr + soff, mask=mask, other=0.0).to(tl.float32), -1)
@@ -224,7 +224,7 @@ def _kernels():
         for k0 in range(0, H, BLOCK_K):
             cols = k0 + tl.arange(0, BLOCK_K)
             cmask = cols < H
-            x = tl.load(x_ptr + m * H + cols, mask=cmask, other=0.0)[None, :]
+            x = tl.load(x_ptr + m * H + cols, mask=cmask, other=0.0).to(tl.float32)[None, :]
             mask = rmask[:, None] & cmask[None, :]
             acc_g += tl.load(q_ptr + g_q + cols[None, :], mask=mask, other=0).to(tl.float32) * x
             acc_u += tl.load(q_ptr + u_q + cols[None, :], mask=mask, other=0).to(tl.float32) * x
@@ -448,7 +448,7 @@ def moe_decode(x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tens
     m, h = x.shape
     topk = topk_ids.shape[1]
     inter = _stacked_shape(codec, down)[2]
-    x = x.float().contiguous()
+    x = (x if x.dtype in (torch.float32, torch.bfloat16) else x.float()).contiguous()  # the kernels upcast bf16
     ids = topk_ids.contiguous()
     weights = topk_weights.float().contiguous()
     slot_of = slot_of_expert.contiguous()

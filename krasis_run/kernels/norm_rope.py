@@ -23,7 +23,7 @@ def _kernel():
         return None
 
     @triton.jit
-    def norm_rope_kernel(x_ptr, w_ptr, cos_ptr, sin_ptr, out_ptr, n_rows, heads, eps, HALF: tl.constexpr,
+    def norm_rope_kernel(x_ptr, w_ptr, cos_ptr, sin_ptr, out_ptr, n_rows, heads, x_token, eps, HALF: tl.constexpr,
                          ROWS: tl.constexpr):
         # ROWS (token, head) rows of head_dim = 2 * HALF per program: one row per program left most of the
         # program's threads idle and ran at ~1/3 of memory bandwidth on the H200 at 32K tokens
@@ -31,9 +31,10 @@ def _kernel():
         rmask = (rows < n_rows)[:, None]
         token = (rows // heads).to(tl.int64)[:, None]
         base = rows.to(tl.int64)[:, None] * 2 * HALF
+        xbase = token * x_token + (rows % heads).to(tl.int64)[:, None] * 2 * HALF  # x may be a slice of q|k|v
         offs = tl.arange(0, HALF)[None, :]
-        x1 = tl.load(x_ptr + base + offs, mask=rmask, other=0.0).to(tl.float32)
-        x2 = tl.load(x_ptr + base + HALF + offs, mask=rmask, other=0.0).to(tl.float32)
+        x1 = tl.load(x_ptr + xbase + offs, mask=rmask, other=0.0).to(tl.float32)
+        x2 = tl.load(x_ptr + xbase + HALF + offs, mask=rmask, other=0.0).to(tl.float32)
         inv = 1.0 / tl.sqrt((tl.sum(x1 * x1, 1) + tl.sum(x2 * x2, 1)) / (2 * HALF) + eps)[:, None]
         y1 = x1 * inv * tl.load(w_ptr + offs).to(tl.float32)
         y2 = x2 * inv * tl.load(w_ptr + HALF + offs).to(tl.float32)
@@ -48,9 +49,11 @@ def _kernel():
         t, heads, dim = x.shape
         out = torch.empty(t, heads, dim, dtype=torch.bfloat16, device=x.device)
         n_rows = t * heads
-        norm_rope_kernel[(triton.cdiv(n_rows, ROWS),)](x.contiguous(), weight.contiguous(), cos.float().contiguous(),
-                                                       sin.float().contiguous(), out, n_rows, heads, eps,
-                                                       HALF=dim // 2, ROWS=ROWS)
+        if x.stride(2) != 1 or x.stride(1) != dim:  # rows of heads must be dense; tokens may be strided
+            x = x.contiguous()
+        norm_rope_kernel[(triton.cdiv(n_rows, ROWS),)](x, weight.contiguous(), cos.float().contiguous(),
+                                                       sin.float().contiguous(), out, n_rows, heads, x.stride(0),
+                                                       eps, HALF=dim // 2, ROWS=ROWS)
         return out
 
     return run

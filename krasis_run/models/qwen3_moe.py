@@ -74,6 +74,7 @@ def layer_tensor_names(args: ModelArgs, layer: int) -> dict[str, str]:
     p = f"layers.{layer}."
     names = {r: p + r for r in ("attn_norm", "q_proj", "k_proj", "v_proj", "o_proj", "q_norm", "k_norm")}
     names["mlp_norm"] = p + "mlp_norm"
+    names["qkv_proj"] = p + "qkv_proj"  # not in the artifact: q/k/v stacked by an engine that places them so
     if args.attention_bias:
         names.update({f"{r}_bias": p + f"{r}_bias" for r in ("q_proj", "k_proj", "v_proj", "o_proj")})
     if args.is_sparse(layer):
@@ -110,9 +111,14 @@ class Model:
             y = self.ops.linear(x, w[n[role]])
             return y + w[n[role + "_bias"]] if a.attention_bias else y
 
-        q = proj("q_proj").view(t, a.num_attention_heads, a.head_dim)
-        k = proj("k_proj").view(t, a.num_key_value_heads, a.head_dim)
-        v = proj("v_proj").view(t, a.num_key_value_heads, a.head_dim)
+        if n["qkv_proj"] in w:  # an engine may hold q/k/v as one matrix: one GEMM (GEMV in decode) for three
+            sizes = [a.num_attention_heads * a.head_dim] + 2 * [a.num_key_value_heads * a.head_dim]
+            q, k, v = self.ops.linear(x, w[n["qkv_proj"]]).split(sizes, dim=-1)
+        else:
+            q, k, v = proj("q_proj"), proj("k_proj"), proj("v_proj")
+        q = q.view(t, a.num_attention_heads, a.head_dim)
+        k = k.view(t, a.num_key_value_heads, a.head_dim)
+        v = v.view(t, a.num_key_value_heads, a.head_dim)
         q = self.norm_rope(q, w[n["q_norm"]], a.rms_norm_eps, cos, sin)
         k = self.norm_rope(k, w[n["k_norm"]], a.rms_norm_eps, cos, sin)
         keys, values = cache.update(i, start_pos, k, v)
