@@ -217,7 +217,7 @@ def decode_bytes(rt, mode: str) -> dict[str, float]:
     return dict(cpu=experts["cpu"], gpu=experts["gpu"] + _dense_vram(rt.artifact) + kv)
 
 
-def run_decode(path: Path, budgets: list[str], runs: int, bandwidth: dict) -> list[dict]:
+def run_decode(path: Path, budgets: list[str], runs: int, bandwidth: dict, modes: set[str] | None = None) -> list[dict]:
     """The decode placements of issue 5: all on the CPU, every expert in RAM, the budget's, all on the GPU."""
     from krasis_run.engine import CpuEngine
 
@@ -226,6 +226,8 @@ def run_decode(path: Path, budgets: list[str], runs: int, bandwidth: dict) -> li
     for gib in budgets:
         cases = [("cpu", None), ("experts_in_ram", 0), ("budget_layers", None), ("budget", None)]
         for mode, cap in cases if gib != "whole" else [("all_gpu", None)]:
+            if modes and mode not in modes:
+                continue
             budget = None if gib == "whole" else f"{gib}GiB"
             # budget_layers: whole expert layers only; budget: plus the last prompt's hottest experts in the VRAM
             # the prefill workspace leaves idle during decode
@@ -274,6 +276,7 @@ def main() -> None:
     ap.add_argument("--artifact", type=Path, default=Path("/tmp/krasis-bench.krs"))
     ap.add_argument("--decode-runs", type=int, default=3)
     ap.add_argument("--decode-budgets", default="16,whole", help="GiB values and/or 'whole' ('' skips decode)")
+    ap.add_argument("--decode-modes", default="", help="only these (cpu,experts_in_ram,budget_layers,budget,all_gpu)")
     ap.add_argument("--prefill-context", choices=["prompt", "max"], default="prompt",
                     help="KV cache reserved per prefill run: prompt + 64 tokens, or the longest prompt's")
     ap.add_argument("--tag", default="", help="suffix of the JSON file name")
@@ -342,7 +345,8 @@ def main() -> None:
         bandwidth = dict(host_read_gb_s=host_read_gb_s(), hbm_gb_s=hbm_gb_s())
         record["bandwidth"] = bandwidth
         print(f"bandwidth: {bandwidth}", flush=True)
-        record["decode"] = run_decode(args.artifact, args.decode_budgets.split(","), args.decode_runs, bandwidth)
+        modes = set(args.decode_modes.split(",")) if args.decode_modes else None
+        record["decode"] = run_decode(args.artifact, args.decode_budgets.split(","), args.decode_runs, bandwidth, modes)
         cpu = [r for r in record["decode"] if r["mode"] == "cpu"]
         if cpu:
             record["decode_tok_s"], record["decode_runs"] = cpu[0]["decode_tok_s"], cpu[0]["runs"]
