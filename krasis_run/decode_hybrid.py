@@ -293,8 +293,8 @@ class HybridDecodeEngine:
         stage = self.stages[layer]
         picks = int((stage.ids >= 0).sum())
         self.timing["cpu_picks"] += picks  # experts the CPU read: the measured split, not the uniform estimate
-        if picks:
-            stage.out.copy_(self.cpu_ops.experts(stage.x, stage.ids, stage.weights, self.layers[layer].cpu_blocks))
+        if picks:  # straight into the pinned buffer the next graph copies to the GPU
+            self.cpu_ops.experts(stage.x, stage.ids, stage.weights, self.layers[layer].cpu_blocks, out=stage.out)
         else:
             stage.out.zero_()
         self.timing["gpu_wait_s"] += waited - started  # the host waiting for the GPU's part of the layer
