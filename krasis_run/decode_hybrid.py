@@ -39,13 +39,35 @@ class LayerExperts:
         self.whole_layer = tiles is not None  # resident for prefill too; otherwise hot experts may come and go
         self.place(resident, tiles)
 
-    def place(self, resident: list[int], tiles: dict | None) -> None:
-        """Experts `resident` (in slot order) are on the GPU in `tiles`; the others on the CPU."""
+        self.remote_tiles: dict | None = None  # every expert's tiles in pinned host memory, read over PCIe
+
+    def place(self, resident: list[int], tiles: dict | None, remote: list[int] | None = None) -> None:
+        """Experts `resident` (in slot order) are in VRAM in `tiles`; `remote` ones are computed by the GPU
+        straight from host memory (zero-copy reads over PCIe of remote_tiles); the others on the CPU."""
         slot = torch.full((self.experts,), -1, dtype=torch.int32)
         slot[resident] = torch.arange(len(resident), dtype=torch.int32)
         self.slot, self.resident, self.tiles = slot.to(self.device), list(resident), tiles
-        self.on_gpu = bool(resident) and tiles is not None
-        self.on_cpu = len(resident) < self.experts or tiles is None
+        self.remote = list(remote or [])
+        remote_slot = torch.full((self.experts,), -1, dtype=torch.int32)
+        remote_slot[self.remote] = torch.tensor(self.remote, dtype=torch.int32)  # remote_tiles hold all experts
+        self.remote_slot = remote_slot.to(self.device)
+        self.gpu_takes = ((slot >= 0) | (remote_slot >= 0)).to(self.device)  # slots the CPU skips
+        in_vram = bool(resident) and tiles is not None
+        self.on_gpu = in_vram or bool(self.remote)
+        self.on_cpu = (len(resident) if in_vram else 0) + len(self.remote) < self.experts
+
+
+class _CudaArray:
+    """__cuda_array_interface__ over a device address: how torch wraps memory it did not allocate."""
+
+    def __init__(self, ptr: int, nbytes: int):
+        self.__cuda_array_interface__ = {"shape": (nbytes,), "typestr": "|u1", "data": (ptr, True), "version": 3}
+
+
+def device_alias(host: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A CUDA uint8 tensor over registered host memory: with unified addressing the GPU reads those pages at
+    the host address, over PCIe (zero-copy). Raises where torch or the system does not allow it."""
+    return torch.as_tensor(_CudaArray(host.data_ptr(), host.numel()), device=device)
 
 
 class HostStage:
@@ -112,14 +134,18 @@ class HybridOps(GpuOps):
             stage = e.stages[handle.layer]
             ids = topk_ids.to(torch.int32)
             if layer.on_gpu:  # the CPU skips the slots the GPU computes (id -1)
-                ids = torch.where(layer.slot[topk_ids] >= 0, torch.full_like(ids, -1), ids)
+                ids = torch.where(layer.gpu_takes[topk_ids], torch.full_like(ids, -1), ids)
             stage.x.copy_(x, non_blocking=True)
             stage.ids.copy_(ids, non_blocking=True)
             stage.weights.copy_(topk_weights.float(), non_blocking=True)
             e.hand_to_cpu(handle.layer, gpu_share=layer.on_gpu)  # the CPU starts once these have arrived
-        if layer.on_gpu:
+        if layer.resident and layer.tiles is not None:
             y = moe_decode(x, topk_ids, topk_weights.float(), layer.slot, self.codec,
                            layer.tiles["gate_up"], layer.tiles["down"])
+        if layer.remote:
+            y_remote = moe_decode(x, topk_ids, topk_weights.float(), layer.remote_slot, self.codec,
+                                  layer.remote_tiles["gate_up"], layer.remote_tiles["down"])
+            y = y_remote if y is None else y + y_remote
         if layer.on_cpu:
             e.join_cpu(handle.layer, gpu_share=layer.on_gpu)
             y_cpu = e.stage_out_dev[handle.layer].copy_(e.stages[handle.layer].out, non_blocking=True)
@@ -131,7 +157,8 @@ class HybridDecodeEngine:
     """decode(token, cache) with the GPU in the loop; prefill goes to the GPU prefill engine."""
 
     def __init__(self, arch, args, artifact: Artifact, prefill: GpuPrefillEngine, cpu_ops, cpu_weights: dict,
-                 context: int, gpu_experts: bool = True, graphs: bool = True, hot_bytes: int = 0):
+                 context: int, gpu_experts: bool = True, graphs: bool = True, hot_bytes: int = 0,
+                 remote_share: float = 0.0):
         self.args, self.prefill_engine, self.context = args, prefill, context
         self.device = device = prefill.device
         self.cuda = device.type == "cuda"
@@ -175,6 +202,12 @@ class HybridDecodeEngine:
         self.hot_pending = False
         self.hot_stats: dict = {}
         prefill.listeners.append(self)
+        # Remote experts: of the picks left to the CPU, about `remote_share` go to the GPU instead, which reads
+        # those experts' tiles from host memory over PCIe (the registered mapping) while the CPU reads the rest:
+        # two memory systems on one layer's experts. Needs the GPU tiles in registered, device-mapped memory.
+        self.remote_share = remote_share if gpu_experts and prefill.section == SECTION_EXPERTS_GPU else 0.0
+        if self.remote_share:
+            self.remote_share = self._map_remote_tiles()
 
     # ---------------------------------------------------------------- placement summary
     @property
@@ -214,7 +247,26 @@ class HybridDecodeEngine:
             self._drop_hot()  # the prefill workspace needs that VRAM back
 
     def after_prefill(self) -> None:
-        self.hot_pending = bool(self.hot_bytes)  # loaded by the next decode step, from this prefill's routing
+        # placed by the next decode step, from this prefill's routing
+        self.hot_pending = bool(self.hot_bytes) or bool(self.remote_share)
+
+    def _map_remote_tiles(self) -> float:
+        """Device views of the streamed layers' tiles in the (registered) mapping, checked to read the same bytes
+        as the host; 0.0 (remote experts off) where this system cannot address registered memory this way."""
+        streamer = self.prefill_engine.streamer
+        registered = set(streamer.registered)
+        try:
+            for i, layer in self.layers.items():
+                host = streamer.host[i]
+                if layer.whole_layer or (self.cuda and host.data_ptr() not in registered):
+                    continue
+                alias = device_alias(host, self.device) if self.cuda else host  # on the CPU: the mapping itself
+                if not torch.equal(alias[:4096].cpu(), host[:4096]):
+                    return 0.0
+                layer.remote_tiles = part_views(alias, streamer.sources[i])
+        except (RuntimeError, TypeError):
+            return 0.0
+        return self.remote_share
 
     # ---------------------------------------------------------------- hot experts
     def _drop_hot(self) -> None:
@@ -257,6 +309,25 @@ class HybridDecodeEngine:
         total = sum(p[0] for p in picks)
         self.hot_stats = dict(experts=picked, bytes=picked * per_expert, layers=len(chosen),
                               prefill_pick_share=sum(p[0] for p in picks[:picked]) / total)
+        self.plan = None
+
+    def _place_remote(self) -> None:
+        """Per layer with remote tiles: the most-picked experts (of the last prefill) not in VRAM, until they
+        hold `remote_share` of that layer's picks not in VRAM."""
+        counts = self.prefill_engine.ops.routing_counts
+        for i, layer in self.layers.items():
+            if layer.remote_tiles is None or i not in counts:
+                continue
+            c = counts[i].tolist()
+            held = set(layer.resident) if layer.tiles is not None else set()
+            free = sorted((e for e in range(len(c)) if e not in held and c[e] > 0), key=lambda e: -c[e])
+            target, taken, remote = self.remote_share * sum(c[e] for e in free), 0, []
+            for e in free:
+                if taken >= target:
+                    break
+                remote.append(e)
+                taken += c[e]
+            layer.place(layer.resident if layer.tiles is not None else [], layer.tiles, remote)
         self.plan = None
 
     # ---------------------------------------------------------------- the CPU side of a layer
@@ -355,7 +426,10 @@ class HybridDecodeEngine:
             raise KrsError(f"the GPU KV cache holds {self.context} tokens (--context)")
         if self.hot_pending:
             self.hot_pending = False
-            self._load_hot()
+            if self.hot_bytes:
+                self._load_hot()
+            if self.remote_share:
+                self._place_remote()
         self.embed_host.copy_(self.embed_table[token:token + 1])
         self.pos_host.fill_(pos)
         if self.use_graphs:

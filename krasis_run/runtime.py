@@ -20,6 +20,9 @@ from .sampling import sample
 from .tokenizer import Tokenizer
 
 HOT_MARGIN = 512 << 20
+# of the expert picks decode would leave to the CPU, the share the GPU takes by reading those experts from host
+# memory over PCIe (~55 GB/s) while the CPU reads the rest (~65-95 GB/s): about PCIe / (PCIe + CPU)
+REMOTE_SHARE = 0.4
 
 
 @dataclass
@@ -52,7 +55,8 @@ class Runtime:
     def __init__(self, path: str | os.PathLike, device: str = "cpu", threads: int | None = None,
                  verify: bool = False, kernel: str | None = None, progress: bool = False,
                  gpu_budget: str | int | None = None, context: int | None = None,
-                 max_resident_layers: int | None = None, graphs: bool = True, hot_experts: bool = True):
+                 max_resident_layers: int | None = None, graphs: bool = True, hot_experts: bool = True,
+                 remote_share: float = REMOTE_SHARE):
         self.artifact = Artifact(path)
         if verify:
             self.artifact.verify(progress=progress)
@@ -82,7 +86,8 @@ class Runtime:
             # stays for the decode step's own buffers and graphs)
             hot = max(0, vram["workspace"] - HOT_MARGIN) if hot_experts and vram["stream_buffers"] else 0
             self.engine = HybridDecodeEngine(arch, self.args, self.artifact, self.prefill_engine, self.ops,
-                                             self.model.w, self.placement.context, graphs=graphs, hot_bytes=hot)
+                                             self.model.w, self.placement.context, graphs=graphs, hot_bytes=hot,
+                                             remote_share=remote_share)
         tok = header.get("tokenizer", {})
         self.tokenizer = Tokenizer(self.artifact.blob("tokenizer.json"), tok.get("config", {}),
                                    tok.get("chat_template"), header.get("generation_config"))

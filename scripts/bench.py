@@ -224,19 +224,24 @@ def run_decode(path: Path, budgets: list[str], runs: int, bandwidth: dict, modes
     rows = []
     context = DECODE_PROMPT + 128
     for gib in budgets:
-        cases = [("cpu", None), ("experts_in_ram", 0), ("budget_layers", None), ("budget", None)]
+        cases = [("cpu", None), ("experts_in_ram", 0), ("experts_in_ram_pcie", 0), ("budget_layers", None),
+                 ("budget", None)]
         for mode, cap in cases if gib != "whole" else [("all_gpu", None)]:
             if modes and mode not in modes:
                 continue
             budget = None if gib == "whole" else f"{gib}GiB"
             # budget_layers: whole expert layers only; budget: plus the last prompt's hottest experts in the VRAM
             # the prefill workspace leaves idle during decode
+            # experts_in_ram_pcie: every expert still in RAM, but the GPU computes ~40% of the picks by reading
+            # those experts over PCIe (zero-copy) while the CPU computes the rest; budget does the same for the
+            # picks its hot experts miss
             rt = krasis_run.load(path, device="cuda", gpu_budget=budget, context=context, max_resident_layers=cap,
-                                 hot_experts=mode == "budget")
+                                 hot_experts=mode == "budget",
+                                 remote_share=0.4 if mode in ("budget", "experts_in_ram_pcie") else 0.0)
             if mode == "cpu":  # GPU prefill into a pinned host cache, then the CPU engine decodes
                 rt.engine = CpuEngine(rt.model)
                 rt.engine.pin_cache = True
-            elif rt.engine.mode != mode.removesuffix("_layers"):
+            elif rt.engine.mode != mode.removesuffix("_layers").removesuffix("_pcie"):
                 print(f"decode {mode}: the planner chose {rt.engine.mode} at {gib} GiB; skipped", flush=True)
                 rt.close()
                 continue

@@ -93,6 +93,27 @@ def test_hot_experts_follow_the_prefill_routing(tiny):
     assert engine.layers[0].resident == [] and engine.layers[2].resident == [] and engine.hot_pending
 
 
+def test_remote_experts_split_the_cpu_picks(tiny):
+    """Remote experts: of the picks left to the CPU, the GPU takes the most-routed experts' share (reading their
+    tiles in host memory; here on the CPU device, the mapping itself), with the same tokens."""
+    rt = krasis_run.load(tiny.artifact("q4", "q8"), threads=1, kernel="reference")
+    ids = prompt_ids(rt.args.vocab_size, 30, seed=9)
+    want_tokens, want_logits = greedy(rt, rt.engine, ids, 10)
+    engine = hybrid_engine(rt, {1}, remote_share=0.5)
+    got_tokens, _ = greedy(rt, engine, ids, 10)
+    assert_same_greedy(got_tokens, want_tokens, want_logits)
+    counts = engine.prefill_engine.ops.routing_counts
+    for i in (0, 2):
+        layer = engine.layers[i]
+        c = counts[i].tolist()
+        assert layer.remote and layer.on_gpu and layer.on_cpu
+        share = sum(c[e] for e in layer.remote) / sum(c)
+        assert share >= 0.5 and share - c[layer.remote[-1]] / sum(c) < 0.5  # the fewest experts that reach half
+        assert min(c[e] for e in layer.remote) >= max(c[e] for e in range(len(c)) if e not in layer.remote)
+    assert engine.layers[1].remote == []  # a resident layer has nothing to offload
+    assert 0 < engine.timing["cpu_picks"] < 10 * 2 * 2
+
+
 def test_hybrid_cache_holds_what_prefill_wrote(tiny_per_expert):
     """The K/V the prefill engine writes are the ones decode attends over (no copy between them)."""
     rt = krasis_run.load(tiny_per_expert.artifact("bf16", "bf16"), threads=1)
