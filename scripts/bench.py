@@ -217,16 +217,18 @@ def decode_bytes(rt, mode: str) -> dict[str, float]:
     return dict(cpu=experts["cpu"], gpu=experts["gpu"] + _dense_vram(rt.artifact) + kv)
 
 
-def run_decode(path: Path, budgets: list[str], runs: int, bandwidth: dict, modes: set[str] | None = None) -> list[dict]:
+def run_decode(path: Path, budgets: list[str], runs: int, bandwidth: dict, modes: set[str] | None = None,
+               remote_shares: tuple[float, ...] = (0.4,)) -> list[dict]:
     """The decode placements of issue 5: all on the CPU, every expert in RAM, the budget's, all on the GPU."""
     from krasis_run.engine import CpuEngine
 
     rows = []
     context = DECODE_PROMPT + 128
     for gib in budgets:
-        cases = [("cpu", None), ("experts_in_ram", 0), ("experts_in_ram_pcie", 0), ("budget_layers", None),
-                 ("budget", None)]
-        for mode, cap in cases if gib != "whole" else [("all_gpu", None)]:
+        cases = [("cpu", None, 0.0), ("experts_in_ram", 0, 0.0)]
+        cases += [("experts_in_ram_pcie", 0, share) for share in remote_shares]
+        cases += [("budget_layers", None, 0.0)] + [("budget", None, share) for share in remote_shares]
+        for mode, cap, share in cases if gib != "whole" else [("all_gpu", None, 0.0)]:
             if modes and mode not in modes:
                 continue
             budget = None if gib == "whole" else f"{gib}GiB"
@@ -236,8 +238,7 @@ def run_decode(path: Path, budgets: list[str], runs: int, bandwidth: dict, modes
             # those experts over PCIe (zero-copy) while the CPU computes the rest; budget does the same for the
             # picks its hot experts miss
             rt = krasis_run.load(path, device="cuda", gpu_budget=budget, context=context, max_resident_layers=cap,
-                                 hot_experts=mode == "budget",
-                                 remote_share=0.4 if mode in ("budget", "experts_in_ram_pcie") else 0.0)
+                                 hot_experts=mode == "budget", remote_share=share)
             if mode == "cpu":  # GPU prefill into a pinned host cache, then the CPU engine decodes
                 rt.engine = CpuEngine(rt.model)
                 rt.engine.pin_cache = True
@@ -254,13 +255,14 @@ def run_decode(path: Path, budgets: list[str], runs: int, bandwidth: dict, modes
                 split["cpu_picks"] = round(t["cpu_picks"] / max(1, t["steps"]), 1)  # expert reads a token, CPU
             nbytes = decode_bytes(rt, mode)
             bound_s = nbytes["cpu"] / bandwidth["host_read_gb_s"] / 1e9 + nbytes["gpu"] / bandwidth["hbm_gb_s"] / 1e9
-            row = dict(gpu_budget_gib=None if gib == "whole" else float(gib), mode=mode,
+            row = dict(gpu_budget_gib=None if gib == "whole" else float(gib), mode=mode, remote_share=share,
                        decode_tok_s=sorted(speeds)[len(speeds) // 2], runs=speeds,
                        resident_layers=len(rt.placement.resident_layers), cpu_bytes_per_token=nbytes["cpu"],
                        gpu_bytes_per_token=nbytes["gpu"], bound_tok_s=1 / bound_s, ms_per_token=split,
                        hot_experts=getattr(rt.engine, "hot_stats", {}))
             rows.append(row)
-            print(f"decode {mode:>14} budget {gib:>5}: {row['decode_tok_s']:6.1f} tok/s {[round(v) for v in speeds]} "
+            print(f"decode {mode:>14} (remote {share}) budget {gib:>5}: {row['decode_tok_s']:6.1f} tok/s "
+                  f"{[round(v) for v in speeds]} "
                   f"(bound {row['bound_tok_s']:.0f} tok/s = {row['decode_tok_s'] * bound_s:.0%}; CPU "
                   f"{nbytes['cpu'] / 1e6:.0f} MB + GPU {nbytes['gpu'] / 1e6:.0f} MB per token, "
                   f"{row['resident_layers']} layers resident, hot {row['hot_experts']}) ms/token {split}", flush=True)
@@ -281,6 +283,7 @@ def main() -> None:
     ap.add_argument("--artifact", type=Path, default=Path("/tmp/krasis-bench.krs"))
     ap.add_argument("--decode-runs", type=int, default=3)
     ap.add_argument("--decode-budgets", default="16,whole", help="GiB values and/or 'whole' ('' skips decode)")
+    ap.add_argument("--remote-shares", default="0.4", help="remote_share values for the modes that use it")
     ap.add_argument("--decode-modes", default="", help="only these (cpu,experts_in_ram,budget_layers,budget,all_gpu)")
     ap.add_argument("--prefill-context", choices=["prompt", "max"], default="prompt",
                     help="KV cache reserved per prefill run: prompt + 64 tokens, or the longest prompt's")
@@ -351,7 +354,9 @@ def main() -> None:
         record["bandwidth"] = bandwidth
         print(f"bandwidth: {bandwidth}", flush=True)
         modes = set(args.decode_modes.split(",")) if args.decode_modes else None
-        record["decode"] = run_decode(args.artifact, args.decode_budgets.split(","), args.decode_runs, bandwidth, modes)
+        shares = tuple(float(v) for v in args.remote_shares.split(","))
+        record["decode"] = run_decode(args.artifact, args.decode_budgets.split(","), args.decode_runs, bandwidth, modes,
+                                      shares)
         cpu = [r for r in record["decode"] if r["mode"] == "cpu"]
         if cpu:
             record["decode_tok_s"], record["decode_runs"] = cpu[0]["decode_tok_s"], cpu[0]["runs"]
