@@ -9,6 +9,10 @@ really come from HBM. Prints time, bytes read, achieved GB/s and that as a fract
 device-to-device copy bandwidth (read + write, the practical ceiling), the torch reference's time, and
 checks both outputs against the reference; then replays each in a CUDA graph with new inputs (expert ids,
 length) to check that what the engine captures stays correct.
+
+--sweep (or --sweep-only, without the rest) times q4 moe_decode at M=1 in a CUDA graph for each of SWEEP_CONFIGS
+(the grouped q4 kernels' variants), whole and kernel by kernel (gate_up, down, the sum of partials), each kernel
+alone in its own graph after an L2 flush.
 """
 
 from __future__ import annotations
@@ -130,53 +134,112 @@ def graph_time(fn, iters: int, flush: torch.Tensor) -> float:
     return statistics.median(time_it(lambda i: graph.replay(), iters, flush))
 
 
-def sweep_moe(iters: int, flush: torch.Tensor, ceiling: float) -> list[dict]:
-    """q4 moe_decode at M=1 in a CUDA graph for several tile shapes: the engine's real per-layer cost."""
-    from krasis_run.kernels import decode_gpu as dg
+# the grouped q4 kernels' constants as decode_gpu has them (the measured default: 30.5 us on the H200); every sweep
+# row starts from these, so each row sets them all
+Q4G_BASE = dict(Q4_KERNEL="grouped", Q4G_ALIGNED=False, Q4G_BLOCK_N=2, Q4G_GROUPS=8, Q4G_UNROLL=1, Q4G_STAGES=0,
+                Q4G_WARPS=1, Q4G_DOWN_BLOCK_N=4, Q4G_DOWN_GROUPS=8, Q4G_DOWN_UNROLL=1, Q4G_DOWN_STAGES=0,
+                Q4G_DOWN_EXPERTS=1, Q4G_DOWN_WARPS=1, Q4G_DOWN_ATOMIC=False)
+_A = dict(Q4G_ALIGNED=True)
+# short names: gate_up rows (row pairs) / groups a step / unrolled steps / pipeline stages / warps; D* for down,
+# DE the experts of a down program, AT the atomic down (no partials, no sum kernel)
+_GU = dict(BN="Q4G_BLOCK_N", G="Q4G_GROUPS", U="Q4G_UNROLL", S="Q4G_STAGES", W="Q4G_WARPS", DBN="Q4G_DOWN_BLOCK_N",
+           DG="Q4G_DOWN_GROUPS", DU="Q4G_DOWN_UNROLL", DS="Q4G_DOWN_STAGES", DE="Q4G_DOWN_EXPERTS",
+           DW="Q4G_DOWN_WARPS", AT="Q4G_DOWN_ATOMIC")
 
+
+def _q4g(**short) -> dict:
+    """An aligned grouped config from short names (see _GU) over Q4G_BASE."""
+    return {**Q4G_BASE, **_A, **{_GU[k]: v for k, v in short.items()}}
+
+
+SWEEP_CONFIGS = [
+    dict(Q4_KERNEL="bytes", DOWN_PAIRS=True, MOE_BLOCK_N=2, GATE_UP_BLOCK_K=512, DOWN_BLOCK_N=4, DOWN_BLOCK_K=256,
+         MOE_WARPS=1),  # the per-byte kernels' best (46.6 us)
+    dict(Q4G_BASE),  # the default (30.5 us): 8-byte tile loads
+    _q4g(),  # the same with 16-byte tile loads
+    # gate_up: more bytes in flight per program (unrolled group steps, more row pairs, pipelined loop)
+    _q4g(U=2), _q4g(U=4), _q4g(U=8), _q4g(BN=4, U=4), _q4g(BN=4, U=8, W=2), _q4g(BN=8, U=8, W=4), _q4g(G=16, U=4),
+    _q4g(S=3), _q4g(BN=4, S=4), _q4g(U=2, S=3),
+    # down (I = 768: 24 groups): all 24 groups in one unrolled step, more rows and warps a program
+    _q4g(DU=3), _q4g(DBN=16, DU=3, DW=2), _q4g(DBN=32, DU=3, DW=4), _q4g(DBN=64, DW=4), _q4g(DBN=16, DG=32, DW=2),
+    _q4g(DBN=8, DG=4, DS=3),
+    # down with atomics into the output (no partials, no sum kernel), or all k experts a program (no sum either)
+    _q4g(AT=True), _q4g(AT=True, DBN=16, DU=3, DW=2), _q4g(AT=True, DE=2, DBN=16, DU=3, DW=4),
+    _q4g(AT=True, DE=4, DBN=8, DU=3, DW=4), _q4g(DE=8, DBN=4, DU=3, DW=4), _q4g(DE=8, DBN=2, DU=3, DW=2),
+    # combined guesses
+    _q4g(U=8, AT=True, DBN=16, DU=3, DW=2), _q4g(BN=4, U=4, AT=True, DBN=32, DU=3, DW=4),
+]
+
+
+def sweep_moe(iters: int, flush: torch.Tensor, ceiling: float) -> list[dict]:
+    """q4 moe_decode at M=1 in a CUDA graph for each of SWEEP_CONFIGS: the engine's real per-layer cost, then each
+    of its kernels alone (gate_up, down, and the sum of partials where there is one), each in its own graph with L2
+    flushed, to show where the time goes."""
     gate_up, down = random_parts("q4", 2 * INTER, HIDDEN), random_parts("q4", HIDDEN, INTER)
     slot_of = torch.arange(EXPERTS, device="cuda").int()
     ids = torch.randperm(EXPERTS, device="cuda")[None, :TOPK].int()
     weights = torch.softmax(torch.randn(1, TOPK, device="cuda"), -1)
-    x, out = torch.randn(1, HIDDEN, device="cuda"), torch.empty(1, HIDDEN, device="cuda")
+    x = torch.randn(1, HIDDEN, device="cuda").bfloat16()  # the engine passes bf16 (normed) inputs
+    out = torch.empty(1, HIDDEN, device="cuda")
     want = moe_decode_torch(x, ids, weights, slot_of, "q4", gate_up, down)
-    rows = []
-    dg.Q4_KERNEL = "bytes"
-    for pairs in (True,):
-        for block_n, block_k, down_n, down_k, warps in ((16, 512, 16, 128, 4), (4, 256, 4, 256, 2),
-                                                        (2, 256, 2, 256, 1), (4, 128, 4, 128, 1),
-                                                        (2, 512, 4, 256, 1), (4, 256, 4, 256, 1),
-                                                        (8, 128, 8, 128, 2), (1, 512, 2, 256, 1)):
-            cfg = dict(DOWN_PAIRS=pairs, MOE_BLOCK_N=block_n, GATE_UP_BLOCK_K=block_k, DOWN_BLOCK_N=down_n,
-                       DOWN_BLOCK_K=down_k, MOE_WARPS=warps)
-            rows.append(sweep_row(cfg, x, ids, weights, slot_of, gate_up, down, out, want, iters, flush, ceiling))
-    # the grouped kernels: (gate_up rows, groups a step, down rows, down groups, experts a down program, warps)
-    for block_n, groups, down_n, down_groups, experts, warps in (
-            (2, 16, 4, 8, 1, 1), (2, 8, 4, 8, 1, 1), (4, 8, 4, 8, 1, 1), (2, 16, 4, 8, 1, 2), (4, 16, 8, 8, 1, 2),
-            (1, 16, 2, 8, 1, 1), (2, 16, 1, 8, 8, 1), (2, 16, 2, 8, 4, 1), (2, 32, 4, 32, 1, 2), (8, 16, 8, 8, 2, 4)):
-        cfg = dict(Q4_KERNEL="grouped", Q4G_BLOCK_N=block_n, Q4G_GROUPS=groups, Q4G_DOWN_BLOCK_N=down_n,
-                   Q4G_DOWN_GROUPS=down_groups, Q4G_DOWN_EXPERTS=experts, Q4G_WARPS=warps)
-        rows.append(sweep_row(cfg, x, ids, weights, slot_of, gate_up, down, out, want, iters, flush, ceiling))
-    return [row for row in rows if row is not None]
+    rows = [sweep_row(cfg, x, ids, weights, slot_of, gate_up, down, out, want, iters, flush, ceiling)
+            for cfg in SWEEP_CONFIGS]
+    rows = [row for row in rows if row is not None]
+    print_sweep_summary(rows)
+    return rows
+
+
+def print_sweep_summary(rows: list[dict]) -> None:
+    print("sweep, fastest first (us: whole in one graph | gate_up | down | sum, each alone in a graph):")
+    for row in sorted(rows, key=lambda r: r["us"]):
+        print(f"  {row['us']:6.1f} | {row['us_gate_up']:6.1f} | {row['us_down']:6.1f} | {row.get('us_sum', 0):5.1f}"
+              f"  {row['name']}")
+    for part in ("gate_up", "down"):
+        best = min(rows, key=lambda r: r[f"us_{part}"])
+        print(f"fastest {part} alone: {best[f'us_{part}']:.1f} us ({best[f'gb_s_{part}']:.0f} GB/s)  {best['name']}")
+
+
+def config_name(cfg: dict) -> str:
+    """The constants where cfg differs from Q4G_BASE (all of them for the per-byte kernels)."""
+    if cfg.get("Q4_KERNEL") == "bytes":
+        return " ".join(f"{k}={v}" for k, v in cfg.items())
+    return " ".join(f"{k.removeprefix('Q4G_')}={v}" for k, v in cfg.items() if Q4G_BASE.get(k) != v) or "default"
 
 
 def sweep_row(cfg, x, ids, weights, slot_of, gate_up, down, out, want, iters, flush, ceiling) -> dict | None:
-    """Set cfg's decode_gpu constants, check against the reference and time one config in a graph."""
+    """Set cfg's decode_gpu constants, check against the reference, time the config in a graph, then each of its
+    kernels alone in its own graph (moe_decode_launches)."""
     from krasis_run.kernels import decode_gpu as dg
 
-    nbytes = TOPK * (expert_bytes(gate_up) + expert_bytes(down))
+    bytes_of = {"gate_up": TOPK * expert_bytes(gate_up), "down": TOPK * expert_bytes(down), "sum": 0}
+    nbytes = bytes_of["gate_up"] + bytes_of["down"]
+    name = config_name(cfg)
     for k, v in cfg.items():
         setattr(dg, k, v)
     try:
         err = rel_l2(moe_decode(x, ids, weights, slot_of, "q4", gate_up, down), want)
         t = graph_time(lambda: moe_decode(x, ids, weights, slot_of, "q4", gate_up, down, out=out), iters, flush)
+        _, launches = dg.moe_decode_launches(x, ids, weights, slot_of, "q4", gate_up, down, out=out)
+        for _, launch in launches:  # the down kernel alone then reads a real act
+            launch()
+        alone = {part: graph_time(launch, iters, flush) for part, launch in launches}
     except Exception as e:  # a tile shape this Triton cannot compile
-        print(f"sweep {cfg}: failed {type(e).__name__}: {str(e)[:120]}")
+        print(f"sweep {name}: failed {type(e).__name__}: {str(e)[:160]}")
         return None
-    print(f"sweep {cfg}: {t * 1e6:7.1f} us in a graph, {nbytes / t / 1e9:6.0f} GB/s "
-          f"({nbytes / t / 1e9 / ceiling * 2:.0%} of read bandwidth), rel L2 {err:.1e}", flush=True)
-    assert err < 1e-4, f"sweep {cfg}: rel L2 {err}"
-    return dict(cfg, us=t * 1e6, gb_s=nbytes / t / 1e9, err=err)
+    row = dict(cfg, name=name, us=t * 1e6, gb_s=nbytes / t / 1e9, err=err)
+    parts = []
+    for part, seconds in alone.items():
+        row[f"us_{part}"] = seconds * 1e6
+        if bytes_of[part]:
+            row[f"gb_s_{part}"] = bytes_of[part] / seconds / 1e9
+            parts.append(f"{part} {seconds * 1e6:5.1f} us {row[f'gb_s_{part}']:5.0f} GB/s")
+        else:
+            parts.append(f"{part} {seconds * 1e6:4.1f} us")
+    print(f"sweep {name}: {t * 1e6:6.1f} us in a graph, {nbytes / t / 1e9:5.0f} GB/s "
+          f"({nbytes / t / 1e9 / ceiling * 2:.0%} of read bandwidth), rel L2 {err:.1e}; alone: {', '.join(parts)}",
+          flush=True)
+    assert err < 1e-4, f"sweep {name}: rel L2 {err}"
+    return row
 
 
 def bench_attention(length: int, iters: int, flush: torch.Tensor, ceiling: float) -> dict:
@@ -252,16 +315,20 @@ def main() -> None:
     ap.add_argument("--codec", default="q4", help="comma-separated: q4,q8,bf16")
     ap.add_argument("--json", help="write the rows here")
     ap.add_argument("--sweep", action="store_true", help="also time q4 moe_decode tile shapes in a CUDA graph")
+    ap.add_argument("--sweep-only", action="store_true", help="only the sweep (--sweep without the other benchmarks)")
     args = ap.parse_args()
     torch.manual_seed(0)
     flush = torch.empty(FLUSH_BYTES, dtype=torch.uint8, device="cuda")
     ceiling = copy_bandwidth()
     print(f"{torch.cuda.get_device_name()}: device-to-device copy {ceiling:.0f} GB/s (read + write)")
     rows = []
-    for codec in args.codec.split(","):
+    if args.sweep_only:
+        rows += sweep_moe(args.iters, flush, ceiling)
+        args.codec, args.sweep = "", False
+    for codec in filter(None, args.codec.split(",")):
         for m in (1, 4):
             rows.append(bench_moe(codec, m, args.iters, flush, ceiling))
-    for length in (4096, 32768):
+    for length in () if args.sweep_only else (4096, 32768):
         rows.append(bench_attention(length, args.iters, flush, ceiling))
         q = torch.randn(HEADS, HEAD_DIM, device="cuda")
         kv = torch.randn(CAPACITY, KV_HEADS, HEAD_DIM, device="cuda").bfloat16()
@@ -270,7 +337,8 @@ def main() -> None:
         print(f"decode_attention len={length} in a graph: {t * 1e6:.1f} us", flush=True)
     if args.sweep:
         rows += sweep_moe(args.iters, flush, ceiling)
-    rows += bench_glue(args.iters)
+    if not args.sweep_only:
+        rows += bench_glue(args.iters)
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"device": torch.cuda.get_device_name(), "copy_GB/s": ceiling, "rows": rows}, f, indent=1)

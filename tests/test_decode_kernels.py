@@ -246,6 +246,33 @@ class InterpretedKernels:
         assert moe_decode(*args, out=out, use_triton=True) is out
         assert rel_l2(out, plain_moe(*args)) < 1e-5
 
+    @pytest.mark.parametrize("variant", ["unroll", "stages", "atomic", "atomic-1", "all-experts"])
+    def test_moe_triton_q4_grouped_variants(self, monkeypatch, variant):
+        """The grouped q4 kernels' selectable variants (the sweep's), with partial steps: H = 160 is 5 groups, I = 96
+        is 3, k = 3; one chosen expert is not resident. Launched one by one through moe_decode_launches too."""
+        tiles = {"Q4G_BLOCK_N": 64, "Q4G_DOWN_BLOCK_N": 64, "Q4G_GROUPS": 2, "Q4G_DOWN_GROUPS": 2}
+        tiles.update({
+            "unroll": {"Q4G_UNROLL": 2, "Q4G_DOWN_UNROLL": 3, "Q4G_ALIGNED": True},  # 5 groups in steps of 2 x 2
+            "stages": {"Q4G_STAGES": 3, "Q4G_DOWN_STAGES": 2, "Q4G_ALIGNED": True},
+            "atomic": {"Q4G_DOWN_ATOMIC": True, "Q4G_DOWN_EXPERTS": 2, "Q4G_DOWN_UNROLL": 2, "Q4G_ALIGNED": True},
+            "atomic-1": {"Q4G_DOWN_ATOMIC": True, "Q4G_BLOCK_N": 32},  # 3 x 3 x 3 programs zero the 3 x 160 output
+            "all-experts": {"Q4G_DOWN_EXPERTS": 8, "Q4G_DOWN_BLOCK_N": 32},  # k = 3 in one program: no partials
+        }[variant])
+        for name, value in tiles.items():
+            monkeypatch.setattr(decode_gpu, name, value)
+        args = moe_inputs("q4", (3, 3, 160, 96, 6, 5), seed=13)
+        want = plain_moe(*args)
+        out = torch.full_like(args[0], float("nan"))  # the atomic variants zero it in the gate_up kernel
+        assert moe_decode(*args, out=out, use_triton=True) is out
+        assert rel_l2(out, want) < 1e-5
+        out.fill_(float("nan"))
+        y, launches = decode_gpu.moe_decode_launches(*args, out=out)
+        names = ["gate_up", "down"] + (["sum"] if variant in ("unroll", "stages") else [])
+        assert y is out and [name for name, _ in launches] == names
+        for _, launch in launches:
+            launch()
+        assert rel_l2(out, want) < 1e-5
+
     @pytest.mark.parametrize("case", ATTN_CASES)
     def test_attention_triton_matches_reference(self, case):
         q, k_cache, v_cache, length = attention_inputs(case, seed=case[3] + 1)

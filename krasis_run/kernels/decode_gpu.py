@@ -39,10 +39,22 @@ DOWN_PAIRS = True  # q4 down: one program per (token, expert) pair and row block
 Q4_KERNEL = "grouped"
 Q4G_BLOCK_N = 2  # gate_up output rows per program (gate and up rows of each)
 Q4G_GROUPS = 8  # 32-column groups per loop step (16 bytes of each row a group)
+Q4G_UNROLL = 1  # group steps per loop iteration, unrolled (tl.static_range): more loads in flight per program
+Q4G_STAGES = 0  # > 1: the gate_up loop software-pipelined this deep (tl.range num_stages); 0: a plain loop
+Q4G_WARPS = 1  # gate_up
 Q4G_DOWN_BLOCK_N = 4  # down output rows per program
 Q4G_DOWN_GROUPS = 8
+Q4G_DOWN_UNROLL = 1  # 3 with 8 groups: the 24 groups of I = 768 in one unrolled step
+Q4G_DOWN_STAGES = 0
 Q4G_DOWN_EXPERTS = 1  # chosen experts per down program; fewer than k: partial sums [M, k/EXPERTS, H], then a sum
-Q4G_WARPS = 1
+Q4G_DOWN_WARPS = 1
+# fewer experts a down program than k: True adds the shares into the output with float atomics (the gate_up kernel
+# zeroes it first; no partials, no sum kernel) in no fixed order, so the result is not bit-reproducible run to run
+Q4G_DOWN_ATOMIC = False
+# True: row offsets written so the compiler can prove 16-byte alignment (one 16-byte load per group and row, where
+# the measured kernels, False, make two 8-byte loads); same math. Compiled for sm_90 by Triton 3.9 here: False gives
+# ld.global.v2.b32 for the tiles, True should give v4. Not yet timed on the GPU: the sweep compares the two.
+Q4G_ALIGNED = False
 ATTN_BLOCK = 64  # cached positions per loop step
 ATTN_PROGRAMS = 256  # target programs for the split kernel: KVH x splits
 
@@ -150,10 +162,26 @@ def _kernels():
         return scale * dot + zero * xsum
 
     @triton.jit
-    def gate_up_q4g_kernel(x_ptr, ids_ptr, slot_ptr, q_ptr, s_ptr, z_ptr, act_ptr, TOPK, INTER, H, q_slot, s_slot,
-                           BLOCK_N: tl.constexpr, GROUPS: tl.constexpr):
+    def _gate_up_q4g_steps(acc, g0, ng, q_ptr, s_ptr, z_ptr, qrow, srow, rmask, x_ptr, xbase, GROUPS: tl.constexpr,
+                           UNROLL: tl.constexpr):
+        # UNROLL group steps of gate_up_q4g_kernel, unrolled: their loads are independent, so all can be in flight
+        for u in tl.static_range(UNROLL):
+            groups = g0 + u * GROUPS + tl.arange(0, GROUPS)
+            gmask = groups < ng
+            acc += _q4_group_step(q_ptr, s_ptr, z_ptr, qrow + groups[None, :] * 4, srow + groups[None, :],
+                                  rmask[:, None] & gmask[None, :], x_ptr, (xbase + groups * 32)[None, :],
+                                  gmask[None, :])
+        return acc
+
+    @triton.jit
+    def gate_up_q4g_kernel(x_ptr, ids_ptr, slot_ptr, q_ptr, s_ptr, z_ptr, act_ptr, y_ptr, TOPK, INTER, H, q_slot,
+                           s_slot, MH, BLOCK_N: tl.constexpr, GROUPS: tl.constexpr, UNROLL: tl.constexpr,
+                           STAGES: tl.constexpr, ZERO_BLOCK: tl.constexpr, ALIGNED: tl.constexpr):
         # grouped q4 (Q4_KERNEL): the grid of gate_up_q4_kernel; q_ptr is the tiles as int32 words, q_slot in words.
         # The BLOCK_N gate rows and their BLOCK_N up rows form one tile of 2 * BLOCK_N rows sharing each input load.
+        # A loop step covers UNROLL x GROUPS groups; STAGES > 1 software-pipelines the loop (tl.range num_stages:
+        # the next steps' loads are issued before this step's math). ZERO_BLOCK > 0: the programs also zero the
+        # output y [M*H] (MH elements, ZERO_BLOCK each), for a down kernel that accumulates with atomics.
         pair = tl.program_id(0)
         m = pair // TOPK
         r = tl.arange(0, 2 * BLOCK_N)
@@ -163,26 +191,52 @@ def _kernels():
         slot = tl.maximum(slot, 0).to(tl.int64)
         rows_gu = (rows + (r // BLOCK_N) * INTER).to(tl.int64)  # gate rows, then up rows
         ng = H // 32
-        qrow = (slot * q_slot + rows_gu * (H // 8))[:, None]
+        # ALIGNED: a row's words as ng * 4, which the compiler knows is a multiple of 4 (16 bytes), so each group's
+        # 4 words load as one 16-byte vector; H // 8 is only known even (8-byte loads), the first measured kernel
+        qrow = (slot * q_slot + rows_gu * (ng * 4 if ALIGNED else H // 8))[:, None]
         srow = (slot * s_slot + rows_gu * ng)[:, None]
         acc = tl.zeros([2 * BLOCK_N, GROUPS, 8], dtype=tl.float32)
-        for g0 in range(0, ng, GROUPS):
-            groups = g0 + tl.arange(0, GROUPS)
-            gmask = groups < ng
-            acc += _q4_group_step(q_ptr, s_ptr, z_ptr, qrow + groups[None, :] * 4, srow + groups[None, :],
-                                  rmask[:, None] & gmask[None, :], x_ptr, (m * H + groups * 32)[None, :],
-                                  gmask[None, :])
+        if STAGES > 1:
+            for g0 in tl.range(0, ng, GROUPS * UNROLL, num_stages=STAGES):
+                acc = _gate_up_q4g_steps(acc, g0, ng, q_ptr, s_ptr, z_ptr, qrow, srow, rmask, x_ptr, m * H, GROUPS,
+                                         UNROLL)
+        else:
+            for g0 in range(0, ng, GROUPS * UNROLL):
+                acc = _gate_up_q4g_steps(acc, g0, ng, q_ptr, s_ptr, z_ptr, qrow, srow, rmask, x_ptr, m * H, GROUPS,
+                                         UNROLL)
         gu = tl.sum(tl.sum(acc, 2), 1)
         g, u = tl.split(tl.trans(tl.reshape(gu, [2, BLOCK_N])))
         act = g / (1.0 + tl.exp(-g)) * u
         out_rows = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
         tl.store(act_ptr + pair * INTER + out_rows, act, mask=out_rows < INTER)
+        if ZERO_BLOCK > 0:
+            p = pair * tl.num_programs(1) + tl.program_id(1)
+            zoff = p * ZERO_BLOCK + tl.arange(0, ZERO_BLOCK)
+            tl.store(y_ptr + zoff, tl.zeros([ZERO_BLOCK], dtype=tl.float32), mask=zoff < MH)
+
+    @triton.jit
+    def _down_q4g_steps(acc, g0, ng, q_ptr, s_ptr, z_ptr, qrow, srow, tmask, act_ptr, pair, jmask, INTER,
+                        GROUPS: tl.constexpr, UNROLL: tl.constexpr):
+        # UNROLL group steps of down_q4g_kernel, unrolled (as _gate_up_q4g_steps)
+        for u in tl.static_range(UNROLL):
+            groups = g0 + u * GROUPS + tl.arange(0, GROUPS)
+            gmask = groups < ng
+            # each expert's act inputs, shared by its BLOCK_N rows: [EXPERTS, 1, G]
+            xoff = (pair * INTER)[:, None, None] + groups[None, None, :] * 32
+            xmask = jmask[:, None, None] & gmask[None, None, :]
+            acc += _q4_group_step(q_ptr, s_ptr, z_ptr, qrow + groups[None, None, :] * 4, srow + groups[None, None, :],
+                                  tmask[:, :, None] & gmask[None, None, :], act_ptr, xoff, xmask)
+        return acc
 
     @triton.jit
     def down_q4g_kernel(act_ptr, ids_ptr, w_ptr, slot_ptr, q_ptr, s_ptr, z_ptr, part_ptr, TOPK, NJ, INTER, H, q_slot,
-                        s_slot, EXPERTS: tl.constexpr, BLOCK_N: tl.constexpr, GROUPS: tl.constexpr):
+                        s_slot, EXPERTS: tl.constexpr, BLOCK_N: tl.constexpr, GROUPS: tl.constexpr,
+                        UNROLL: tl.constexpr, STAGES: tl.constexpr, ATOMIC: tl.constexpr, ALIGNED: tl.constexpr):
         # grouped q4 down: program (token m, block jb of EXPERTS chosen experts) x BLOCK_N output rows -> the
-        # weighted sum over those experts in part [M, NJ, H] (NJ = cdiv(k, EXPERTS); NJ = 1: part is the output)
+        # weighted sum over those experts in part [M, NJ, H] (NJ = cdiv(k, EXPERTS); NJ = 1: part is the output).
+        # ATOMIC: part is the output [M, H], zeroed beforehand, and each program adds its sum into it with
+        # tl.atomic_add (the NJ shares of a row arrive in no fixed order: float sums not bit-reproducible).
+        # UNROLL / STAGES: as in gate_up_q4g_kernel (I = 768 is 24 groups: GROUPS 8 x UNROLL 3 is one step).
         m = tl.program_id(0) // NJ
         j = (tl.program_id(0) % NJ) * EXPERTS + tl.arange(0, EXPERTS)
         jmask = j < TOPK
@@ -193,19 +247,22 @@ def _kernels():
         tmask = (slot >= 0)[:, None] & (rows < H)[None, :]  # [EXPERTS, BLOCK_N]
         slot = tl.maximum(slot, 0).to(tl.int64)
         ng = INTER // 32
-        qrow = ((slot * q_slot)[:, None] + rows[None, :].to(tl.int64) * (INTER // 8))[:, :, None]
+        qrow = ((slot * q_slot)[:, None] + rows[None, :].to(tl.int64) * (ng * 4 if ALIGNED else INTER // 8))[:, :, None]
         srow = ((slot * s_slot)[:, None] + rows[None, :].to(tl.int64) * ng)[:, :, None]
         acc = tl.zeros([EXPERTS, BLOCK_N, GROUPS, 8], dtype=tl.float32)
-        for g0 in range(0, ng, GROUPS):
-            groups = g0 + tl.arange(0, GROUPS)
-            gmask = groups < ng
-            # each expert's act inputs, shared by its BLOCK_N rows: [EXPERTS, 1, G]
-            xoff = (pair * INTER)[:, None, None] + groups[None, None, :] * 32
-            xmask = jmask[:, None, None] & gmask[None, None, :]
-            acc += _q4_group_step(q_ptr, s_ptr, z_ptr, qrow + groups[None, None, :] * 4, srow + groups[None, None, :],
-                                  tmask[:, :, None] & gmask[None, None, :], act_ptr, xoff, xmask)
+        if STAGES > 1:
+            for g0 in tl.range(0, ng, GROUPS * UNROLL, num_stages=STAGES):
+                acc = _down_q4g_steps(acc, g0, ng, q_ptr, s_ptr, z_ptr, qrow, srow, tmask, act_ptr, pair, jmask,
+                                      INTER, GROUPS, UNROLL)
+        else:
+            for g0 in range(0, ng, GROUPS * UNROLL):
+                acc = _down_q4g_steps(acc, g0, ng, q_ptr, s_ptr, z_ptr, qrow, srow, tmask, act_ptr, pair, jmask,
+                                      INTER, GROUPS, UNROLL)
         out = tl.sum(tl.sum(tl.sum(acc, 3), 2) * w[:, None], 0)
-        tl.store(part_ptr + tl.program_id(0) * H + rows, out, mask=rows < H)
+        if ATOMIC:
+            tl.atomic_add(part_ptr + m * H + rows, out, mask=rows < H, sem="relaxed")
+        else:
+            tl.store(part_ptr + tl.program_id(0) * H + rows, out, mask=rows < H)
 
     @triton.jit
     def gate_up_dense_kernel(x_ptr, ids_ptr, slot_ptr, q_ptr, s_ptr, act_ptr, TOPK, INTER, H, q_slot,
@@ -381,7 +438,8 @@ def _kernels():
     # The interpreter re-executes a kernel's source in its module's globals, without the closure, so the kernels
     # find their @triton.jit helpers there (the compiler looks in both).
     globals().update(_q4_tile=_q4_tile, _expert_slots=_expert_slots, _split_bounds=_split_bounds,
-                     _q4_nibbles=_q4_nibbles, _q4_group_step=_q4_group_step)
+                     _q4_nibbles=_q4_nibbles, _q4_group_step=_q4_group_step, _gate_up_q4g_steps=_gate_up_q4g_steps,
+                     _down_q4g_steps=_down_q4g_steps)
     return {
         "cdiv": triton.cdiv,
         "gate_up_q4": gate_up_q4_kernel,
@@ -440,10 +498,24 @@ def moe_decode(x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tens
     """sum_j w[m,j] * down_e(silu(gate_e(x[m])) * up_e(x[m])) over the resident chosen experts: float32 [M, H].
 
     Triton (CUDA tensors, or use_triton=True under TRITON_INTERPRET) reads the packed tiles directly: one kernel
-    for gate/up + silu into act [M, k, I], one for down and the weighted sum over the k experts.
+    for gate/up + silu into act [M, k, I], one for down and the weighted sum over the k experts (q4: with a sum
+    of partials after it where a down program covers fewer than k experts, unless Q4G_DOWN_ATOMIC).
     """
     if not _triton_ok(x, use_triton) or _stacked_shape(codec, gate_up)[0] == 0:
         return moe_decode_torch(x, topk_ids, topk_weights, slot_of_expert, codec, gate_up, down, out)
+    y, launches = moe_decode_launches(x, topk_ids, topk_weights, slot_of_expert, codec, gate_up, down, out)
+    for _, launch in launches:
+        launch()
+    return y
+
+
+def moe_decode_launches(x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor,
+                        slot_of_expert: torch.Tensor, codec: str, gate_up: dict[str, torch.Tensor],
+                        down: dict[str, torch.Tensor], out: torch.Tensor | None = None
+                        ) -> tuple[torch.Tensor, list[tuple[str, object]]]:
+    """moe_decode's Triton path as (y, [(name, launch)]): its buffers allocated, nothing launched yet; calling the
+    launches in order computes y. Lets the benchmark time each kernel alone (each in its own CUDA graph). Names:
+    "gate_up", "down", and "sum" (the partials' sum, where there is one)."""
     kern = _kernels()
     m, h = x.shape
     topk = topk_ids.shape[1]
@@ -457,59 +529,89 @@ def moe_decode(x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tens
     gu = {name: t.contiguous() for name, t in gate_up.items()}
     dn = {name: t.contiguous() for name, t in down.items()}
     if codec == "q4":
-        q4 = _moe_q4_grouped if Q4_KERNEL == "grouped" else _moe_q4_bytes
-        return q4(kern, x, ids, weights, slot_of, gu, dn, act, y)
+        q4 = _q4_grouped_launches if Q4_KERNEL == "grouped" else _q4_bytes_launches
+        return y, q4(kern, x, ids, weights, slot_of, gu, dn, act, y)
     grid_a = (m * topk, kern["cdiv"](inter, MOE_BLOCK_N))
     grid_b = (m, kern["cdiv"](h, DOWN_BLOCK_N))
     kp = next_pow2(topk)
     key = "w" if codec == "bf16" else "q"
     has_scale = codec == "q8"
     bk_a, bk_b = _block(h, GATE_UP_BLOCK_K // 2), _block(inter, DOWN_BLOCK_K // 2)  # 1-2 bytes/weight, not 1/2
-    kern["gate_up_dense"][grid_a](x, ids, slot_of, gu[key], gu.get("scale", gu[key]), act, topk, inter, h,
-                                  gu[key].stride(0), HAS_SCALE=has_scale, BLOCK_N=MOE_BLOCK_N, BLOCK_K=bk_a)
-    kern["down_dense"][grid_b](act, ids, weights, slot_of, dn[key], dn.get("scale", dn[key]), y, topk, inter, h,
-                               dn[key].stride(0), HAS_SCALE=has_scale, KP=kp, BLOCK_N=DOWN_BLOCK_N, BLOCK_K=bk_b)
-    return y
+
+    def gate_up_launch():
+        kern["gate_up_dense"][grid_a](x, ids, slot_of, gu[key], gu.get("scale", gu[key]), act, topk, inter, h,
+                                      gu[key].stride(0), HAS_SCALE=has_scale, BLOCK_N=MOE_BLOCK_N, BLOCK_K=bk_a)
+
+    def down_launch():
+        kern["down_dense"][grid_b](act, ids, weights, slot_of, dn[key], dn.get("scale", dn[key]), y, topk, inter, h,
+                                   dn[key].stride(0), HAS_SCALE=has_scale, KP=kp, BLOCK_N=DOWN_BLOCK_N, BLOCK_K=bk_b)
+
+    return y, [("gate_up", gate_up_launch), ("down", down_launch)]
 
 
-def _moe_q4_bytes(kern, x, ids, weights, slot_of, gu, dn, act, y) -> torch.Tensor:
+def _q4_bytes_launches(kern, x, ids, weights, slot_of, gu, dn, act, y) -> list:
     """q4 through the per-byte kernels (Q4_KERNEL = "bytes")."""
     m, h = x.shape
     topk, inter = act.shape[1:]
     bk_a, bk_b = _block(h, GATE_UP_BLOCK_K), _block(inter, DOWN_BLOCK_K)
-    kern["gate_up_q4"][(m * topk, kern["cdiv"](inter, MOE_BLOCK_N))](
-        x, ids, slot_of, gu["q"], gu["scale"], gu["zero"], act, topk, inter, h, gu["q"].stride(0),
-        gu["scale"].stride(0), BLOCK_N=MOE_BLOCK_N, BLOCK_K=bk_a, num_warps=MOE_WARPS)
+
+    def gate_up_launch():
+        kern["gate_up_q4"][(m * topk, kern["cdiv"](inter, MOE_BLOCK_N))](
+            x, ids, slot_of, gu["q"], gu["scale"], gu["zero"], act, topk, inter, h, gu["q"].stride(0),
+            gu["scale"].stride(0), BLOCK_N=MOE_BLOCK_N, BLOCK_K=bk_a, num_warps=MOE_WARPS)
+
     if DOWN_PAIRS:
         part = torch.empty(m, topk, h, dtype=torch.float32, device=x.device)
-        kern["down_q4_pairs"][(m * topk, kern["cdiv"](h, DOWN_BLOCK_N))](
-            act, ids, weights, slot_of, dn["q"], dn["scale"], dn["zero"], part, topk, inter, h,
-            dn["q"].stride(0), dn["scale"].stride(0), BLOCK_N=DOWN_BLOCK_N, BLOCK_K=bk_b, num_warps=MOE_WARPS)
-        return torch.sum(part, 1, out=y)
-    kern["down_q4"][(m, kern["cdiv"](h, DOWN_BLOCK_N))](
-        act, ids, weights, slot_of, dn["q"], dn["scale"], dn["zero"], y, topk, inter, h, dn["q"].stride(0),
-        dn["scale"].stride(0), KP=next_pow2(topk), BLOCK_N=DOWN_BLOCK_N, BLOCK_K=bk_b, num_warps=MOE_WARPS)
-    return y
+
+        def down_launch():
+            kern["down_q4_pairs"][(m * topk, kern["cdiv"](h, DOWN_BLOCK_N))](
+                act, ids, weights, slot_of, dn["q"], dn["scale"], dn["zero"], part, topk, inter, h,
+                dn["q"].stride(0), dn["scale"].stride(0), BLOCK_N=DOWN_BLOCK_N, BLOCK_K=bk_b, num_warps=MOE_WARPS)
+
+        return [("gate_up", gate_up_launch), ("down", down_launch), ("sum", lambda: torch.sum(part, 1, out=y))]
+
+    def down_launch():
+        kern["down_q4"][(m, kern["cdiv"](h, DOWN_BLOCK_N))](
+            act, ids, weights, slot_of, dn["q"], dn["scale"], dn["zero"], y, topk, inter, h, dn["q"].stride(0),
+            dn["scale"].stride(0), KP=next_pow2(topk), BLOCK_N=DOWN_BLOCK_N, BLOCK_K=bk_b, num_warps=MOE_WARPS)
+
+    return [("gate_up", gate_up_launch), ("down", down_launch)]
 
 
-def _moe_q4_grouped(kern, x, ids, weights, slot_of, gu, dn, act, y) -> torch.Tensor:
+def _q4_grouped_launches(kern, x, ids, weights, slot_of, gu, dn, act, y) -> list:
     """q4 through the group-factored kernels (Q4_KERNEL = "grouped"): the tiles read as int32 words (rows of
     K/2 bytes, K a multiple of 32, so every row and group starts on a word)."""
     m, h = x.shape
     topk, inter = act.shape[1:]
     gu_q, dn_q = gu["q"].view(torch.int32), dn["q"].view(torch.int32)
     groups_a, groups_b = _block(h // 32, Q4G_GROUPS), _block(inter // 32, Q4G_DOWN_GROUPS)
-    kern["gate_up_q4g"][(m * topk, kern["cdiv"](inter, Q4G_BLOCK_N))](
-        x, ids, slot_of, gu_q, gu["scale"], gu["zero"], act, topk, inter, h, gu_q.stride(0), gu["scale"].stride(0),
-        BLOCK_N=Q4G_BLOCK_N, GROUPS=groups_a, num_warps=Q4G_WARPS)
+    unroll_a = max(1, min(Q4G_UNROLL, -(-(h // 32) // groups_a)))  # no more unrolled steps than the row has
+    unroll_b = max(1, min(Q4G_DOWN_UNROLL, -(-(inter // 32) // groups_b)))
     experts = _block(topk, Q4G_DOWN_EXPERTS)
     nj = -(-topk // experts)
-    # one expert block: the programs write the output directly; several: partial sums, then one sum over them
-    part = y.view(m, 1, h) if nj == 1 else torch.empty(m, nj, h, dtype=torch.float32, device=x.device)
-    kern["down_q4g"][(m * nj, kern["cdiv"](h, Q4G_DOWN_BLOCK_N))](
-        act, ids, weights, slot_of, dn_q, dn["scale"], dn["zero"], part, topk, nj, inter, h, dn_q.stride(0),
-        dn["scale"].stride(0), EXPERTS=experts, BLOCK_N=Q4G_DOWN_BLOCK_N, GROUPS=groups_b, num_warps=Q4G_WARPS)
-    return y if nj == 1 else torch.sum(part, 1, out=y)
+    atomic = Q4G_DOWN_ATOMIC and nj > 1
+    grid_a = (m * topk, kern["cdiv"](inter, Q4G_BLOCK_N))
+    zero_block = next_pow2(-(-m * h // (grid_a[0] * grid_a[1]))) if atomic else 0
+
+    def gate_up_launch():
+        kern["gate_up_q4g"][grid_a](
+            x, ids, slot_of, gu_q, gu["scale"], gu["zero"], act, y, topk, inter, h, gu_q.stride(0),
+            gu["scale"].stride(0), m * h, BLOCK_N=Q4G_BLOCK_N, GROUPS=groups_a, UNROLL=unroll_a, STAGES=Q4G_STAGES,
+            ZERO_BLOCK=zero_block, ALIGNED=Q4G_ALIGNED, num_warps=Q4G_WARPS)
+
+    # one expert block, or atomics: the programs write the output directly; else partial sums, then their sum
+    part = y.view(m, 1, h) if nj == 1 or atomic else torch.empty(m, nj, h, dtype=torch.float32, device=x.device)
+
+    def down_launch():
+        kern["down_q4g"][(m * nj, kern["cdiv"](h, Q4G_DOWN_BLOCK_N))](
+            act, ids, weights, slot_of, dn_q, dn["scale"], dn["zero"], part, topk, nj, inter, h, dn_q.stride(0),
+            dn["scale"].stride(0), EXPERTS=experts, BLOCK_N=Q4G_DOWN_BLOCK_N, GROUPS=groups_b, UNROLL=unroll_b,
+            STAGES=Q4G_DOWN_STAGES, ATOMIC=atomic, ALIGNED=Q4G_ALIGNED, num_warps=Q4G_DOWN_WARPS)
+
+    launches = [("gate_up", gate_up_launch), ("down", down_launch)]
+    if nj > 1 and not atomic:
+        launches.append(("sum", lambda: torch.sum(part, 1, out=y)))
+    return launches
 
 
 # ---------------------------------------------------------------- attention
