@@ -42,19 +42,19 @@ Q4G_GROUPS = 8  # 32-column groups per loop step (16 bytes of each row a group)
 Q4G_UNROLL = 1  # group steps per loop iteration, unrolled (tl.static_range): more loads in flight per program
 Q4G_STAGES = 0  # > 1: the gate_up loop software-pipelined this deep (tl.range num_stages); 0: a plain loop
 Q4G_WARPS = 1  # gate_up
-Q4G_DOWN_BLOCK_N = 4  # down output rows per program
+Q4G_DOWN_BLOCK_N = 2  # down output rows per program
 Q4G_DOWN_GROUPS = 8
-Q4G_DOWN_UNROLL = 1  # 3 with 8 groups: the 24 groups of I = 768 in one unrolled step
+Q4G_DOWN_UNROLL = 3  # 3 with 8 groups: the 24 groups of I = 768 in one unrolled step
 Q4G_DOWN_STAGES = 0
-Q4G_DOWN_EXPERTS = 1  # chosen experts per down program; fewer than k: partial sums [M, k/EXPERTS, H], then a sum
-Q4G_DOWN_WARPS = 1
+Q4G_DOWN_EXPERTS = 8  # chosen experts per down program; fewer than k: partial sums [M, k/EXPERTS, H], then a sum
+Q4G_DOWN_WARPS = 2
 # fewer experts a down program than k: True adds the shares into the output with float atomics (the gate_up kernel
 # zeroes it first; no partials, no sum kernel) in no fixed order, so the result is not bit-reproducible run to run
 Q4G_DOWN_ATOMIC = False
 # True: row offsets written so the compiler can prove 16-byte alignment (one 16-byte load per group and row, where
 # the measured kernels, False, make two 8-byte loads); same math. Compiled for sm_90 by Triton 3.9 here: False gives
 # ld.global.v2.b32 for the tiles, True should give v4. Not yet timed on the GPU: the sweep compares the two.
-Q4G_ALIGNED = False
+Q4G_ALIGNED = True
 ATTN_BLOCK = 64  # cached positions per loop step
 ATTN_PROGRAMS = 256  # target programs for the split kernel: KVH x splits
 
