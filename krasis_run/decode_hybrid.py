@@ -61,7 +61,7 @@ class _CudaArray:
     """__cuda_array_interface__ over a device address: how torch wraps memory it did not allocate."""
 
     def __init__(self, ptr: int, nbytes: int):
-        self.__cuda_array_interface__ = {"shape": (nbytes,), "typestr": "|u1", "data": (ptr, True), "version": 3}
+        self.__cuda_array_interface__ = {"shape": (nbytes,), "typestr": "|u1", "data": (ptr, False), "version": 3}
 
 
 def device_alias(host: torch.Tensor, device: torch.device) -> torch.Tensor:

@@ -283,7 +283,7 @@ def main() -> None:
     ap.add_argument("--artifact", type=Path, default=Path("/tmp/krasis-bench.krs"))
     ap.add_argument("--decode-runs", type=int, default=3)
     ap.add_argument("--decode-budgets", default="16,whole", help="GiB values and/or 'whole' ('' skips decode)")
-    ap.add_argument("--remote-shares", default="0.4", help="remote_share values for the modes that use it")
+    ap.add_argument("--remote-shares", default="0.3", help="remote_share values for the modes that use it")
     ap.add_argument("--decode-modes", default="", help="only these (cpu,experts_in_ram,budget_layers,budget,all_gpu)")
     ap.add_argument("--prefill-context", choices=["prompt", "max"], default="prompt",
                     help="KV cache reserved per prefill run: prompt + 64 tokens, or the longest prompt's")
