@@ -18,6 +18,7 @@ hands out that storage again.
 
 from __future__ import annotations
 
+import sys
 import time
 
 import torch
@@ -262,9 +263,12 @@ class HybridDecodeEngine:
                     continue
                 alias = device_alias(host, self.device) if self.cuda else host  # on the CPU: the mapping itself
                 if not torch.equal(alias[:4096].cpu(), host[:4096]):
-                    return 0.0
+                    raise RuntimeError("the device reads other bytes at the host address")
                 layer.remote_tiles = part_views(alias, streamer.sources[i])
-        except (RuntimeError, TypeError):
+        except (RuntimeError, TypeError) as e:
+            for layer in self.layers.values():
+                layer.remote_tiles = None
+            print(f"krasis: remote experts off (the GPU cannot read the mapping in place: {e})", file=sys.stderr)
             return 0.0
         return self.remote_share
 
