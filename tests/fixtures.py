@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 import sysconfig
 from pathlib import Path
 
@@ -132,3 +135,15 @@ def stop_process(proc) -> None:
     except subprocess.TimeoutExpired:
         proc.kill()
         proc.wait(timeout=10)
+
+
+def run_interpreted(test_file: str, class_name: str, timeout: int = 600) -> None:
+    """Run `class_name` of `test_file` in a child pytest with TRITON_INTERPRET=1: Triton reads the variable when
+    it is first imported (its own tl.* helpers are jitted then), and turning it on here would make the CUDA tests
+    of other modules run interpreted. The class is collected only there (python_classes=class_name)."""
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-o", f"python_classes={class_name}",
+           f"{test_file}::{class_name}"]
+    proc = subprocess.run(cmd, env=env, cwd=Path(test_file).parents[1], capture_output=True, text=True,
+                          timeout=timeout)
+    assert proc.returncode == 0, proc.stdout[-6000:] + proc.stderr[-2000:]

@@ -9,13 +9,9 @@ with TRITON_INTERPRET=1 and fails with the child's report.
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-from pathlib import Path
-
 import pytest
 import torch
+from fixtures import run_interpreted
 
 from krasis_run.kernels import decode_glue
 from krasis_run.kernels.decode_glue import add_rms_norm, rms_norm_decode, route_decode
@@ -143,11 +139,7 @@ def test_add_rms_norm_reference_adds_in_place():
 def test_glue_kernels_under_interpreter():
     """Runs class InterpretedGlue in a child pytest with TRITON_INTERPRET=1 (see the module docstring)."""
     pytest.importorskip("triton")  # a test dependency (pyproject [test]); only a bare install skips
-    env = {**os.environ, "TRITON_INTERPRET": "1"}
-    cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-o", "python_classes=InterpretedGlue",
-           f"{__file__}::InterpretedGlue"]
-    proc = subprocess.run(cmd, env=env, cwd=Path(__file__).parents[1], capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stdout[-6000:] + proc.stderr[-2000:]
+    run_interpreted(__file__, "InterpretedGlue", timeout=300)
 
 
 class InterpretedGlue:

@@ -11,13 +11,10 @@ the class in a child pytest with TRITON_INTERPRET=1 and fails with the child's r
 from __future__ import annotations
 
 import math
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
+from fixtures import run_interpreted
 
 from krasis_run.codecs import dequant_parts, pack_q4_rows
 from krasis_run.kernels import decode_gpu, dequant, norm_rope
@@ -186,11 +183,7 @@ def test_attention_reference_matches_plain_math(case):
 
 def test_triton_kernels_under_interpreter():
     """Runs class InterpretedKernels in a child pytest with TRITON_INTERPRET=1 (see the module docstring)."""
-    env = {**os.environ, "TRITON_INTERPRET": "1"}
-    cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-o", "python_classes=InterpretedKernels",
-           f"{__file__}::InterpretedKernels"]
-    proc = subprocess.run(cmd, env=env, cwd=Path(__file__).parents[1], capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stdout[-6000:] + proc.stderr[-2000:]
+    run_interpreted(__file__, "InterpretedKernels")
 
 
 class InterpretedKernels:
