@@ -70,18 +70,15 @@ def run(
     started = time.perf_counter()
     rt = load(artifact, device=device, threads=threads, verify=verify, progress=True, gpu_budget=gpu_budget,
               context=context)
-    if rt.placement.decode_device == "cuda":
-        _status(f"GPU: {len(rt.placement.resident_layers)} of {len(rt.engine.layers)} expert layers in VRAM, context "
-                f"{rt.placement.context} tokens, decode mode {rt.engine.mode}; plan (GiB) "
-                f"{ {k: round(v / 2**30, 2) for k, v in rt.placement.vram_plan.items()} }")
     _status(f"loaded {artifact} in {time.perf_counter() - started:.2f} s: {rt.args.num_hidden_layers} layers, "
             f"{rt.threads} threads, kernels {rt.ops.describe()}; resident {_size(resident_bytes())} "
             f"(heap {_size(resident_bytes('RssAnon'))}, mapped pages {_size(resident_bytes('RssFile'))}: weights are "
             f"read in place from the {_size(rt.placement.mapped_bytes)} mapping)")
     p = rt.placement
     if p.prefill_device == "cuda":
-        _status(f"prefill on the GPU: budget {_size(p.gpu_budget)}, {len(p.resident_layers)} expert layers resident, "
-                f"the rest streamed from the {p.prefill_section} section; decode on the CPU")
+        _status(f"GPU: budget {_size(p.gpu_budget)}, context {p.context} tokens of KV cache in VRAM, "
+                f"{len(p.resident_layers)} expert layers resident, the rest streamed from the {p.prefill_section} "
+                f"section for prefill; decode {rt.engine.mode} (experts not in VRAM run on the CPU)")
     if serve:
         from .server import run_server
 

@@ -2,11 +2,11 @@
 experts stream from the mapped artifact into VRAM, the copy hidden under the current layer's compute.
 
 Each expert layer crosses PCIe at most once per prefill, however long the prompt: all prompt tokens
-pass through a layer before the next layer's weights are needed (tokens are chunked inside a layer
-only to bound activation memory: the attention half in ATTENTION_TOKEN_CHUNK slices, each attending to
-the layer's keys so far, the expert step in EXPERT_TOKEN_CHUNK slices). Dense weights and as many whole
-expert layers as the budget allows stay resident. K/V go back to the (pinned) CPU cache as each layer
-finishes, so decode continues on the CPU exactly as after a CPU prefill.
+pass through a layer before the next layer's weights are needed (tokens are chunked inside a layer only
+to bound activation memory: the expert step in EXPERT_TOKEN_CHUNK slices, and optionally the attention half,
+`token_chunk`). Dense weights and as many whole expert layers as the budget allows stay resident. K/V go into
+the cache the caller hands in: the hybrid decode engine's, in VRAM, or a pinned CPU cache (copied as each
+layer finishes) when the CPU engine decodes.
 
 The same code runs on the CPU (device="cpu", no streams, torch reference dequant, a loop instead
 of the grouped GEMM): that is the path CI tests.
@@ -338,7 +338,7 @@ class GpuOps:
 
 
 class CacheWriter:
-    """The prefill side of the KV cache: attention reads K/V on the device; copies go to the CPU cache."""
+    """The prefill side of the KV cache: attention reads K/V on the device; copies go into the cache (VRAM or host)."""
 
     def __init__(self, cache, device: torch.device):
         self.cache, self.device = cache, device
@@ -432,7 +432,7 @@ def stack_qkv(weights: dict) -> dict:
 
 
 class GpuPrefillEngine:
-    """prefill(tokens, cache) on `device`; decode stays with the CPU engine on the same cache."""
+    """prefill(tokens, cache) on `device`; decode continues from the same cache (decode_hybrid or the CPU engine)."""
 
     token_chunk = None  # attention over this many tokens at a time (ATTENTION_TOKEN_CHUNK), or the whole prompt
 
