@@ -180,8 +180,9 @@ def choose_gpu_budget(asker: Asker, remembered: str | None, summary) -> str:
             asker.say("GPU: no CUDA device; prefill and decode run on the CPU.")
         return "cpu"
     if asker.interactive:
-        asker.say(f"GPU: {size(free)} free. Prefill on the GPU holds the dense weights and a workspace, then keeps "
-                  "as many expert layers resident as the budget allows and streams the rest.")
+        asker.say(f"GPU: {size(free)} free. The GPU holds the dense weights, the KV cache and a prefill workspace, "
+                  "then as many expert layers as the budget allows; the rest stream through it for prefill and run "
+                  "on the CPU (and partly over PCIe) for decode.")
         if summary is not None and summary.vram_all_experts:
             asker.say(f"  dense weights {size(summary.vram_dense)}; each expert layer "
                       f"{size(summary.vram_expert_layer)}; all {summary.moe_layers} layers resident: "
@@ -236,7 +237,7 @@ app = typer.Typer(add_completion=False, pretty_exceptions_enable=False, no_args_
 def launch(
     ctx: typer.Context,
     artifact: str = typer.Option(None, "--artifact", "-a", help="A .krs path or hf://ORG/REPO/FILE.krs."),
-    gpu_budget: str = typer.Option(None, "--gpu-budget", help="auto, cpu, or VRAM for GPU prefill (e.g. 16GiB)."),
+    gpu_budget: str = typer.Option(None, "--gpu-budget", help="auto, cpu, or the VRAM to use (e.g. 16GiB)."),
     threads: int = typer.Option(None, "--threads", min=1, help="CPU threads (default: physical cores)."),
     port: int = typer.Option(None, "--port", min=1, max=65535, help="TCP port (default 8000)."),
     host: str = typer.Option("127.0.0.1", "--host", help="Address to bind (default: this machine only)."),
