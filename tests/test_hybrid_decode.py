@@ -17,8 +17,9 @@ from krasis_run.prefill_gpu import GpuPrefillEngine
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (run on the GPU host)")
 
 
-def hybrid_engine(rt, resident: set[int], device: str = "cpu", **kwargs) -> HybridDecodeEngine:
-    prefill = GpuPrefillEngine(qwen3_moe, rt.args, rt.artifact, device, resident, "experts_gpu")
+def hybrid_engine(rt, resident: set[int], device: str = "cpu", section: str = "experts_gpu",
+                  **kwargs) -> HybridDecodeEngine:
+    prefill = GpuPrefillEngine(qwen3_moe, rt.args, rt.artifact, device, resident, section)
     return HybridDecodeEngine(qwen3_moe, rt.args, rt.artifact, prefill, rt.ops, rt.model.w, context=96, **kwargs)
 
 
@@ -112,6 +113,19 @@ def test_remote_experts_split_the_cpu_picks(tiny):
         assert min(c[e] for e in layer.remote) >= max(c[e] for e in range(len(c)) if e not in layer.remote)
     assert engine.layers[1].remote == []  # a resident layer has nothing to offload
     assert 0 < engine.timing["cpu_picks"] < 10 * 2 * 2
+
+
+def test_one_copy_of_the_experts_decodes_them_on_the_cpu(tiny):
+    """With the prefill streaming the CPU blocks (`--sections cpu`), decode has no tiles to read on the GPU:
+    every expert runs on the CPU, hot and remote experts stay off, and the tokens are the CPU path's."""
+    rt = krasis_run.load(tiny.artifact("q4", "q8"), threads=1, kernel="reference")
+    ids = prompt_ids(rt.args.vocab_size, 20, seed=4)
+    want_tokens, want_logits = greedy(rt, rt.engine, ids, 10)
+    engine = hybrid_engine(rt, {1}, section="experts_cpu", hot_bytes=1 << 30, remote_share=0.5)
+    assert engine.mode == "experts_in_ram" and engine.hot_bytes == 0 and engine.remote_share == 0
+    got_tokens, _ = greedy(rt, engine, ids, 10)
+    assert_same_greedy(got_tokens, want_tokens, want_logits)
+    assert engine.timing["cpu_picks"] == 10 * 3 * rt.args.num_experts_per_tok
 
 
 def test_hybrid_cache_holds_what_prefill_wrote(tiny_per_expert):
