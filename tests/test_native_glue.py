@@ -1,12 +1,14 @@
-"""The native per-layer steps between the matmuls (RMSNorm, q/k norm + rotary, router top-k) against
-the torch references in krasis_run.models.base, on every instruction path this CPU runs, odd shapes,
-one thread and two, and through CpuOps (which falls back to torch for tensors it cannot take)."""
+"""The native per-layer steps between the matmuls (RMSNorm, residual add + RMSNorm, q/k norm + rotary, router
+top-k, the bf16 KV-cache write) against the torch references in krasis_run.models.base, on every instruction
+path this CPU runs, odd shapes, one thread and two, and through CpuOps / KVCache (which fall back to torch for
+tensors the kernels cannot take)."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
+from krasis_run.cache import KVCache
 from krasis_run.kernels import native
 from krasis_run.kernels.cpu import CpuOps
 from krasis_run.models.base import norm_rope, rms_norm, rope_cos_sin, rope_inv_freq, route
@@ -107,3 +109,76 @@ def test_cpu_ops_experts_skip_negative_ids(tiny_per_expert, isa, quant):
         assert ops.experts(x, ids.masked_fill(skip, -1), wts, blocks, out=out) is out and close(out, want, 1e-5)
         with pytest.raises((RuntimeError, ValueError)):
             ops.experts(x, ids.masked_fill(skip, a.num_experts), wts, blocks)
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_add_rms_norm_matches_reference(isa, threads):
+    native.load().krs_set_threads(threads)
+    g = torch.Generator().manual_seed(5)
+    for t, n in [(1, 2048), (1, 7), (3, 33), (70, 1000), (300, 256)]:
+        x, d = torch.randn(t, n, generator=g) * 3, torch.randn(t, n, generator=g)
+        w = torch.randn(n, generator=g)
+        want_x = x + d
+        got = native.add_rms_norm(x, d, w, 1e-6)
+        assert torch.equal(x, want_x), (t, n)  # the sum stays in x, bit for bit torch's
+        assert close(got, rms_norm(want_x, w, 1e-6)), (t, n)
+        out = torch.empty(t, n)
+        assert native.add_rms_norm(x, d, w, 1e-5, out=out) is out and close(out, rms_norm(want_x + d, w, 1e-5))
+
+
+def test_cpu_ops_add_rms_norm_native_and_fallback():
+    ops = CpuOps("native")
+    g = torch.Generator().manual_seed(6)
+    w = torch.randn(64, generator=g)
+    for x, d in [(torch.randn(2, 64, generator=g), torch.randn(2, 64, generator=g)),  # native
+                 (torch.randn(64, 2, generator=g).T, torch.randn(2, 64, generator=g)),  # strided x: torch
+                 (torch.randn(2, 64, generator=g).double(), torch.randn(2, 64, generator=g).double())]:
+        want_x = x + d
+        got = ops.add_rms_norm(x, d, w, 1e-6)
+        assert torch.equal(x, want_x) and close(got, rms_norm(want_x, w, 1e-6))
+
+
+def test_kv_store_rows_rounds_like_torch():
+    g = torch.Generator().manual_seed(7)
+    k = torch.randn(3, 4, 16, generator=g) * torch.logspace(-40, 38, 64).view(1, 4, 16)  # subnormal .. huge
+    k[0, 0, :6] = torch.tensor([float("inf"), -float("inf"), 0.0, -0.0, 3.4e38, 1.00390625])  # 3.4e38 -> inf
+    v = torch.randn(3, 4, 16, generator=g)
+    v[1, 1, 1] = 1 + 2**-8 * 3  # ties, to even both ways
+    v[1, 1, 2] = 1 + 2**-8
+    keys, values = torch.zeros(8, 4, 16, dtype=torch.bfloat16), torch.zeros(8, 4, 16, dtype=torch.bfloat16)
+    assert native.kv_store_rows(k, v, keys, values, 4)
+    assert torch.equal(keys[4:7].view(torch.int16), k.to(torch.bfloat16).view(torch.int16))
+    assert torch.equal(values[4:7].view(torch.int16), v.to(torch.bfloat16).view(torch.int16))
+    assert not keys[:4].any() and not keys[7:].any() and not values[:4].any() and not values[7:].any()
+    # what the kernel cannot take is refused, nothing written
+    for args in [(k, v, keys, values, 6), (k.double(), v, keys, values, 0), (k, v, keys.float(), values, 0),
+                 (k.transpose(0, 1).contiguous().transpose(0, 1), v, keys, values, 0),
+                 (k, v, torch.zeros(8, 4, 32, dtype=torch.bfloat16)[:, :, :16], values, 0),
+                 (k[:, :2], v[:, :2], keys, values, 0), (k, v, keys, values, -1)]:
+        before = keys.clone()
+        assert not native.kv_store_rows(*args) and torch.equal(keys, before)
+
+
+def test_kv_cache_update_native_equals_torch():
+    """KVCache.update takes the native write once the library is loaded (CpuOps loads it); the bytes equal torch's
+    slice assignment, also across a growth of the cache and for bf16 inputs (the torch path)."""
+    native.load()
+    g = torch.Generator().manual_seed(8)
+    a, b = KVCache(2, 4, 16, capacity=4), KVCache(2, 4, 16, capacity=4)
+    pos = 0
+    for t, dtype in [(3, torch.float32), (1, torch.float32), (1, torch.bfloat16), (5, torch.float32)]:
+        k, v = torch.randn(t, 4, 16, generator=g).to(dtype), torch.randn(t, 4, 16, generator=g).to(dtype)
+        for layer in range(2):
+            ka, va = a.update(layer, pos, k, v)
+            b.keys[layer][pos:pos + t] = k  # the torch reference
+            b.values[layer][pos:pos + t] = v
+            assert ka.shape[0] == va.shape[0] == pos + t
+            assert torch.equal(ka, b.keys[layer][:pos + t]) and torch.equal(va, b.values[layer][:pos + t])
+        pos += t
+        a.advance(pos)
+        b.advance(pos)
+        b.reserve(pos + 5)
+    over = KVCache.over([x.clone() for x in a.keys], [x.clone() for x in a.values])
+    k = torch.randn(1, 4, 16, generator=g)
+    ko, _ = over.update(0, 2, k, k)
+    assert torch.equal(ko[2], k[0].to(torch.bfloat16)) and torch.equal(ko[:2], a.keys[0][:2])

@@ -72,6 +72,11 @@ def torch_int4_reads_cpu_blocks() -> bool:
 _ROWS_PARTS = {"q8": ("q", "scale"), "q4": ("q", "scale", "zero"), "bf16": ("w",), "f32": ("w",)}
 
 
+def _check(rc: int, what: str) -> None:
+    if rc:
+        raise RuntimeError(f"native {what} failed (code {rc})")
+
+
 def _f32(*tensors: torch.Tensor) -> bool:
     for t in tensors:
         if t.dtype != torch.float32 or not t.is_cpu or not t.is_contiguous():
@@ -86,7 +91,7 @@ class CpuOps:
         requested = kernel or os.environ.get(KERNEL_ENV) or "auto"
         if requested not in ("auto", "native", "torch", "reference"):
             raise ValueError(f"unknown kernel {requested!r} (native, torch or reference)")
-        self.native = None
+        self.native = self._lib = None
         if requested in ("auto", "native"):
             if requested == "native":
                 from . import native
@@ -95,10 +100,15 @@ class CpuOps:
             self.native = _native()
             if self.native is not None:
                 self.native.set_threads(torch.get_num_threads())
+                # The decode hot path calls the library itself, not through native's wrappers: at ~15 calls a layer
+                # their frames and checks were ~4 us of each call's ~8 (dev VM). Attributes are looked up per call
+                # (bench_decode --glue swaps some functions on this object).
+                self._lib = self.native.load()
         self.kernel = "native" if self.native is not None else ("torch" if requested == "auto" else requested)
         self.int4_in_place = self.kernel in ("torch", "native") and torch_int4_reads_cpu_blocks()
         self._expert_ptrs: dict[int, tuple[object, torch.Tensor]] = {}
-        self._native_rows: dict[int, tuple[object, tuple | None]] = {}  # weight -> native.linear arguments
+        # weight -> (weight, native.linear arguments, (codec id, K, N, part addresses) for the direct call)
+        self._native_rows: dict[int, tuple[object, tuple | None, tuple | None]] = {}
 
     def describe(self) -> str:
         if self.kernel == "reference":
@@ -108,7 +118,10 @@ class CpuOps:
         return "torch packed" + (" (q4 in place)" if self.int4_in_place else " (q4 dequantized per use)")
 
     def embed(self, tokens: torch.Tensor, table) -> torch.Tensor:
-        return table.parts["w"][tokens].float()
+        w = table.parts["w"]
+        if tokens.dim() == 1:  # index_select: the same rows with less set-up than advanced indexing
+            return w.index_select(0, tokens).float()
+        return w[tokens].float()
 
     def matmul(self, x: torch.Tensor, codec: str, layout: str, parts: dict[str, torch.Tensor]) -> torch.Tensor:
         """x [M, K] float32 @ W[N, K]^T -> [M, N] float32."""
@@ -137,24 +150,36 @@ class CpuOps:
         y = y.float()
         return y[:m] + y[m:] if y.shape[0] > m else y
 
-    def _native_rows_args(self, w) -> tuple | None:
-        """(codec, rows, *parts) for native.linear when it takes `w` as stored, else None; cached per
-        artifact view (plain tensors are checked per call: a cache would keep them alive)."""
-        if isinstance(w, torch.Tensor):
-            return ("f32", w.shape[0], w) if w.dim() == 2 and _f32(w) else None
+    def _native_rows_entry(self, w) -> tuple:
+        """(w, (codec, rows, *parts) for native.linear or None, (codec id, K, N, *part addresses) or None), cached
+        per artifact view: native.linear takes `w` as stored when the arguments are not None."""
         cached = self._native_rows.get(id(w))
         if cached is not None and cached[0] is w:
-            return cached[1]
-        args = None
+            return cached
+        args = direct = None
         if w.layout == "rows" and w.codec in _ROWS_PARTS:
             ws = [w.parts[p] for p in _ROWS_PARTS[w.codec]]
             args = (w.codec, ws[0].shape[0], *ws)
-        self._native_rows[id(w)] = (w, args)
-        return args
+            q = ws[0]
+            if q.dim() == 2 and q.is_contiguous():
+                k = q.shape[1] * (2 if w.codec == "q4" else 1)  # q4 rows: two weights a byte
+                ptrs = [p.data_ptr() for p in ws] + [None] * (3 - len(ws))
+                direct = (self.native.CODECS[w.codec], k, q.shape[0], *ptrs)
+        entry = self._native_rows[id(w)] = (w, args, direct)
+        return entry
 
     def linear(self, x: torch.Tensor, w) -> torch.Tensor:
         if self.native is not None:
-            args = self._native_rows_args(w)
+            if isinstance(w, torch.Tensor):  # plain tensors are checked per call: a cache would keep them alive
+                args = ("f32", w.shape[0], w) if w.dim() == 2 and _f32(w) else None
+                direct = None
+            else:
+                _, args, direct = self._native_rows_entry(w)
+            if direct is not None and x.dim() == 2 and x.shape[1] == direct[1] and _f32(x):
+                y = torch.empty((x.shape[0], direct[2]), dtype=torch.float32)
+                _check(self._lib.krs_linear(direct[0], x.data_ptr(), x.shape[0], direct[1], direct[2], direct[3],
+                                            direct[4], direct[5], y.data_ptr()), "linear")
+                return y
             if args is not None:
                 if x.dtype != torch.float32 or not x.is_contiguous():
                     x = x.float().contiguous()
@@ -167,27 +192,55 @@ class CpuOps:
     # each where the tensors are already float32 and contiguous (as the native matmuls return them),
     # else the torch reference. At T=1 each replaces 5-10 torch ops per use.
     def rms_norm(self, x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-        if self.native is not None and _f32(x, weight) and x.dim() == 2 and weight.shape == x.shape[-1:]:
-            return self.native.rms_norm(x, weight, eps)
+        if self.native is not None and x.dim() == 2 and _f32(x, weight) and weight.shape == x.shape[-1:]:
+            y = torch.empty_like(x)  # contiguous, as x is; half the cost of torch.empty(shape, dtype=...)
+            _check(self._lib.krs_rms_norm(x.data_ptr(), x.shape[0], x.shape[1], weight.data_ptr(), eps, y.data_ptr()),
+                   "rms_norm")
+            return y
         return rms_norm(x, weight, eps)
+
+    def add_rms_norm(self, x: torch.Tensor, delta: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+        """x += delta in place, then RMSNorm(x) * weight: the residual add and the next norm in one call (the model
+        pairs them), one pass over the row instead of an add, a norm and a new tensor from each."""
+        if (self.native is not None and _f32(x, delta, weight) and x.dim() == 2 and delta.shape == x.shape
+                and weight.shape == x.shape[-1:]):
+            y = torch.empty_like(x)
+            _check(self._lib.krs_add_rms_norm(x.data_ptr(), delta.data_ptr(), x.shape[0], x.shape[1],
+                                              weight.data_ptr(), eps, y.data_ptr()), "add_rms_norm")
+            return y
+        x += delta
+        return self.rms_norm(x, weight, eps)
 
     def norm_rope(self, x: torch.Tensor, weight: torch.Tensor, eps: float, cos: torch.Tensor,
                   sin: torch.Tensor) -> torch.Tensor:
         if (self.native is not None and _f32(x, weight, cos, sin) and x.dim() == 3 and weight.shape == x.shape[-1:]
                 and cos.shape == sin.shape == (x.shape[0], x.shape[2])):
-            return self.native.norm_rope(x, weight, eps, cos, sin)
+            y = torch.empty_like(x)
+            _check(self._lib.krs_norm_rope(x.data_ptr(), x.shape[0], x.shape[1], x.shape[2], weight.data_ptr(), eps,
+                                           cos.data_ptr(), sin.data_ptr(), y.data_ptr()), "norm_rope")
+            return y
         return norm_rope(x, weight, eps, cos, sin)
 
     def route(self, logits: torch.Tensor, k: int, renormalize: bool) -> tuple[torch.Tensor, torch.Tensor]:
         if self.native is not None and _f32(logits) and logits.dim() == 2 and k <= min(64, logits.shape[1]):
-            return self.native.route(logits, k, renormalize)
+            t, e = logits.shape
+            ids, wts = torch.empty((t, k), dtype=torch.int32), torch.empty((t, k), dtype=torch.float32)
+            _check(self._lib.krs_route(logits.data_ptr(), t, e, k, int(renormalize), ids.data_ptr(), wts.data_ptr()),
+                   "route")
+            return ids, wts
         return route(logits, k, renormalize)
 
     def attention(self, q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, start_pos: int) -> torch.Tensor:
         """Causal attention of q [T, H, D] over the cache's keys/values [S, KVH, D] -> [T, H*D] float32."""
         if (self.native is not None and q.shape[0] <= NATIVE_MAX_ROWS and keys.dtype == torch.bfloat16
                 and keys.is_contiguous() and values.is_contiguous() and keys.shape[0] == start_pos + q.shape[0]):
-            return self.native.attention(q.float().contiguous(), keys, values, start_pos)
+            if not _f32(q):
+                q = q.float().contiguous()
+            t, nq, hd = q.shape
+            y = torch.empty((t, nq * hd), dtype=torch.float32)
+            _check(self._lib.krs_attention(q.data_ptr(), t, nq, keys.shape[1], hd, keys.data_ptr(), values.data_ptr(),
+                                           start_pos, y.data_ptr()), "attention")
+            return y
         return causal_attention(q, keys, values, start_pos)
 
     def _native_expert_table(self, blocks) -> torch.Tensor:

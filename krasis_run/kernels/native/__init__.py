@@ -1,5 +1,6 @@
 """ctypes binding of the native CPU decode kernels (krasis_native.c): fused MoE, dense rows, attention,
-and the small per-layer steps between them (RMSNorm, q/k norm + rotary, router top-k).
+and the small per-layer steps between them (RMSNorm, residual add + RMSNorm, q/k norm + rotary, router top-k,
+the bf16 KV-cache write).
 
 The library is built from source on first use if no build of these exact sources exists (see
 build.py); it takes pointers into the artifact's mapping (tensor.data_ptr()), so weights are read in
@@ -63,6 +64,10 @@ def load() -> ctypes.CDLL:
     lib.krs_rms_norm.argtypes = [_p, _i, _i, _p, ctypes.c_float, _p]
     lib.krs_norm_rope.restype = _i
     lib.krs_norm_rope.argtypes = [_p, _i, _i, _i, _p, ctypes.c_float, _p, _p, _p]
+    lib.krs_add_rms_norm.restype = _i
+    lib.krs_add_rms_norm.argtypes = [_p, _p, _i, _i, _p, ctypes.c_float, _p]
+    lib.krs_kv_store.restype = _i
+    lib.krs_kv_store.argtypes = [_p, _p, ctypes.c_int64, _p, _p]
     lib.krs_route.restype = _i
     lib.krs_route.argtypes = [_p, _i, _i, _i, _i, _p, _p]
     lib.krs_read_probe.restype = ctypes.c_uint64
@@ -172,6 +177,36 @@ def rms_norm(x, w, eps: float, out=None):
     y = _out(out, (t, n))
     _check(_lib().krs_rms_norm(x.data_ptr(), t, n, w.data_ptr(), eps, y.data_ptr()), "rms_norm")
     return y
+
+
+def add_rms_norm(x, delta, w, eps: float, out=None):
+    """x float32 [T, n] contiguous += delta (same shape, contiguous), then RMSNorm(x) * w -> float32 [T, n]
+    (`out` must not be x or delta)."""
+    t, n = x.shape
+    y = _out(out, (t, n))
+    _check(_lib().krs_add_rms_norm(x.data_ptr(), delta.data_ptr(), t, n, w.data_ptr(), eps, y.data_ptr()),
+           "add_rms_norm")
+    return y
+
+
+def kv_store_rows(k, v, keys, values, start: int) -> bool:
+    """Write k/v float32 [T, ...] contiguous as bf16 (torch's rounding) into rows start..start+T of keys/values,
+    contiguous CPU bf16 [capacity, ...]; returns False, writing nothing, for any other tensors (the caller then
+    assigns with torch). Checked here because the kernel writes through raw addresses."""
+    f32, bf16 = torch.float32, torch.bfloat16
+    t = k.shape[0]
+    # is_cpu, not .device.type: a device object per check cost ~1 us of a call that is ~3 us without the checks
+    if (k.dtype is not f32 or v.dtype is not f32 or keys.dtype is not bf16 or values.dtype is not bf16
+            or not (k.is_cpu and v.is_cpu and keys.is_cpu and values.is_cpu)
+            or not (k.is_contiguous() and v.is_contiguous() and keys.is_contiguous() and values.is_contiguous())
+            or start < 0 or start + t > keys.shape[0] or k.shape[1:] != keys.shape[1:] or v.shape != k.shape
+            or values.shape != keys.shape):
+        return False
+    n = k.numel()
+    row = keys.stride(0) * 2  # bytes per cache row
+    _check(_lib().krs_kv_store(k.data_ptr(), v.data_ptr(), n, keys.data_ptr() + start * row,
+                               values.data_ptr() + start * row), "kv_store")
+    return True
 
 
 def norm_rope(x, w, eps: float, cos, sin, out=None):

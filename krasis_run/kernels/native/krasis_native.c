@@ -178,6 +178,7 @@ typedef void (*f32_fn)(const float *, int, int, int, const float *, float *);
 typedef void (*attn_fn)(const float *, const uint16_t *, const uint16_t *, int, int, int, float, float *, float *);
 typedef void (*rms_fn)(const float *, const float *, int, float, float *);
 typedef void (*nrope_fn)(const float *, const float *, int, float, const float *, const float *, float *);
+typedef void (*addrms_fn)(float *, const float *, const float *, int, float, float *);
 
 typedef struct {
     q4b_fn q4b;
@@ -188,6 +189,7 @@ typedef struct {
     attn_fn attn;
     rms_fn rms;
     nrope_fn nrope;
+    addrms_fn addrms;
 } Kernels;
 
 #define FN(name) name##_scalar
@@ -235,12 +237,13 @@ static int detect_isa(void) {
 static void init(void) {
     if (g_isa >= 0) return;
     KERNELS[0] = (Kernels){q4b_block_scalar, q8_rows_scalar, q4r_rows_scalar, bf16_rows_scalar, f32_rows_scalar,
-                           attn_head_scalar, rms_row_scalar, norm_rope_head_scalar};
+                           attn_head_scalar, rms_row_scalar, norm_rope_head_scalar, add_rms_row_scalar};
 #ifdef KRS_X86
     KERNELS[1] = (Kernels){q4b_block_avx2, q8_rows_avx2, q4r_rows_avx2, bf16_rows_avx2, f32_rows_avx2gen,
-                           attn_head_avx2gen, rms_row_avx2gen, norm_rope_head_avx2gen};
+                           attn_head_avx2gen, rms_row_avx2gen, norm_rope_head_avx2gen, add_rms_row_avx2gen};
     KERNELS[2] = (Kernels){q4b_block_avx512, q8_rows_avx512, q4r_rows_avx512, bf16_rows_avx512,
-                           f32_rows_avx512gen, attn_head_avx512gen, rms_row_avx512gen, norm_rope_head_avx512gen};
+                           f32_rows_avx512gen, attn_head_avx512gen, rms_row_avx512gen, norm_rope_head_avx512gen,
+                           add_rms_row_avx512gen};
 #else
     KERNELS[1] = KERNELS[2] = KERNELS[0];
 #endif
@@ -506,6 +509,33 @@ int krs_rms_norm(const float *x, int T, int n, const float *w, float eps, float 
     const Kernels *kn = &KERNELS[g_isa];
 #pragma omp parallel for schedule(static) num_threads(g_threads) if (T > 1 && (size_t)T * n > 65536)
     for (int t = 0; t < T; t++) kn->rms((const float *)x + (size_t)t * n, w, n, eps, out + (size_t)t * n);
+    return 0;
+}
+
+/* The residual add and the norm after it: x [T, n] += d [T, n], then out [T, n] = RMSNorm(x) * w. out may
+ * not alias x or d. */
+int krs_add_rms_norm(float *x, const float *d, int T, int n, const float *w, float eps, float *out) {
+    init();
+    const Kernels *kn = &KERNELS[g_isa];
+#pragma omp parallel for schedule(static) num_threads(g_threads) if (T > 1 && (size_t)T * n > 65536)
+    for (int t = 0; t < T; t++) kn->addrms(x + (size_t)t * n, d + (size_t)t * n, w, n, eps, out + (size_t)t * n);
+    return 0;
+}
+
+/* float32 -> bf16 with torch's rounding (nearest, ties to even; NaN -> 0x7FC0), so a cache written
+ * here holds the bytes `cache[...] = k` would have written */
+static inline uint16_t f2bf16(float f) {
+    union { float f; uint32_t u; } c;
+    c.f = f;
+    if (f != f) return 0x7FC0;
+    return (uint16_t)((c.u + 0x7FFFu + ((c.u >> 16) & 1u)) >> 16);
+}
+
+/* One decode step's KV-cache write: k and v (n float32 each) rounded to bf16 into kd and vd. One call
+ * for both instead of two torch slice assignments, each a conversion plus a copy (~10 us of dispatch). */
+int krs_kv_store(const float *k, const float *v, int64_t n, uint16_t *kd, uint16_t *vd) {
+    for (int64_t i = 0; i < n; i++) kd[i] = f2bf16(k[i]);
+    for (int64_t i = 0; i < n; i++) vd[i] = f2bf16(v[i]);
     return 0;
 }
 
