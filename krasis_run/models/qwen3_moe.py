@@ -92,11 +92,27 @@ class Model:
     def __init__(self, args: ModelArgs, weights, ops):
         self.args, self.w, self.ops = args, weights, ops
         self.inv_freq, self.rope_scale = rope_frequencies(args.rope, args.head_dim, args.max_position_embeddings)
+        self._rope_tables: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
         self.layer_names = [layer_tensor_names(args, i) for i in range(args.num_hidden_layers)]
         self.norm_rope = getattr(ops, "norm_rope", norm_rope)  # an engine may fuse the per-head norm and rotary
         self.rms_norm = getattr(ops, "rms_norm", rms_norm)  # ... and bring its own norm and router top-k
         self.route = getattr(ops, "route", route)
         self.add_rms_norm = getattr(ops, "add_rms_norm", None)  # x += delta in place, then the norm, fused
+
+    def _rope(self, start_pos, count: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos/sin of positions start_pos.. : rows of a table kept per device (grown by doubling) for an int
+        start, so a decode step costs a slice instead of ~8 small ops; computed for a device-tensor start (a
+        captured decode step then serves every position)."""
+        if isinstance(start_pos, torch.Tensor):
+            positions = torch.arange(count, device=device) + start_pos
+            return rope_cos_sin(self._inv_freq(device), positions, self.rope_scale)
+        end = start_pos + count
+        table = self._rope_tables.get(device)
+        if table is None or table[0].shape[0] < end:
+            size = max(end, 2 * table[0].shape[0] if table is not None else 256)
+            table = rope_cos_sin(self._inv_freq(device), torch.arange(size, device=device), self.rope_scale)
+            self._rope_tables[device] = table
+        return table[0][start_pos:end], table[1][start_pos:end]
 
     def _inv_freq(self, device: torch.device) -> torch.Tensor:
         if self.inv_freq.device != device:  # moved once: a copy from the host cannot be captured in a graph
@@ -153,9 +169,7 @@ class Model:
         layer's weights are needed. The results are those of the unchunked pass."""
         a, w = self.args, self.w
         x = self.ops.embed(tokens, w["embed"])
-        # start_pos may be a device tensor: a captured decode step then serves every position
-        positions = torch.arange(tokens.shape[0], device=x.device) + start_pos
-        cos, sin = rope_cos_sin(self._inv_freq(x.device), positions, self.rope_scale)
+        cos, sin = self._rope(start_pos, tokens.shape[0], x.device)
         chunked = token_chunk is not None and token_chunk < tokens.shape[0]
         if chunked:
             x = x.clone()  # updated in place below: never write into what ops.embed returned
