@@ -78,7 +78,8 @@ def run(
     if p.prefill_device == "cuda":
         _status(f"GPU: budget {_size(p.gpu_budget)}, context {p.context} tokens of KV cache in VRAM, "
                 f"{len(p.resident_layers)} expert layers resident, the rest streamed from the {p.prefill_section} "
-                f"section for prefill; decode {rt.engine.mode} (experts not in VRAM run on the CPU)")
+                f"section for prefill; decode {rt.engine.mode} (experts not in VRAM: on the CPU, part of them "
+                f"read by the GPU over PCIe)")
     if serve:
         from .server import run_server
 

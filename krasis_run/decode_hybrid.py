@@ -194,6 +194,7 @@ class HybridDecodeEngine:
         self.stream = torch.cuda.Stream(device) if self.cuda else None
         self.plan: list[tuple] | None = None  # the captured step: graphs, events and CPU expert calls in order
         self.capturing = False
+        self.epoch = 0  # which new_cache() owns the KV storage now
         self.captures = 0  # after the first, the kernels are compiled: captures again skip the warm-up steps
         self.pending: dict[int, object] = {}  # layer -> event after its stage copies (eager CUDA)
         self.timing = dict(steps=0, step_s=0.0, gpu_wait_s=0.0, cpu_experts_s=0.0, cpu_picks=0)  # where time goes
@@ -238,7 +239,10 @@ class HybridDecodeEngine:
     def new_cache(self, capacity: int = 256) -> KVCache:
         if capacity > self.context:
             raise KrsError(f"{capacity} tokens do not fit the GPU KV cache of {self.context} tokens (--context)")
-        return KVCache.over(self.kv.keys, self.kv.values)
+        self.epoch += 1  # the storage is this engine's one cache: the sequence before loses it
+        cache = KVCache.over(self.kv.keys, self.kv.values)
+        cache.epoch = self.epoch
+        return cache
 
     def prefill(self, tokens: list[int], cache: KVCache, all_logits: bool = False) -> torch.Tensor:
         return self.prefill_engine.prefill(tokens, cache, all_logits)
@@ -406,25 +410,38 @@ class HybridDecodeEngine:
                 self._step()
                 self._end_graph()
                 self.captures += 1
+            except BaseException:
+                # a half-captured plan would replay part of a step: end any open capture, keep no plan
+                try:
+                    self.graph.capture_end()
+                except RuntimeError:
+                    pass
+                self.plan = None
+                raise
             finally:
                 self.capturing = False
         torch.cuda.current_stream(self.device).wait_stream(self.stream)
 
     def _replay(self) -> None:
-        with torch.cuda.stream(self.stream):
-            for item in self.plan:
-                if item[0] == "graph":
-                    item[1].replay()
-                elif item[0] == "record":
-                    item[1].record(self.stream)
-                else:
-                    self._cpu_experts(item[1], item[2])
-        self.stream.synchronize()
+        try:
+            with torch.cuda.stream(self.stream):
+                for item in self.plan:
+                    if item[0] == "graph":
+                        item[1].replay()
+                    elif item[0] == "record":
+                        item[1].record(self.stream)
+                    else:
+                        self._cpu_experts(item[1], item[2])
+        finally:  # also when a CPU step raises: nothing launched may still run into the next prefill
+            self.stream.synchronize()
 
     # ---------------------------------------------------------------- decode
     @torch.inference_mode()
     def decode(self, token: int, cache: KVCache) -> torch.Tensor:
         started = time.perf_counter()
+        if getattr(cache, "epoch", self.epoch) != self.epoch:
+            raise KrsError("another sequence has taken the GPU KV cache since this one started: the GPU engine "
+                           "holds one sequence at a time")
         pos = cache.length
         if pos >= self.context:
             raise KrsError(f"the GPU KV cache holds {self.context} tokens (--context)")

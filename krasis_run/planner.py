@@ -174,6 +174,10 @@ def plan(artifact: Artifact, device: str = "auto", gpu_budget: str | int | None 
         raise KrsError(f"--gpu-budget {budget / GIB:.1f} GiB is too small: dense weights, the KV cache for {context} "
                        f"tokens and the prefill workspace need {(dense + kv + workspace) / GIB:.1f} GiB "
                        "(lower --context or use --device cpu)")
+    if room < sum(layers.values()) and room < stream:
+        raise KrsError(f"--gpu-budget {budget / GIB:.1f} GiB is too small: dense weights, the KV cache for {context} "
+                       f"tokens, the prefill workspace and {STREAM_DEPTH} streaming buffers need "
+                       f"{(dense + kv + workspace + stream) / GIB:.1f} GiB (lower --context or use --device cpu)")
     count = len(layers) if room >= sum(layers.values()) else max(0, int((room - stream) // max(layers.values())))
     if max_resident_layers is not None:
         count = min(count, max_resident_layers)

@@ -128,6 +128,32 @@ def test_one_copy_of_the_experts_decodes_them_on_the_cpu(tiny):
     assert engine.timing["cpu_picks"] == 10 * 3 * rt.args.num_experts_per_tok
 
 
+def test_a_new_sequence_takes_the_gpu_kv_cache(tiny_per_expert):
+    """One KV storage on the GPU: a paused sequence whose cache was handed to another must fail, not decode over
+    the other's keys."""
+    rt = krasis_run.load(tiny_per_expert.artifact("q4", "q8"), threads=1)
+    engine = hybrid_engine(rt, {1})
+    first = engine.new_cache(40)
+    engine.prefill(prompt_ids(rt.args.vocab_size, 10, seed=1), first)
+    engine.decode(5, first)
+    second = engine.new_cache(40)
+    engine.prefill(prompt_ids(rt.args.vocab_size, 12, seed=2), second)
+    with pytest.raises(krasis_run.KrsError, match="another sequence has taken the GPU KV cache"):
+        engine.decode(6, first)
+    engine.decode(6, second)
+
+
+def test_planner_needs_room_for_the_stream_buffers(tiny_per_expert, monkeypatch):
+    rt = krasis_run.load(tiny_per_expert.artifact("q4", "q8"), threads=1)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda: (80 * GIB, 80 * GIB))
+    vram = plan(rt.artifact, "cuda", "8GiB", context=64).vram_plan
+    fixed = vram["dense"] + vram["workspace"] + vram["kv_cache"]
+    layer = vram["resident_experts"] // 3
+    with pytest.raises(krasis_run.KrsError, match="2 streaming buffers"):
+        plan(rt.artifact, "cuda", fixed + layer, context=64)  # room for one layer, not for two stream buffers
+
+
 def test_hybrid_cache_holds_what_prefill_wrote(tiny_per_expert):
     """The K/V the prefill engine writes are the ones decode attends over (no copy between them)."""
     rt = krasis_run.load(tiny_per_expert.artifact("bf16", "bf16"), threads=1)
