@@ -26,7 +26,7 @@ import torch
 from .artifact import Artifact
 from .cache import KVCache
 from .format import SECTION_EXPERTS_GPU, KrsError
-from .kernels.decode_glue import rms_norm_decode, route_decode
+from .kernels.decode_glue import route_decode
 from .kernels.decode_gpu import decode_attention, moe_decode
 from .prefill_gpu import ExpertHandle, GpuOps, GpuPrefillEngine, part_views
 
@@ -106,11 +106,8 @@ class HybridOps(GpuOps):
         super().__init__(device, codec, "rows", exact)
         self.engine, self.cpu_ops = engine, cpu_ops
 
-    # One fused kernel each instead of ~5 torch ops: in a graph every tiny kernel still costs a few us.
-    def rms_norm(self, x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-        # bf16 straight into the projections (which take bf16 anyway), unless the artifact is bf16 (exact)
-        return rms_norm_decode(x.float(), weight, eps, out_dtype=torch.float32 if self.exact else torch.bfloat16)
-
+    # One fused kernel instead of ~5 torch ops (the norms come fused from GpuOps): in a graph every tiny kernel
+    # still costs a few us.
     def route(self, logits: torch.Tensor, k: int, renormalize: bool) -> tuple[torch.Tensor, torch.Tensor]:
         return route_decode(logits.float(), k, renormalize)
 
