@@ -26,9 +26,13 @@ import torch
 from .artifact import Artifact
 from .cache import KVCache
 from .format import SECTION_EXPERTS_GPU, KrsError
-from .kernels.decode_glue import route_decode
+from .host_flags import StreamFlags
+from .host_flags import available as stream_flags_available
+from .kernels.decode_glue import norm_rope_store_decode, route_decode
 from .kernels.decode_gpu import decode_attention, moe_decode
 from .prefill_gpu import ExpertHandle, GpuOps, GpuPrefillEngine, part_views
+
+SERVE_TIMEOUT_S = 60.0  # the CPU waits this long for the GPU to hand over a layer before it gives up
 
 
 class LayerExperts:
@@ -111,6 +115,15 @@ class HybridOps(GpuOps):
     def route(self, logits: torch.Tensor, k: int, renormalize: bool) -> tuple[torch.Tensor, torch.Tensor]:
         return route_decode(logits.float(), k, renormalize)
 
+    def attention_inputs(self, layer: int, q, k, v, q_weight, k_weight, eps: float, cos, sin, cache, start_pos):
+        """q/k norm + rotary and the K/V cache write in one kernel (one token, bf16); the model's three steps else."""
+        if self.exact or not q.is_cuda or not isinstance(cache, DecodeCache) or not isinstance(start_pos, torch.Tensor):
+            q = self.norm_rope(q, q_weight, eps, cos, sin)
+            keys, values = cache.update(layer, start_pos, self.norm_rope(k, k_weight, eps, cos, sin), v)
+            return q, keys, values
+        keys, values = cache.cache.keys[layer], cache.cache.values[layer]
+        return norm_rope_store_decode(q, k, v, q_weight, k_weight, eps, cos, sin, keys, values, start_pos), keys, values
+
     def embed(self, tokens: torch.Tensor, table) -> torch.Tensor:
         # The host stages the token's embedding row before each step (the table stays in the mapping);
         # the step's first copy brings it over, which a CUDA graph can replay.
@@ -190,6 +203,15 @@ class HybridDecodeEngine:
         self.use_graphs = graphs and self.cuda
         self.stream = torch.cuda.Stream(device) if self.cuda else None
         self.plan: list[tuple] | None = None  # the captured step: graphs, events and CPU expert calls in order
+        # One graph for the whole step where the driver lets a graph set and wait on host flags: the CPU then
+        # serves every CPU layer in one native call, spinning on each layer's flag (no launch or event wait
+        # per layer); else one graph per stretch of GPU work, the host waiting on an event between them.
+        self.flags: StreamFlags | None = None
+        if self.use_graphs and self.stages and getattr(cpu_ops, "native", None) is not None \
+                and stream_flags_available(device):
+            self.flags = StreamFlags(2 * a.num_hidden_layers)  # per layer: ready (GPU -> CPU), done (CPU -> GPU)
+        self.serve_layers: list[int] = []  # CPU layers of the captured step, in order
+        self.serve_stats = torch.zeros(3, dtype=torch.float64)
         self.capturing = False
         self.epoch = 0  # which new_cache() owns the KV storage now
         self.captures = 0  # after the first, the kernels are compiled: captures again skip the warm-up steps
@@ -339,7 +361,10 @@ class HybridDecodeEngine:
     def hand_to_cpu(self, layer: int, gpu_share: bool) -> None:
         if not self.cuda:
             return
-        if self.capturing:  # close this graph: the host waits for it before the CPU experts run
+        if self.capturing and self.flags is not None:  # the stage copies before it land first (write barrier)
+            self.flags.set(torch.cuda.current_stream(self.device), 2 * layer, 1)
+            self.serve_layers.append(layer)
+        elif self.capturing:  # close this graph: the host waits for it before the CPU experts run
             self._end_graph()
             event = torch.cuda.Event()
             self.plan.append(("record", event))
@@ -352,7 +377,11 @@ class HybridDecodeEngine:
             self.pending[layer] = event
 
     def join_cpu(self, layer: int, gpu_share: bool) -> None:
-        if self.capturing:
+        if self.capturing and self.flags is not None:  # wait for the CPU's sum, then re-arm the flag
+            stream = torch.cuda.current_stream(self.device)
+            self.flags.wait(stream, 2 * layer + 1, 1)
+            self.flags.set(stream, 2 * layer + 1, 0)
+        elif self.capturing:
             if gpu_share:
                 self._end_graph()
             self.plan.append(("cpu", layer, self.pending.pop(layer)))
@@ -375,6 +404,31 @@ class HybridDecodeEngine:
             stage.out.zero_()
         self.timing["gpu_wait_s"] += waited - started  # the host waiting for the GPU's part of the layer
         self.timing["cpu_experts_s"] += time.perf_counter() - waited
+
+    def _serve_table(self) -> torch.Tensor:
+        rows = []
+        for i in self.serve_layers:
+            stage = self.stages[i]
+            experts = self.cpu_ops._native_expert_table(self.layers[i].cpu_blocks)
+            rows.append([self.flags.address(2 * i), self.flags.address(2 * i + 1), stage.x.data_ptr(),
+                         stage.ids.data_ptr(), stage.weights.data_ptr(), stage.out.data_ptr(), experts.data_ptr()])
+        return torch.tensor(rows, dtype=torch.int64)
+
+    def _serve(self, table: torch.Tensor) -> None:
+        """The CPU layers of one step, while the step's graph runs: one native call for all of them."""
+        blocks = self.layers[self.serve_layers[0]].cpu_blocks
+        hidden, width = blocks.matrices["down"]
+        stats = self.serve_stats.zero_()
+        try:
+            self.cpu_ops.native.moe_serve(blocks.codec, hidden, width, blocks.experts, self.args.num_experts_per_tok,
+                                          table, SERVE_TIMEOUT_S, stats)
+        except TimeoutError as e:
+            raise KrsError(f"decode step failed: {e}") from e
+        finally:
+            wait, work, picks = stats.tolist()
+            self.timing["gpu_wait_s"] += wait
+            self.timing["cpu_experts_s"] += work
+            self.timing["cpu_picks"] += int(picks)
 
     # ---------------------------------------------------------------- CUDA graphs
     def _begin_graph(self) -> None:
@@ -401,11 +455,14 @@ class HybridDecodeEngine:
                 self._step()
             self.stream.synchronize()
             self.capturing = True
+            self.serve_layers = []
             try:
                 self._begin_graph()
                 self.pos_dev.copy_(self.pos_host, non_blocking=True)
                 self._step()
                 self._end_graph()
+                if self.serve_layers:
+                    self.plan.append(("serve", self._serve_table()))
                 self.captures += 1
             except BaseException:
                 # a half-captured plan would replay part of a step: end any open capture, keep no plan
@@ -420,6 +477,7 @@ class HybridDecodeEngine:
         torch.cuda.current_stream(self.device).wait_stream(self.stream)
 
     def _replay(self) -> None:
+        ok = False
         try:
             with torch.cuda.stream(self.stream):
                 for item in self.plan:
@@ -427,10 +485,15 @@ class HybridDecodeEngine:
                         item[1].replay()
                     elif item[0] == "record":
                         item[1].record(self.stream)
+                    elif item[0] == "serve":
+                        self._serve(item[1])
                     else:
                         self._cpu_experts(item[1], item[2])
+            ok = True
         finally:  # also when a CPU step raises: nothing launched may still run into the next prefill
             self.stream.synchronize()
+            if not ok and self.flags is not None:
+                self.flags.reset()  # a step cut short may have left a flag set
 
     # ---------------------------------------------------------------- decode
     @torch.inference_mode()

@@ -1,4 +1,5 @@
-"""Fused decode glue (krasis_run/kernels/decode_glue.py): RMSNorm and the MoE router, on the CPU.
+"""Fused decode glue (krasis_run/kernels/decode_glue.py): RMSNorm, the MoE router and the attention inputs (q/k
+norm + rotary + the KV cache write), on the CPU.
 
 The torch references (krasis_run.models.base.rms_norm / route, which the wrappers fall back to) are checked
 against float64 math written here; the Triton kernels (class InterpretedGlue) run under the Triton
@@ -14,8 +15,8 @@ import torch
 from fixtures import run_interpreted
 
 from krasis_run.kernels import decode_glue
-from krasis_run.kernels.decode_glue import add_rms_norm, rms_norm_decode, route_decode
-from krasis_run.models.base import rms_norm, route
+from krasis_run.kernels.decode_glue import add_rms_norm, norm_rope_store_decode, rms_norm_decode, route_decode
+from krasis_run.models.base import norm_rope, rms_norm, rope_cos_sin, rope_frequencies, route
 
 EPS = 1e-6
 BF16_ULP = 1 / 128  # relative size of one bf16 ulp (7 stored mantissa bits), at most
@@ -196,6 +197,23 @@ class InterpretedGlue:
         assert torch.equal(ids, want_ids)
         assert torch.allclose(weights, want_w, rtol=1e-6, atol=1e-7)
 
+    @pytest.mark.parametrize("nq,nkv,d,pos", [(4, 2, 64, 0), (32, 4, 128, 9)])
+    def test_norm_rope_store_triton_matches_reference(self, nq, nkv, d, pos):
+        q, k, v, (qw, kw), cos, sin, keys, values = attention_inputs(nq, nkv, d, pos, seed=nq + pos)
+        want_keys, want_values = keys.clone(), values.clone()
+        want_q = norm_rope_store_decode(q, k, v, qw, kw, EPS, cos, sin, want_keys, want_values, torch.tensor([pos]),
+                                        use_triton=False)
+        got = norm_rope_store_decode(q, k, v, qw, kw, EPS, cos, sin, keys, values, torch.tensor([pos]),
+                                     use_triton=True)
+        assert got.shape == (1, nq, d)
+        exact_q = norm_rope(q, qw, EPS, cos, sin)
+        assert_close_bf16(got, exact_q, ulps=1)  # the interpreter rounds to bf16 towards zero, CUDA to nearest
+        assert_close_bf16(keys[pos], norm_rope(k, kw, EPS, cos, sin)[0], ulps=1)
+        assert torch.equal(values, want_values)  # v copied as is, no other row touched
+        rows = [r for r in range(keys.shape[0]) if r != pos]
+        assert torch.equal(keys[rows], want_keys[rows])
+        assert (got.float() - want_q.float()).abs().max() <= 2 * BF16_ULP * want_q.float().abs().max()
+
     def test_route_triton_allocates_int64_and_fills_int32_buffers(self):
         logits = router_logits(3, 160, seed=5)[:, :128]  # a row-strided view of wider logits
         ids, weights = route_decode(logits, 8, False, use_triton=True)
@@ -205,3 +223,27 @@ class InterpretedGlue:
         ids32 = torch.full((3, 8), -1, dtype=torch.int32)
         assert route_decode(logits, 8, False, ids_out=ids32, use_triton=True)[0] is ids32
         assert torch.equal(ids32.long(), want_ids)
+
+
+def attention_inputs(nq: int, nkv: int, d: int, pos: int, seed: int):
+    """q/k/v as views of one projection output (how the decode step splits q|k|v), norms, rotary rows, a cache."""
+    g = torch.Generator().manual_seed(seed)
+    qkv = (2 * torch.randn(1, (nq + 2 * nkv) * d, generator=g)).to(torch.bfloat16)
+    q, k, v = qkv.split([nq * d, nkv * d, nkv * d], dim=-1)
+    q, k, v = q.view(1, nq, d), k.view(1, nkv, d), v.view(1, nkv, d)
+    weights = [1 + 0.3 * torch.randn(d, generator=g) for _ in range(2)]
+    inv_freq, scale = rope_frequencies({"rope_theta": 1e6, "rope_type": "default"}, d, 4096)
+    cos, sin = rope_cos_sin(inv_freq, torch.tensor([pos]), scale)
+    keys = torch.randn(pos + 3, nkv, d, generator=g).to(torch.bfloat16)
+    return q, k, v, weights, cos, sin, keys, keys.clone() + 1
+
+
+def test_norm_rope_store_reference_writes_the_cache_row():
+    q, k, v, (qw, kw), cos, sin, keys, values = attention_inputs(4, 2, 64, pos=5, seed=0)
+    before_k, before_v = keys.clone(), values.clone()
+    got = norm_rope_store_decode(q, k, v, qw, kw, EPS, cos, sin, keys, values, torch.tensor([5]))
+    assert torch.equal(got, norm_rope(q, qw, EPS, cos, sin).to(torch.bfloat16))
+    assert torch.equal(keys[5], norm_rope(k, kw, EPS, cos, sin).to(torch.bfloat16)[0])
+    assert torch.equal(values[5], v[0])
+    others = [r for r in range(keys.shape[0]) if r != 5]
+    assert torch.equal(keys[others], before_k[others]) and torch.equal(values[others], before_v[others])

@@ -229,3 +229,28 @@ def test_cuda_runtime_generates_like_the_cpu_runtime(tiny_per_expert):
         assert list(gpu.generate(ids, max_new_tokens=20, stop_token_ids=set())) == want
         assert list(gpu.generate(ids, max_new_tokens=20, stop_token_ids=set())) == want  # graphs replayed
         gpu.close()
+
+
+@cuda
+@pytest.mark.parametrize("resident", [set(), {1}])
+def test_cuda_one_graph_step_equals_the_event_path(tiny, resident):
+    """Where the driver lets a graph set and wait on host flags, a step with CPU layers is one graph and one native
+    call serving those layers: its logits equal, bit for bit, those of the per-layer graphs with event waits (the
+    same kernels on the same inputs), step after step."""
+    rt = krasis_run.load(tiny.artifact("q4", "q8"), threads=2)
+    ids = prompt_ids(rt.args.vocab_size, 20, seed=5)
+    one = hybrid_engine(rt, resident, "cuda")
+    assert one.flags is not None, "stream memory operations unavailable on this GPU host"
+    split = hybrid_engine(rt, resident, "cuda")
+    split.flags = None
+    runs = []
+    for engine in (one, split):
+        cache = engine.new_cache(40)
+        logits = [engine.prefill(ids, cache)]
+        for _ in range(10):
+            logits.append(engine.decode(int(torch.argmax(logits[-1])), cache))
+        runs.append(logits)
+    assert [p[0] for p in one.plan] == ["graph", "serve"] and "cpu" in [p[0] for p in split.plan]
+    assert one.timing["cpu_picks"] == split.timing["cpu_picks"] > 0
+    for a, b in zip(*runs, strict=True):
+        assert torch.equal(a, b)

@@ -222,3 +222,67 @@ def test_build_is_keyed_by_source(tmp_path, monkeypatch):
     monkeypatch.setenv(build.CACHE_ENV, str(tmp_path))
     path = build.build(tmp_path)
     assert path.parent == tmp_path and build.source_hash() in path.name and build.find_library() == path
+
+
+def _serve_layers(codec: str, layers: int, h: int, i: int, e: int, k: int):
+    """Per layer: pinned-like buffers (x, ids, weights, out), its expert table, flags, and the expected sum."""
+    flags = torch.zeros(2 * layers * 16, dtype=torch.int32)
+    rows, want, keep = [], [], [flags]
+    for layer in range(layers):
+        blocks, ptrs, ref_gu, ref_dn = expert_blocks(codec, e, h, i, seed=layer)
+        g = torch.Generator().manual_seed(100 + layer)
+        x = torch.randn(1, h, generator=g)
+        ids = torch.randperm(e, generator=g)[:k].to(torch.int32)[None]
+        ids[0, 0] = -1  # a slot the GPU computes
+        wts = torch.rand(1, k, generator=g)
+        out = torch.full((1, h), float("nan"))
+        keep += [blocks, ptrs, x, ids, wts, out]
+        rows.append([flags.data_ptr() + 128 * layer, flags.data_ptr() + 128 * layer + 64, x.data_ptr(),
+                     ids.data_ptr(), wts.data_ptr(), out.data_ptr(), ptrs.data_ptr()])
+        want.append(native.moe(codec, x, ids, wts, ptrs, h, i, e))
+    return torch.tensor(rows, dtype=torch.int64), flags, want, keep
+
+
+@pytest.mark.parametrize("codec", ["q4", "q8"])
+def test_moe_serve_follows_the_flags(codec):
+    """The CPU side of a one-graph decode step: each layer runs only once its ready flag is set (here by a
+    thread standing in for the GPU, layer by layer, checking done before setting the next), clears ready,
+    and sets done with that layer's experts in out; the stats count the blocks read."""
+    import threading
+    import time
+
+    h, i, e, k, layers = 128, 64, 16, 4, 3
+    table, flags, want, keep = _serve_layers(codec, layers, h, i, e, k)
+    outs = keep[6::6]
+    order = []
+
+    def gpu() -> None:
+        for layer in range(layers):
+            time.sleep(0.02)
+            assert flags[32 * layer + 16] == 0 and torch.isnan(outs[layer]).all()  # not run before ready
+            flags[32 * layer] = 1
+            while int(flags[32 * layer + 16]) != 1:
+                time.sleep(0.001)
+            order.append((layer, int(flags[32 * layer])))
+
+    stats = torch.zeros(3, dtype=torch.float64)
+    thread = threading.Thread(target=gpu)
+    thread.start()
+    native.moe_serve(codec, h, i, e, k, table, 10.0, stats)
+    thread.join()
+    assert order == [(0, 0), (1, 0), (2, 0)]  # ready cleared by the CPU, done set, in layer order
+    for got, expected in zip(outs, want, strict=True):
+        assert torch.equal(got, expected)
+    assert stats[2] == layers * (k - 1) and stats[0] > 0.04 and stats[1] > 0
+
+
+def test_moe_serve_times_out_and_releases_every_layer():
+    """No ready flag within the timeout: TimeoutError, and every layer's done set with out zeroed, so a graph
+    waiting on them cannot hang."""
+    h, i, e, k, layers = 64, 32, 8, 2, 2
+    table, flags, _, keep = _serve_layers("q8", layers, h, i, e, k)
+    stats = torch.zeros(3, dtype=torch.float64)
+    with pytest.raises(TimeoutError):
+        native.moe_serve("q8", h, i, e, k, table, 0.05, stats)
+    assert [int(flags[32 * layer + 16]) for layer in range(layers)] == [1, 1]
+    assert all(torch.equal(out, torch.zeros(1, h)) for out in keep[6::6])

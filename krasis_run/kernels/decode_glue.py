@@ -1,5 +1,6 @@
-"""Per-layer decode glue fused into one Triton kernel each: RMSNorm (x -> normalized, cast) and the MoE router
-(logits -> softmax -> top k -> optional renormalization). In a captured decode step every launch costs ~3 us
+"""Per-layer decode glue fused into one Triton kernel each: RMSNorm (x -> normalized, cast), the MoE router
+(logits -> softmax -> top k -> optional renormalization), and the attention inputs (q/k per-head RMSNorm +
+rotary, k and v written to the KV cache row). In a captured decode step every launch costs ~3 us
 even inside a CUDA graph, and the torch versions of these two issue several kernels each (square, mean,
 rsqrt, two muls, cast; softmax, topk, sum, div), 48 layers over.
 
@@ -16,7 +17,7 @@ import functools
 
 import torch
 
-from ..models.base import rms_norm, route
+from ..models.base import norm_rope, rms_norm, route
 from .decode_gpu import next_pow2
 
 # Rows up to this many columns are held in registers in one pass (x read once); wider rows loop over blocks
@@ -101,7 +102,35 @@ def _kernels():
         w = tl.load(w_ptr + cols, mask=mask, other=0.0).to(tl.float32)
         tl.store(out_ptr + row * out_row + cols, (x * r * w).to(out_ptr.dtype.element_ty), mask=mask)
 
-    return {"rms_norm": rms_norm_kernel, "route": route_kernel, "add_rms_norm": add_rms_norm_kernel}
+    @triton.jit
+    def norm_rope_store_kernel(q_ptr, k_ptr, v_ptr, qw_ptr, kw_ptr, cos_ptr, sin_ptr, q_out_ptr, keys_ptr,
+                               values_ptr, pos_ptr, NQ, NKV, eps, HALF: tl.constexpr):
+        # one head per program: q heads -> q_out; k heads -> the cache row at pos (both normed and rotated as in
+        # the prefill's norm_rope kernel); v heads copied to that row
+        h = tl.program_id(0)
+        row = tl.load(pos_ptr).to(tl.int64) * NKV
+        if h < NQ + NKV:
+            if h < NQ:
+                src, w_ptr, dst = q_ptr + h * 2 * HALF, qw_ptr, q_out_ptr + h * 2 * HALF
+            else:
+                src, w_ptr, dst = k_ptr + (h - NQ) * 2 * HALF, kw_ptr, keys_ptr + (row + h - NQ) * 2 * HALF
+            offs = tl.arange(0, HALF)
+            x1 = tl.load(src + offs).to(tl.float32)
+            x2 = tl.load(src + HALF + offs).to(tl.float32)
+            inv = 1.0 / tl.sqrt((tl.sum(x1 * x1, 0) + tl.sum(x2 * x2, 0)) / (2 * HALF) + eps)
+            y1 = x1 * inv * tl.load(w_ptr + offs).to(tl.float32)
+            y2 = x2 * inv * tl.load(w_ptr + HALF + offs).to(tl.float32)
+            c1, c2 = tl.load(cos_ptr + offs), tl.load(cos_ptr + HALF + offs)
+            s1, s2 = tl.load(sin_ptr + offs), tl.load(sin_ptr + HALF + offs)
+            tl.store(dst + offs, (y1 * c1 - y2 * s1).to(tl.bfloat16))
+            tl.store(dst + HALF + offs, (y2 * c2 + y1 * s2).to(tl.bfloat16))
+        else:
+            offs = tl.arange(0, 2 * HALF)
+            v = tl.load(v_ptr + (h - NQ - NKV) * 2 * HALF + offs)
+            tl.store(values_ptr + (row + h - NQ - NKV) * 2 * HALF + offs, v.to(tl.bfloat16))
+
+    return {"rms_norm": rms_norm_kernel, "route": route_kernel, "add_rms_norm": add_rms_norm_kernel,
+            "norm_rope_store": norm_rope_store_kernel}
 
 
 def _triton_ok(t: torch.Tensor, use_triton: bool | None) -> bool:
@@ -198,3 +227,30 @@ def route_decode(logits: torch.Tensor, k: int, renormalize: bool, ids_out: torch
     _kernels()["route"][(m,)](logits, ids, weights, e, logits.stride(0), ids.stride(0), weights.stride(0), K=k,
                               RENORM=bool(renormalize), BLOCK_E=block_e, KP=next_pow2(k), num_warps=warps)
     return ids, weights
+
+
+# ---------------------------------------------------------------- attention inputs
+
+
+def norm_rope_store_decode(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_weight: torch.Tensor,
+                           k_weight: torch.Tensor, eps: float, cos: torch.Tensor, sin: torch.Tensor, keys: torch.Tensor,
+                           values: torch.Tensor, pos: torch.Tensor, *, use_triton: bool | None = None) -> torch.Tensor:
+    """One token's attention inputs in one kernel instead of ~4 (two norm + rotary passes, two cache writes):
+    q [1, NQ, D] and k [1, NKV, D] per-head RMSNorm + rotary (models.base.norm_rope), the rotated k and v [1, NKV,
+    D] written to row `pos` (a device int64 [1]: a captured step serves every position) of keys/values [capacity,
+    NKV, D] -> the rotated q in bf16. cos/sin [1, D] float32 are that position's rotary rows."""
+    t, nq, d = q.shape
+    nkv = k.shape[1]
+    fits = (t == 1 and d & (d - 1) == 0 and d >= 32 and keys.is_contiguous() and values.is_contiguous()
+            and keys.dtype == values.dtype == q.dtype == k.dtype == torch.bfloat16 and q_weight.dtype == k_weight.dtype
+            and all(x.stride(-1) == 1 and x.stride(-2) == d for x in (q, k, v))
+            and cos.dtype == sin.dtype == torch.float32 and cos.is_contiguous() and sin.is_contiguous())
+    if not (fits and _triton_ok(q, use_triton)):
+        q_out = norm_rope(q, q_weight, eps, cos, sin).to(torch.bfloat16)
+        keys.index_copy_(0, pos, norm_rope(k, k_weight, eps, cos, sin).to(keys.dtype))
+        values.index_copy_(0, pos, v.to(values.dtype))
+        return q_out
+    q_out = torch.empty(1, nq, d, dtype=torch.bfloat16, device=q.device)
+    _kernels()["norm_rope_store"][(nq + 2 * nkv,)](q, k, v, q_weight.contiguous(), k_weight.contiguous(), cos, sin,
+                                                   q_out, keys, values, pos, nq, nkv, eps, HALF=d // 2, num_warps=1)
+    return q_out

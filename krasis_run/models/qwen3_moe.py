@@ -98,6 +98,7 @@ class Model:
         self.rms_norm = getattr(ops, "rms_norm", rms_norm)  # ... and bring its own norm and router top-k
         self.route = getattr(ops, "route", route)
         self.add_rms_norm = getattr(ops, "add_rms_norm", None)  # x += delta in place, then the norm, fused
+        self.attention_inputs = getattr(ops, "attention_inputs", None)
 
     def _rope(self, start_pos, count: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
         """cos/sin of positions start_pos.. : rows of a table kept per device (grown by doubling) for an int
@@ -135,9 +136,13 @@ class Model:
         q = q.view(t, a.num_attention_heads, a.head_dim)
         k = k.view(t, a.num_key_value_heads, a.head_dim)
         v = v.view(t, a.num_key_value_heads, a.head_dim)
-        q = self.norm_rope(q, w[n["q_norm"]], a.rms_norm_eps, cos, sin)
-        k = self.norm_rope(k, w[n["k_norm"]], a.rms_norm_eps, cos, sin)
-        keys, values = cache.update(i, start_pos, k, v)
+        if self.attention_inputs is not None:  # q/k norm + rotary and the cache write, fused by the engine
+            q, keys, values = self.attention_inputs(i, q, k, v, w[n["q_norm"]], w[n["k_norm"]], a.rms_norm_eps, cos,
+                                                    sin, cache, start_pos)
+        else:
+            q = self.norm_rope(q, w[n["q_norm"]], a.rms_norm_eps, cos, sin)
+            k = self.norm_rope(k, w[n["k_norm"]], a.rms_norm_eps, cos, sin)
+            keys, values = cache.update(i, start_pos, k, v)
         out = self.ops.linear(self.ops.attention(q, keys, values, start_pos), w[n["o_proj"]])
         return out + w[n["o_proj_bias"]] if a.attention_bias else out
 

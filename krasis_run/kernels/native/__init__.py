@@ -58,6 +58,8 @@ def load() -> ctypes.CDLL:
     lib.krs_linear.argtypes = [_i, _p, _i, _i, _i, _p, _p, _p, _p]
     lib.krs_moe.restype = _i
     lib.krs_moe.argtypes = [_i, _p, _i, _i, _i, _i, _i, _p, _p, _p, _p]
+    lib.krs_moe_serve.restype = _i
+    lib.krs_moe_serve.argtypes = [_i, _i, _i, _i, _i, _i, _p, ctypes.c_double, _p]
     lib.krs_attention.restype = _i
     lib.krs_attention.argtypes = [_p, _i, _i, _i, _i, _p, _p, _i, _p]
     lib.krs_rms_norm.restype = _i
@@ -159,6 +161,23 @@ def moe(codec: str, x, ids, weights, ptrs, hidden: int, width: int, experts: int
     _check(_lib().krs_moe(CODECS[codec], x.data_ptr(), m, hidden, width, experts, k, ids.data_ptr(),
                           weights.data_ptr(), ptrs.data_ptr(), y.data_ptr()), "moe")
     return y
+
+
+def moe_serve(codec: str, hidden: int, width: int, experts: int, topk: int, table, timeout_s: float, stats) -> None:
+    """The CPU side of a decode step captured as one CUDA graph (krs_moe_serve in krasis_native.c): per row of
+    table (int64 [L, 7]: ready flag, done flag, x, ids, weights, out, expert pointer table; every address
+    pinned host memory the caller keeps alive) wait for `ready`, run that layer's experts into `out`, set
+    `done`. stats (float64 [3]) accumulates seconds waiting, seconds computing, expert blocks read.
+    Raises TimeoutError when a flag does not come within timeout_s (every later layer is still released)."""
+    if table.dtype != torch.int64 or table.dim() != 2 or table.shape[1] != 7 or not table.is_contiguous():
+        raise ValueError("table must be a contiguous int64 [L, 7] tensor")
+    if stats.dtype != torch.float64 or stats.numel() != 3:
+        raise ValueError("stats must be a float64 tensor of 3 values")
+    rc = _lib().krs_moe_serve(CODECS[codec], hidden, width, experts, topk, table.shape[0], table.data_ptr(),
+                              float(timeout_s), stats.data_ptr())
+    if rc == -4:
+        raise TimeoutError(f"the GPU did not hand over a layer within {timeout_s:g} s")
+    _check(rc, "moe_serve")
 
 
 def attention(q, keys, values, start_pos: int, out=None):

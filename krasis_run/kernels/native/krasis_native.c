@@ -14,6 +14,7 @@
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
+#include <time.h>
 
 #if defined(__x86_64__)
 #include <immintrin.h>
@@ -475,6 +476,61 @@ int krs_moe(int codec, const float *x, int M, int H, int I, int E, int topk, con
         }
     }
     return 0;
+}
+
+/* The CPU side of a decode step whose GPU part runs as one CUDA graph: for each layer in order, wait
+ * until the GPU has set that layer's `ready` flag (its hidden state, ids and weights are then in the
+ * pinned stage), clear it, run the layer's experts into the pinned `out`, and set `done`, which the
+ * graph waits on before it reads `out`. Flags are int32 in pinned host memory the GPU reads and
+ * writes over PCIe; the release store makes `out` visible before `done`. table[L][7] = ready, done,
+ * x, ids, wts, out, expert pointer table (as int64 addresses). stats = {seconds waiting for the GPU,
+ * seconds in the experts, expert blocks read}. A flag that does not come within timeout_s, or a
+ * failing layer, still releases every later layer (out zeroed) so the graph cannot hang on it, and
+ * returns the first error: -4 for the timeout. */
+static double now_s(void) {
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (double)ts.tv_sec + 1e-9 * (double)ts.tv_nsec;
+}
+
+static int wait_flag(int32_t *flag, double deadline) {
+    for (unsigned spins = 1;; spins++) {
+        if (__atomic_load_n(flag, __ATOMIC_ACQUIRE) == 1) return 0;
+#ifdef KRS_X86
+        _mm_pause();
+#endif
+        if (!(spins & 0x3FF) && now_s() > deadline) return -4;
+    }
+}
+
+int krs_moe_serve(int codec, int H, int I, int E, int topk, int L, const int64_t *table, double timeout_s,
+                  double *stats) {
+    init();
+    int rc = 0;
+    double wait = 0.0, work = 0.0, picks = 0.0;
+    for (int l = 0; l < L; l++) {
+        const int64_t *t = table + (size_t)l * 7;
+        int32_t *ready = (int32_t *)t[0], *done = (int32_t *)t[1];
+        float *out = (float *)t[5];
+        const int32_t *ids = (const int32_t *)t[3];
+        double t0 = now_s();
+        if (!rc) rc = wait_flag(ready, t0 + timeout_s);
+        double t1 = now_s();
+        if (!rc) {
+            __atomic_store_n(ready, 0, __ATOMIC_RELAXED);
+            for (int s = 0; s < topk; s++) picks += ids[s] >= 0;
+            rc = krs_moe(codec, (const float *)t[2], 1, H, I, E, topk, ids, (const float *)t[4],
+                         (const int64_t *)t[6], out);
+        }
+        if (rc) memset(out, 0, sizeof(float) * (size_t)H);
+        __atomic_store_n(done, 1, __ATOMIC_RELEASE);
+        wait += t1 - t0;
+        work += now_s() - t1;
+    }
+    stats[0] += wait;
+    stats[1] += work;
+    stats[2] += picks;
+    return rc;
 }
 
 /* Causal attention for T query tokens at positions start..start+T-1 over keys/values 0..start+T-1.
