@@ -39,8 +39,12 @@ SHAPE = dict(architectures=["Qwen3MoeForCausalLM"], model_type="qwen3_moe", voca
              norm_topk_prob=True, max_position_embeddings=40960, tie_word_embeddings=False)
 
 
-def write_synthetic(out: Path, layers: int, quant: str, sections: tuple[str, ...]) -> None:
-    """Random but well-scaled quantized parts: weights ~ +-0.04, norms 1, so activations stay finite."""
+def write_synthetic(out: Path, layers: int, quant: str, sections: tuple[str, ...], dense_codec: str = "q8",
+                    routers: str = "per_layer") -> None:
+    """Random but well-scaled quantized parts: weights ~ +-0.04, norms 1, so activations stay finite. Every layer
+    shares one random tensor per part (writing 48 distinct layers would take minutes), except the routers with
+    routers="per_layer": one random router per layer, so each layer routes its own way (with one shared router
+    a 4K prompt picked only ~31 of the 128 experts of a layer, which flatters hot experts)."""
     from tokenizers import Tokenizer, models
 
     config = dict(SHAPE, num_hidden_layers=layers)
@@ -61,10 +65,10 @@ def write_synthetic(out: Path, layers: int, quant: str, sections: tuple[str, ...
     groups.append(Group("head", None, [TensorSpec("norm", "norm", [h], None),
                                        TensorSpec("lm_head", "matrix", [args.vocab_size, h], None)]))
     tokenizer = Tokenizer(models.WordLevel({"<unk>": 0}, unk_token="<unk>")).to_str().encode()
-    chunks = plan_chunks(groups, quant, "q8", sections, {"tokenizer.json": len(tokenizer)})
+    chunks = plan_chunks(groups, quant, dense_codec, sections, {"tokenizer.json": len(tokenizer)})
     header = {"architecture": SHAPE["architectures"][0], "config": config, "generation_config": {},
               "tokenizer": {"blob": "tokenizer.json", "config": {}, "chat_template": None},
-              "quant": {"experts": quant, "dense": "q8", "rounding": "synthetic", "rel_l2_error": {}},
+              "quant": {"experts": quant, "dense": dense_codec, "rounding": "synthetic", "rel_l2_error": {}},
               "sections": list(sections), "source": {"kind": "synthetic"}, "compiler": {"name": "scripts/bench.py"},
               "blobs": {"tokenizer.json": {"compression": "none", "raw_length": len(tokenizer)}}}
     g = torch.Generator().manual_seed(0)
@@ -93,6 +97,12 @@ def write_synthetic(out: Path, layers: int, quant: str, sections: tuple[str, ...
             for t in chunk.tensors:
                 if t.codec == "blob":
                     w.write(t.name, None, tokenizer)
+                    continue
+                if routers == "per_layer" and t.name.endswith(".router"):
+                    layer_gen = torch.Generator().manual_seed(1000 + int(t.name.split(".")[1]))
+                    for part, spec in t.parts.items():
+                        w.write(t.name, part, (torch.randn(spec["shape"], generator=layer_gen) * 0.02).to(
+                            torch.bfloat16).flatten())
                     continue
                 for expert in range(t.experts or 1):
                     for part, spec in t.parts.items():
@@ -191,6 +201,37 @@ def decode_speed(rt, runs: int = 3, tokens: int = 64) -> list[float]:
     return speeds
 
 
+def routing_spread(rt) -> dict:
+    """How the last prefill spread its picks per layer: experts picked at least once, and the share of the picks
+    that went to the most-picked quarter of the experts (0.25 = uniform). Hot experts pay off when it is high."""
+    counts = [c.float() for c in rt.prefill_engine.ops.routing_counts.values()]
+    if not counts:
+        return {}
+    quarter = counts[0].numel() // 4
+    top = [float(c.sort(descending=True).values[:quarter].sum() / c.sum()) for c in counts]
+    picked = sum(int((c > 0).sum()) for c in counts) / len(counts)
+    return dict(experts_picked=picked, top_quarter_share=sum(top) / len(top))
+
+
+def profile_decode(rt, steps: int = 8) -> None:
+    """GPU kernels of `steps` decode steps (after capture and warm-up), averaged per call: where a step's time goes."""
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as torch_profile
+
+    ids = torch.randint(0, SHAPE["vocab_size"], (DECODE_PROMPT,), generator=torch.Generator().manual_seed(3)).tolist()
+    cache = rt.engine.new_cache(DECODE_PROMPT + steps + 8)
+    token = int(torch.argmax(rt.engine.prefill(ids, cache)))
+    for _ in range(3):
+        rt.engine.decode(token, cache)
+    start = time.perf_counter()
+    with torch_profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        for _ in range(steps):
+            rt.engine.decode(token, cache)
+    wall = (time.perf_counter() - start) / steps
+    print(f"profile: {wall * 1e3:.2f} ms a step (profiler on)", flush=True)
+    print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=30, max_name_column_width=70), flush=True)
+
+
 def hbm_gb_s() -> float:
     """Device-to-device copy of 2 GiB: bytes read + written per second."""
     a = torch.empty(2**31, dtype=torch.uint8, device="cuda")
@@ -218,7 +259,7 @@ def decode_bytes(rt, mode: str) -> dict[str, float]:
 
 
 def run_decode(path: Path, budgets: list[str], runs: int, bandwidth: dict, modes: set[str] | None = None,
-               remote_shares: tuple[float, ...] = (0.4,)) -> list[dict]:
+               remote_shares: tuple[float, ...] = (0.4,), profile_modes: tuple[str, ...] = ()) -> list[dict]:
     """The decode placements of issue 5: all on the CPU, every expert in RAM, the budget's, all on the GPU."""
     from krasis_run.engine import CpuEngine
 
@@ -259,13 +300,17 @@ def run_decode(path: Path, budgets: list[str], runs: int, bandwidth: dict, modes
                        decode_tok_s=sorted(speeds)[len(speeds) // 2], runs=speeds,
                        resident_layers=len(rt.placement.resident_layers), cpu_bytes_per_token=nbytes["cpu"],
                        gpu_bytes_per_token=nbytes["gpu"], bound_tok_s=1 / bound_s, ms_per_token=split,
-                       hot_experts=getattr(rt.engine, "hot_stats", {}))
+                       hot_experts=getattr(rt.engine, "hot_stats", {}), routing=routing_spread(rt),
+                       one_graph_step=getattr(rt.engine, "flags", None) is not None)
             rows.append(row)
             print(f"decode {mode:>14} (remote {share}) budget {gib:>5}: {row['decode_tok_s']:6.1f} tok/s "
                   f"{[round(v) for v in speeds]} "
                   f"(bound {row['bound_tok_s']:.0f} tok/s = {row['decode_tok_s'] * bound_s:.0%}; CPU "
                   f"{nbytes['cpu'] / 1e6:.0f} MB + GPU {nbytes['gpu'] / 1e6:.0f} MB per token, "
-                  f"{row['resident_layers']} layers resident, hot {row['hot_experts']}) ms/token {split}", flush=True)
+                  f"{row['resident_layers']} layers resident, hot {row['hot_experts']}, routing {row['routing']}, "
+                  f"one graph a step {row['one_graph_step']}) ms/token {split}", flush=True)
+            if mode in profile_modes:
+                profile_decode(rt)
             rt.close()
             del rt
             gc.collect()
@@ -277,6 +322,9 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--layers", type=int, default=48)
     ap.add_argument("--quant", default="q4")
+    ap.add_argument("--dense-quant", default="q8", help="the CPU copy's dense codec in the synthetic artifact")
+    ap.add_argument("--routers", choices=["per_layer", "shared"], default="per_layer",
+                    help="synthetic routers: one random router per layer, or one for all (runs up to 23)")
     ap.add_argument("--sections", default="gpu,cpu")
     ap.add_argument("--prompts", default="4096,16384,32768")
     ap.add_argument("--budgets", default="16,whole", help="GiB values and/or 'whole'")
@@ -290,17 +338,18 @@ def main() -> None:
     ap.add_argument("--tag", default="", help="suffix of the JSON file name")
     ap.add_argument("--out", type=Path, default=ROOT / "bench" / "results")
     ap.add_argument("--profile", type=int, default=0, help="also profile one prefill of this many tokens")
+    ap.add_argument("--profile-decode", default="", help="decode modes whose steps to profile (kernel table)")
     args = ap.parse_args()
 
     sections = tuple(args.sections.split(","))
     if not args.artifact.exists():
         start = time.perf_counter()
-        write_synthetic(args.artifact, args.layers, args.quant, sections)
+        write_synthetic(args.artifact, args.layers, args.quant, sections, args.dense_quant, args.routers)
         print(f"wrote {args.artifact} ({args.artifact.stat().st_size / 1e9:.1f} GB) in "
               f"{time.perf_counter() - start:.0f} s", flush=True)
     device = torch.cuda.get_device_name()
     record = dict(device=device, date=datetime.date.today().isoformat(),
-                  model_shape=dict(SHAPE, num_hidden_layers=args.layers), quant=args.quant,
+                  model_shape=dict(SHAPE, num_hidden_layers=args.layers), quant=args.quant, routers=args.routers,
                   sections=list(sections), torch=torch.__version__, results=[])
     record["commit"] = os.environ.get("KRASIS_COMMIT")  # the GPU host gets a tree without git history
     if not record["commit"]:
@@ -356,7 +405,7 @@ def main() -> None:
         modes = set(args.decode_modes.split(",")) if args.decode_modes else None
         shares = tuple(float(v) for v in args.remote_shares.split(","))
         record["decode"] = run_decode(args.artifact, args.decode_budgets.split(","), args.decode_runs, bandwidth, modes,
-                                      shares)
+                                      shares, tuple(args.profile_decode.split(",")) if args.profile_decode else ())
         cpu = [r for r in record["decode"] if r["mode"] == "cpu"]
         if cpu:
             record["decode_tok_s"], record["decode_runs"] = cpu[0]["decode_tok_s"], cpu[0]["runs"]

@@ -207,6 +207,9 @@ def main() -> None:
     ap.add_argument("--prompt", type=int, default=32, help="prompt tokens before decode")
     ap.add_argument("--tokens", type=int, default=16, help="decode tokens timed")
     ap.add_argument("--workdir", type=Path, default=None)
+    ap.add_argument("--synthetic", action="store_true",
+                    help="write the artifact straight from random quantized parts (scripts/bench.py, CPU section only, "
+                         "real vocabulary) instead of compiling a BF16 checkpoint: 48 layers then fit a 64 GB disk")
     ap.add_argument("--json", type=Path, default=None, help="write the results here")
     ap.add_argument("--glue", action="store_true",
                     help="also time a native decode step with the weight-reading kernels stubbed out (the glue)")
@@ -216,8 +219,9 @@ def main() -> None:
 
     threads = args.threads or physical_cores()
     work = args.workdir or Path(tempfile.mkdtemp(prefix="krasis-bench-"))
+    work.mkdir(parents=True, exist_ok=True)
     folder = work / "checkpoint"
-    if not (folder / "config.json").exists():
+    if not args.synthetic and not (folder / "config.json").exists():
         start = time.perf_counter()
         size = write_checkpoint(folder, args.layers, args.vocab)
         print(f"wrote {size / 1e9:.2f} GB synthetic checkpoint in {time.perf_counter() - start:.0f} s", flush=True)
@@ -228,8 +232,17 @@ def main() -> None:
     print(f"read bandwidth ({threads} threads): {bandwidth:.1f} GB/s", flush=True)
     for dense_quant in args.dense_quant.split(","):
         for quant in args.quant.split(","):
-            out = work / f"bench-{quant}-{dense_quant}.krs"
-            compiled = compile_artifact(folder, out, quant, dense_quant) if not out.exists() else None
+            out = work / f"bench-{quant}-{dense_quant}{'-synthetic' if args.synthetic else ''}.krs"
+            compiled = None
+            if args.synthetic and not out.exists():
+                from scripts.bench import write_synthetic
+
+                start = time.perf_counter()
+                write_synthetic(out, args.layers, quant, ("cpu",), dense_quant)
+                seconds = time.perf_counter() - start
+                print(f"wrote {out.stat().st_size / 1e9:.1f} GB synthetic artifact in {seconds:.0f} s", flush=True)
+            elif not out.exists():
+                compiled = compile_artifact(folder, out, quant, dense_quant)
             for kernel in args.kernels.split(","):
                 bandwidth = read_bandwidth(threads)  # beside each run: it drifts on shared machines
                 decode = bench_decode(out, threads, args.prompt, args.tokens, kernel)
