@@ -247,3 +247,18 @@ def test_norm_rope_store_reference_writes_the_cache_row():
     assert torch.equal(values[5], v[0])
     others = [r for r in range(keys.shape[0]) if r != 5]
     assert torch.equal(keys[others], before_k[others]) and torch.equal(values[others], before_v[others])
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (run on the GPU host)")
+@pytest.mark.parametrize("nq,nkv,d,pos", [(32, 4, 128, 0), (32, 4, 128, 4095), (16, 2, 64, 7)])
+def test_norm_rope_store_cuda_matches_reference(nq, nkv, d, pos):
+    """The compiled kernel at the shapes decode runs (the tiny test models' heads are too small for it)."""
+    q, k, v, weights, cos, sin, keys, values = attention_inputs(nq, nkv, d, pos, seed=3)
+    q, k, v, qw, kw, cos, sin, keys, values = (t.cuda() for t in (q, k, v, *weights, cos, sin, keys, values))
+    want_keys, want_values = keys.clone(), values.clone()
+    pos_dev = torch.tensor([pos], device="cuda")
+    want = norm_rope_store_decode(q, k, v, qw, kw, EPS, cos, sin, want_keys, want_values, pos_dev, use_triton=False)
+    got = norm_rope_store_decode(q, k, v, qw, kw, EPS, cos, sin, keys, values, pos_dev)
+    assert (got.float() - want.float()).abs().max() <= BF16_ULP * want.float().abs().max()
+    assert (keys.float() - want_keys.float()).abs().max() <= BF16_ULP * want_keys.float().abs().max()
+    assert torch.equal(values, want_values)

@@ -114,20 +114,20 @@ def _kernels():
                 src, w_ptr, dst = q_ptr + h * 2 * HALF, qw_ptr, q_out_ptr + h * 2 * HALF
             else:
                 src, w_ptr, dst = k_ptr + (h - NQ) * 2 * HALF, kw_ptr, keys_ptr + (row + h - NQ) * 2 * HALF
-            offs = tl.arange(0, HALF)
-            x1 = tl.load(src + offs).to(tl.float32)
-            x2 = tl.load(src + HALF + offs).to(tl.float32)
+            cols = tl.arange(0, HALF)
+            x1 = tl.load(src + cols).to(tl.float32)
+            x2 = tl.load(src + HALF + cols).to(tl.float32)
             inv = 1.0 / tl.sqrt((tl.sum(x1 * x1, 0) + tl.sum(x2 * x2, 0)) / (2 * HALF) + eps)
-            y1 = x1 * inv * tl.load(w_ptr + offs).to(tl.float32)
-            y2 = x2 * inv * tl.load(w_ptr + HALF + offs).to(tl.float32)
-            c1, c2 = tl.load(cos_ptr + offs), tl.load(cos_ptr + HALF + offs)
-            s1, s2 = tl.load(sin_ptr + offs), tl.load(sin_ptr + HALF + offs)
-            tl.store(dst + offs, (y1 * c1 - y2 * s1).to(tl.bfloat16))
-            tl.store(dst + HALF + offs, (y2 * c2 + y1 * s2).to(tl.bfloat16))
+            y1 = x1 * inv * tl.load(w_ptr + cols).to(tl.float32)
+            y2 = x2 * inv * tl.load(w_ptr + HALF + cols).to(tl.float32)
+            c1, c2 = tl.load(cos_ptr + cols), tl.load(cos_ptr + HALF + cols)
+            s1, s2 = tl.load(sin_ptr + cols), tl.load(sin_ptr + HALF + cols)
+            tl.store(dst + cols, (y1 * c1 - y2 * s1).to(tl.bfloat16))
+            tl.store(dst + HALF + cols, (y2 * c2 + y1 * s2).to(tl.bfloat16))
         else:
-            offs = tl.arange(0, 2 * HALF)
-            v = tl.load(v_ptr + (h - NQ - NKV) * 2 * HALF + offs)
-            tl.store(values_ptr + (row + h - NQ - NKV) * 2 * HALF + offs, v.to(tl.bfloat16))
+            full = tl.arange(0, 2 * HALF)
+            v = tl.load(v_ptr + (h - NQ - NKV) * 2 * HALF + full)
+            tl.store(values_ptr + (row + h - NQ - NKV) * 2 * HALF + full, v.to(tl.bfloat16))
 
     return {"rms_norm": rms_norm_kernel, "route": route_kernel, "add_rms_norm": add_rms_norm_kernel,
             "norm_rope_store": norm_rope_store_kernel}
