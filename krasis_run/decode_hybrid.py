@@ -28,7 +28,7 @@ from .cache import KVCache
 from .format import SECTION_EXPERTS_GPU, KrsError
 from .host_flags import StreamFlags
 from .host_flags import available as stream_flags_available
-from .kernels.decode_glue import norm_rope_store_decode, route_decode
+from .kernels.decode_glue import norm_rope_store_decode, route_decode, router_decode
 from .kernels.decode_gpu import decode_attention, moe_decode
 from .prefill_gpu import ExpertHandle, GpuOps, GpuPrefillEngine, part_views
 
@@ -72,7 +72,7 @@ class _CudaArray:
 def device_alias(host: torch.Tensor, device: torch.device) -> torch.Tensor:
     """A CUDA uint8 tensor over registered host memory: with unified addressing the GPU reads those pages at
     the host address, over PCIe (zero-copy). Raises where torch or the system does not allow it."""
-    return torch.as_tensor(_CudaArray(host.data_ptr(), host.numel()), device=device)
+    return torch.as_tensor(_CudaArray(host.data_ptr(), host.numel() * host.element_size()), device=device)
 
 
 class HostStage:
@@ -109,6 +109,23 @@ class HybridOps(GpuOps):
     def __init__(self, engine: HybridDecodeEngine, device: torch.device, codec: str, exact: bool, cpu_ops):
         super().__init__(device, codec, "rows", exact)
         self.engine, self.cpu_ops = engine, cpu_ops
+        self.staged: int | None = None  # the layer whose CPU inputs the router kernel just wrote to its stage
+        self.ticket = torch.zeros(1, dtype=torch.int32, device=device)  # the router kernel's, always left at zero
+
+    def select_experts(self, x: torch.Tensor, router: torch.Tensor, k: int, renormalize: bool,
+                       handle: ExpertHandle) -> tuple[torch.Tensor, torch.Tensor]:
+        """Router projection + top k in one kernel; for a layer with CPU experts it also writes what the CPU reads
+        (x, its ids, the weights) straight into that layer's pinned stage, so no copies follow."""
+        self.staged = None
+        if not x.is_cuda or x.shape[0] != 1:
+            return self.route(self.linear(x, router), k, renormalize)
+        e = self.engine
+        layer = e.layers[handle.layer]
+        stage = e.stage_views.get(handle.layer) if layer.on_cpu else None
+        ids, weights = router_decode(x, router, k, renormalize, self.ticket, stage, layer.gpu_takes)
+        if stage is not None:
+            self.staged = handle.layer
+        return ids, weights
 
     # One fused kernel instead of ~5 torch ops (the norms come fused from GpuOps): in a graph every tiny kernel
     # still costs a few us.
@@ -142,13 +159,15 @@ class HybridOps(GpuOps):
         layer = e.layers[handle.layer]
         y = None
         if layer.on_cpu:
-            stage = e.stages[handle.layer]
-            ids = topk_ids.to(torch.int32)
-            if layer.on_gpu:  # the CPU skips the slots the GPU computes (id -1)
-                ids = torch.where(layer.gpu_takes[topk_ids], torch.full_like(ids, -1), ids)
-            stage.x.copy_(x, non_blocking=True)
-            stage.ids.copy_(ids, non_blocking=True)
-            stage.weights.copy_(topk_weights.float(), non_blocking=True)
+            if self.staged != handle.layer:  # else the router kernel has written the stage already
+                stage = e.stages[handle.layer]
+                ids = topk_ids.to(torch.int32)
+                if layer.on_gpu:  # the CPU skips the slots the GPU computes (id -1)
+                    ids = torch.where(layer.gpu_takes[topk_ids], torch.full_like(ids, -1), ids)
+                stage.x.copy_(x, non_blocking=True)
+                stage.ids.copy_(ids, non_blocking=True)
+                stage.weights.copy_(topk_weights.float(), non_blocking=True)
+            self.staged = None
             e.hand_to_cpu(handle.layer, gpu_share=layer.on_gpu)  # the CPU starts once these have arrived
         if layer.resident and layer.tiles is not None:
             y = moe_decode(x, topk_ids, topk_weights.float(), layer.slot, self.codec,
@@ -190,6 +209,7 @@ class HybridDecodeEngine:
         self.stages = {i: HostStage(a.hidden_size, a.num_experts_per_tok, self.cuda)
                        for i, layer in self.layers.items() if layer.on_cpu}
         self.stage_out_dev = {i: torch.empty(1, a.hidden_size, device=device) for i in self.stages}
+        self.stage_views = self._stage_views() if self.cuda else {}
         self.embed_table = cpu_weights["embed"].parts["w"]
         self.embed_host = torch.empty(1, a.hidden_size, dtype=self.embed_table.dtype, pin_memory=self.cuda)
         self.embed_dev = torch.empty(1, a.hidden_size, dtype=self.embed_table.dtype, device=device)
@@ -273,6 +293,18 @@ class HybridDecodeEngine:
     def after_prefill(self) -> None:
         # placed by the next decode step, from this prefill's routing
         self.hot_pending = bool(self.hot_bytes) or bool(self.remote_share)
+
+    def _stage_views(self) -> dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+        """Device views of each stage's x, ids and weights (pinned, so mapped at the same address): the router kernel
+        writes the CPU's inputs there directly. Empty (the engine copies instead) where the GPU cannot map them."""
+        views = {}
+        try:
+            for i, stage in self.stages.items():
+                views[i] = tuple(device_alias(t, self.device).view(t.dtype).view(t.shape)
+                                 for t in (stage.x, stage.ids, stage.weights))
+        except (RuntimeError, TypeError):
+            return {}
+        return views
 
     def _map_remote_tiles(self) -> float:
         """Device views of the streamed layers' tiles in the (registered) mapping, checked to read the same bytes

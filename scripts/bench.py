@@ -39,6 +39,9 @@ SHAPE = dict(architectures=["Qwen3MoeForCausalLM"], model_type="qwen3_moe", voca
              norm_topk_prob=True, max_position_embeddings=40960, tie_word_embeddings=False)
 
 
+EMBED_SCALE = 1e5  # with per-layer routers: every layer then routes each token its own way, near uniformly
+
+
 def write_synthetic(out: Path, layers: int, quant: str, sections: tuple[str, ...], dense_codec: str = "q8",
                     routers: str = "per_layer") -> None:
     """Random but well-scaled quantized parts: weights ~ +-0.04, norms 1, so activations stay finite. Every layer
@@ -102,6 +105,14 @@ def write_synthetic(out: Path, layers: int, quant: str, sections: tuple[str, ...
                     layer_gen = torch.Generator().manual_seed(1000 + int(t.name.split(".")[1]))
                     for part, spec in t.parts.items():
                         w.write(t.name, part, (torch.randn(spec["shape"], generator=layer_gen) * 0.02).to(
+                            torch.bfloat16).flatten())
+                    continue
+                if routers == "per_layer" and t.name == "embed":
+                    # token rows large enough to stay the larger part of the residual stream through 48 layers of
+                    # random weights; at the other parts' scale the layers' common (attention-averaged) output
+                    # swamps them after a few layers and every token routes alike
+                    for part, spec in t.parts.items():
+                        w.write(t.name, part, (torch.randn(spec["shape"], generator=g) * EMBED_SCALE).to(
                             torch.bfloat16).flatten())
                     continue
                 for expert in range(t.experts or 1):

@@ -15,7 +15,13 @@ import torch
 from fixtures import run_interpreted
 
 from krasis_run.kernels import decode_glue
-from krasis_run.kernels.decode_glue import add_rms_norm, norm_rope_store_decode, rms_norm_decode, route_decode
+from krasis_run.kernels.decode_glue import (
+    add_rms_norm,
+    norm_rope_store_decode,
+    rms_norm_decode,
+    route_decode,
+    router_decode,
+)
 from krasis_run.models.base import norm_rope, rms_norm, rope_cos_sin, rope_frequencies, route
 
 EPS = 1e-6
@@ -61,6 +67,7 @@ def assert_close_bf16(got: torch.Tensor, want: torch.Tensor, ulps: float) -> Non
 
 NORM_SHAPES = [(m, h) for m in (1, 3) for h in (64, 96, 2048)]
 ROUTE_CASES = [(e, k, renorm) for e in (8, 128, 160) for k in (1, 2, 8) for renorm in (False, True)]
+ROUTER_CASES = [(96, 10, 2, True), (2048, 128, 8, True), (64, 160, 8, False)]
 
 
 # ---------------------------------------------------------------- the references (the CPU fallback)
@@ -214,6 +221,10 @@ class InterpretedGlue:
         assert torch.equal(keys[rows], want_keys[rows])
         assert (got.float() - want_q.float()).abs().max() <= 2 * BF16_ULP * want_q.float().abs().max()
 
+    @pytest.mark.parametrize("h,e,k,renorm", ROUTER_CASES)
+    def test_router_triton_matches_route(self, h, e, k, renorm):
+        check_router(h, e, k, renorm, "cpu", use_triton=True)
+
     def test_route_triton_allocates_int64_and_fills_int32_buffers(self):
         logits = router_logits(3, 160, seed=5)[:, :128]  # a row-strided view of wider logits
         ids, weights = route_decode(logits, 8, False, use_triton=True)
@@ -223,6 +234,62 @@ class InterpretedGlue:
         ids32 = torch.full((3, 8), -1, dtype=torch.int32)
         assert route_decode(logits, 8, False, ids_out=ids32, use_triton=True)[0] is ids32
         assert torch.equal(ids32.long(), want_ids)
+
+
+def router_inputs(h: int, e: int, seed: int, device: str = "cpu"):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(1, h, generator=g).to(torch.bfloat16)
+    weight = torch.randn(e, h, generator=g) * h**-0.5 * 3
+    take = torch.rand(e, generator=g) < 0.5
+    return x.to(device), weight.to(device), take.to(device)
+
+
+def check_router(h: int, e: int, k: int, renorm: bool, device: str, use_triton: bool | None) -> None:
+    """router_decode against route(x @ W.T): same ids, weights to float32 rounding, the staged copies for the CPU,
+    the ticket left at zero, and a second call (new input) as right as the first."""
+    ticket = torch.zeros(1, dtype=torch.int32, device=device)
+    for seed in (h + e, h + e + 1):
+        x, weight, take = router_inputs(h, e, seed, device)
+        stage = (torch.full((1, h), float("nan"), device=device), torch.full((1, k), 99, dtype=torch.int32,
+                 device=device), torch.full((1, k), float("nan"), device=device))
+        ids, weights = router_decode(x, weight, k, renorm, ticket, stage, take, use_triton=use_triton)
+        want_ids, want_w = route(x.float() @ weight.T, k, renorm)
+        assert ids.dtype == torch.int64 and torch.equal(ids, want_ids)
+        assert torch.allclose(weights, want_w, rtol=1e-5, atol=1e-6)
+        assert torch.equal(stage[0], x.float()) and torch.equal(stage[2], weights)
+        assert torch.equal(stage[1].long(), torch.where(take[ids], -1, ids))
+        assert int(ticket) == 0
+        plain = router_decode(x, weight, k, renorm, ticket, use_triton=use_triton)
+        assert torch.equal(plain[0], ids) and torch.equal(plain[1], weights)
+
+
+@pytest.mark.parametrize("h,e,k,renorm", ROUTER_CASES)
+def test_router_reference_matches_route(h, e, k, renorm):
+    check_router(h, e, k, renorm, "cpu", use_triton=False)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (run on the GPU host)")
+@pytest.mark.parametrize("h,e,k,renorm", ROUTER_CASES)
+def test_router_cuda_matches_route(h, e, k, renorm):
+    check_router(h, e, k, renorm, "cuda", use_triton=None)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (run on the GPU host)")
+def test_router_cuda_in_a_graph():
+    """Captured once, replayed with new inputs: the ticket re-arms itself, so every replay picks right."""
+    h, e, k = 2048, 128, 8
+    ticket = torch.zeros(1, dtype=torch.int32, device="cuda")
+    x, weight, _ = router_inputs(h, e, 0, "cuda")
+    router_decode(x, weight, k, True, ticket)  # compile outside the capture
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        ids, weights = router_decode(x, weight, k, True, ticket)
+    for seed in range(1, 6):
+        x.copy_(router_inputs(h, e, seed, "cuda")[0])
+        graph.replay()
+        want_ids, want_w = route(x.float() @ weight.T, k, True)
+        assert torch.equal(ids, want_ids) and torch.allclose(weights, want_w, rtol=1e-5, atol=1e-6)
+    assert int(ticket) == 0
 
 
 def attention_inputs(nq: int, nkv: int, d: int, pos: int, seed: int):

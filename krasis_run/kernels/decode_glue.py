@@ -16,6 +16,7 @@ from __future__ import annotations
 import functools
 
 import torch
+import torch.nn.functional as F
 
 from ..models.base import norm_rope, rms_norm, route
 from .decode_gpu import next_pow2
@@ -71,6 +72,54 @@ def _kernels():
         cols = tl.arange(0, BLOCK_E)
         emask = cols < E
         logits = tl.load(logits_ptr + row * l_row + cols, mask=emask, other=float("-inf")).to(tl.float32)
+        top_ids, top_w = _top_k(logits, cols, emask, K, RENORM, KP)
+        slots = tl.arange(0, KP)
+        kmask = slots < K
+        tl.store(ids_ptr + row * ids_row + slots, top_ids.to(ids_ptr.dtype.element_ty), mask=kmask)
+        tl.store(w_ptr + row * w_row + slots, top_w, mask=kmask)
+
+    @triton.jit
+    def router_kernel(x_ptr, w_ptr, logits_ptr, ticket_ptr, ids_ptr, wts_ptr, take_ptr, xs_ptr, ids_s_ptr, wts_s_ptr,
+                      H, E, K: tl.constexpr, RENORM: tl.constexpr, ROWS: tl.constexpr, BLOCK_H: tl.constexpr,
+                      BLOCK_E: tl.constexpr, KP: tl.constexpr, STAGE: tl.constexpr):
+        # one token: ROWS router rows (logits) a program; the last program to finish (a ticket: an atomic counter
+        # it re-arms) takes the top k of all E logits, as route_kernel. STAGE: it also hands the CPU its share of
+        # the layer (into pinned host memory the GPU writes over PCIe): x in float32, the ids with those the GPU
+        # takes (take_ptr[id] != 0) as -1, and the weights.
+        rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
+        rmask = rows < E
+        acc = tl.zeros([ROWS, BLOCK_H], dtype=tl.float32)
+        for h0 in range(0, H, BLOCK_H):
+            cols = h0 + tl.arange(0, BLOCK_H)
+            cmask = cols < H
+            x = tl.load(x_ptr + cols, mask=cmask, other=0.0).to(tl.float32)
+            w = tl.load(w_ptr + rows[:, None].to(tl.int64) * H + cols[None, :], mask=rmask[:, None] & cmask[None, :],
+                        other=0.0).to(tl.float32)
+            acc += w * x[None, :]
+        tl.store(logits_ptr + rows, tl.sum(acc, 1), mask=rmask)
+        tl.debug_barrier()  # every thread's logits stored before the release below
+        if tl.atomic_add(ticket_ptr, 1, sem="acq_rel") == tl.num_programs(0) - 1:
+            cols = tl.arange(0, BLOCK_E)
+            emask = cols < E
+            # from L2 (.cg): the other programs' logits, written from other SMs
+            logits = tl.load(logits_ptr + cols, mask=emask, other=float("-inf"), cache_modifier=".cg")
+            top_ids, top_w = _top_k(logits, cols, emask, K, RENORM, KP)
+            slots = tl.arange(0, KP)
+            kmask = slots < K
+            tl.store(ids_ptr + slots, top_ids.to(ids_ptr.dtype.element_ty), mask=kmask)
+            tl.store(wts_ptr + slots, top_w, mask=kmask)
+            if STAGE:
+                take = tl.load(take_ptr + top_ids, mask=kmask, other=0)
+                tl.store(ids_s_ptr + slots, tl.where(take != 0, -1, top_ids), mask=kmask)
+                tl.store(wts_s_ptr + slots, top_w, mask=kmask)
+                for h0 in range(0, H, BLOCK_H):
+                    cols = h0 + tl.arange(0, BLOCK_H)
+                    cmask = cols < H
+                    tl.store(xs_ptr + cols, tl.load(x_ptr + cols, mask=cmask, other=0.0).to(tl.float32), mask=cmask)
+            tl.atomic_xchg(ticket_ptr, 0)  # re-armed for the next call
+
+    @triton.jit
+    def _top_k(logits, cols, emask, K: tl.constexpr, RENORM: tl.constexpr, KP: tl.constexpr):
         p = tl.exp(logits - tl.max(logits, 0))  # padding lanes: exp(-inf) = 0
         # probabilities are >= 0, so -1 marks padding and already-chosen lanes: never picked while a real one is left
         probs = tl.where(emask, p / tl.sum(p, 0), -1.0)
@@ -85,9 +134,7 @@ def _kernels():
             probs = tl.where(cols == best, -1.0, probs)
         if RENORM:
             top_w = top_w / tl.sum(top_w, 0)  # slots >= K hold 0
-        kmask = slots < K
-        tl.store(ids_ptr + row * ids_row + slots, top_ids.to(ids_ptr.dtype.element_ty), mask=kmask)
-        tl.store(w_ptr + row * w_row + slots, top_w, mask=kmask)
+        return top_ids, top_w
 
     @triton.jit
     def add_rms_norm_kernel(x_ptr, d_ptr, w_ptr, out_ptr, H, x_row, d_row, out_row, eps, BLOCK: tl.constexpr):
@@ -129,8 +176,10 @@ def _kernels():
             v = tl.load(v_ptr + (h - NQ - NKV) * 2 * HALF + full)
             tl.store(values_ptr + (row + h - NQ - NKV) * 2 * HALF + full, v.to(tl.bfloat16))
 
+    # the interpreter runs a kernel's source in this module's globals, without the closure: the helper goes there
+    globals().update(_top_k=_top_k)
     return {"rms_norm": rms_norm_kernel, "route": route_kernel, "add_rms_norm": add_rms_norm_kernel,
-            "norm_rope_store": norm_rope_store_kernel}
+            "norm_rope_store": norm_rope_store_kernel, "router": router_kernel}
 
 
 def _triton_ok(t: torch.Tensor, use_triton: bool | None) -> bool:
@@ -254,3 +303,43 @@ def norm_rope_store_decode(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_
     _kernels()["norm_rope_store"][(nq + 2 * nkv,)](q, k, v, q_weight.contiguous(), k_weight.contiguous(), cos, sin,
                                                    q_out, keys, values, pos, nq, nkv, eps, HALF=d // 2, num_warps=1)
     return q_out
+
+
+# ---------------------------------------------------------------- router projection + top k
+
+
+ROUTER_ROWS = 4  # router rows a program: E = 128 -> 32 programs
+
+
+def router_decode(x: torch.Tensor, weight: torch.Tensor, k: int, renormalize: bool, ticket: torch.Tensor,
+                  stage: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
+                  take: torch.Tensor | None = None, *,
+                  use_triton: bool | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """One token's routing in one kernel instead of four (x to float32, the projection's two cuBLAS kernels, top k):
+    x [1, H] (bf16 or float32) and the router weight [E, H] -> route(x @ weight.T in float32, k, renormalize):
+    ids int64 [1, k], weights float32 [1, k]. `ticket` is an int32 [1] zero the kernel uses and leaves at zero.
+
+    stage = (x_out float32 [1, H], ids_out int32 [1, k], weights_out float32 [1, k]) also hands a CPU its share of
+    the layer: x, the ids with those where take[id] (bool [E]) is set replaced by -1 (the GPU computes those),
+    and the weights; for a GPU engine these are device views of pinned host memory, written over PCIe."""
+    m, h = x.shape
+    e = weight.shape[0]
+    if m != 1 or weight.shape[1] != h or not 1 <= k <= e:
+        raise ValueError(f"router_decode takes one token [1, {weight.shape[1]}] and top-k <= {e}, got {list(x.shape)}")
+    if not _triton_ok(x, use_triton):
+        ids, weights = route(F.linear(x.float(), weight.float()), k, renormalize)
+        if stage is not None:
+            stage[0].copy_(x.float())
+            stage[1].copy_(torch.where(take[ids], -1, ids).to(stage[1].dtype))
+            stage[2].copy_(weights)
+        return ids, weights
+    ids = torch.empty(1, k, dtype=torch.int64, device=x.device)
+    weights = torch.empty(1, k, dtype=torch.float32, device=x.device)
+    logits = torch.empty(e, dtype=torch.float32, device=x.device)
+    xs, ids_s, wts_s = stage if stage is not None else (weights, ids, weights)  # unused without STAGE
+    take = take if take is not None else ids
+    _kernels()["router"][(-(-e // ROUTER_ROWS),)](
+        _rows(x), weight.contiguous(), logits, ticket, ids, weights, take, xs, ids_s, wts_s, h, e, K=k,
+        RENORM=bool(renormalize), ROWS=ROUTER_ROWS, BLOCK_H=min(512, next_pow2(h)), BLOCK_E=next_pow2(e),
+        KP=next_pow2(k), STAGE=stage is not None, num_warps=4)
+    return ids, weights

@@ -99,6 +99,7 @@ class Model:
         self.route = getattr(ops, "route", route)
         self.add_rms_norm = getattr(ops, "add_rms_norm", None)  # x += delta in place, then the norm, fused
         self.attention_inputs = getattr(ops, "attention_inputs", None)
+        self.select_experts = getattr(ops, "select_experts", None)
 
     def _rope(self, start_pos, count: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
         """cos/sin of positions start_pos.. : rows of a table kept per device (grown by doubling) for an int
@@ -151,7 +152,12 @@ class Model:
         if not a.is_sparse(i):
             gate, up = self.ops.linear(x, w[n["mlp_gate_up"]]).chunk(2, dim=-1)
             return self.ops.linear(F.silu(gate) * up, w[n["mlp_down"]])
-        topk_ids, topk_weights = self.route(self.ops.linear(x, w[n["router"]]), a.num_experts_per_tok, a.norm_topk_prob)
+        if self.select_experts is not None:  # router projection and top k, fused by the engine
+            topk_ids, topk_weights = self.select_experts(x, w[n["router"]], a.num_experts_per_tok, a.norm_topk_prob,
+                                                         w[n["experts"]])
+        else:
+            topk_ids, topk_weights = self.route(self.ops.linear(x, w[n["router"]]), a.num_experts_per_tok,
+                                                a.norm_topk_prob)
         return self.ops.experts(x, topk_ids, topk_weights, w[n["experts"]])
 
     def attention_chunks(self, i: int, x: torch.Tensor, cache, start_pos: int, cos, sin, chunk: int) -> torch.Tensor:
