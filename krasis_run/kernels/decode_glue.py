@@ -90,20 +90,20 @@ def _kernels():
         rmask = rows < E
         acc = tl.zeros([ROWS, BLOCK_H], dtype=tl.float32)
         for h0 in range(0, H, BLOCK_H):
-            cols = h0 + tl.arange(0, BLOCK_H)
-            cmask = cols < H
-            x = tl.load(x_ptr + cols, mask=cmask, other=0.0).to(tl.float32)
-            w = tl.load(w_ptr + rows[:, None].to(tl.int64) * H + cols[None, :], mask=rmask[:, None] & cmask[None, :],
-                        other=0.0).to(tl.float32)
+            hcols = h0 + tl.arange(0, BLOCK_H)
+            hmask = hcols < H
+            x = tl.load(x_ptr + hcols, mask=hmask, other=0.0).to(tl.float32)
+            w = tl.load(w_ptr + rows[:, None].to(tl.int64) * H + hcols[None, :],
+                        mask=rmask[:, None] & hmask[None, :], other=0.0).to(tl.float32)
             acc += w * x[None, :]
         tl.store(logits_ptr + rows, tl.sum(acc, 1), mask=rmask)
         tl.debug_barrier()  # every thread's logits stored before the release below
         if tl.atomic_add(ticket_ptr, 1, sem="acq_rel") == tl.num_programs(0) - 1:
-            cols = tl.arange(0, BLOCK_E)
-            emask = cols < E
+            ecols = tl.arange(0, BLOCK_E)
+            emask = ecols < E
             # from L2 (.cg): the other programs' logits, written from other SMs
-            logits = tl.load(logits_ptr + cols, mask=emask, other=float("-inf"), cache_modifier=".cg")
-            top_ids, top_w = _top_k(logits, cols, emask, K, RENORM, KP)
+            logits = tl.load(logits_ptr + ecols, mask=emask, other=float("-inf"), cache_modifier=".cg")
+            top_ids, top_w = _top_k(logits, ecols, emask, K, RENORM, KP)
             slots = tl.arange(0, KP)
             kmask = slots < K
             tl.store(ids_ptr + slots, top_ids.to(ids_ptr.dtype.element_ty), mask=kmask)
@@ -112,10 +112,10 @@ def _kernels():
                 take = tl.load(take_ptr + top_ids, mask=kmask, other=0)
                 tl.store(ids_s_ptr + slots, tl.where(take != 0, -1, top_ids), mask=kmask)
                 tl.store(wts_s_ptr + slots, top_w, mask=kmask)
-                for h0 in range(0, H, BLOCK_H):
-                    cols = h0 + tl.arange(0, BLOCK_H)
-                    cmask = cols < H
-                    tl.store(xs_ptr + cols, tl.load(x_ptr + cols, mask=cmask, other=0.0).to(tl.float32), mask=cmask)
+                for x0 in range(0, H, BLOCK_H):
+                    xcols = x0 + tl.arange(0, BLOCK_H)
+                    xmask = xcols < H
+                    tl.store(xs_ptr + xcols, tl.load(x_ptr + xcols, mask=xmask, other=0.0).to(tl.float32), mask=xmask)
             tl.atomic_xchg(ticket_ptr, 0)  # re-armed for the next call
 
     @triton.jit
