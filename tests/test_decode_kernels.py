@@ -195,6 +195,53 @@ class InterpretedKernels:
 
         assert knobs.runtime.interpret, "run through test_triton_kernels_under_interpreter (TRITON_INTERPRET=1)"
 
+    @pytest.fixture(autouse=True)
+    def _float_q4_inputs(self, monkeypatch):
+        # the float q4 kernels, held to 1e-5 below; the int8-input gate_up (Q4G_INT8) has its own tests
+        monkeypatch.setattr(decode_gpu, "Q4G_INT8", False)
+
+    def test_quantize_x_packs_int8_groups(self):
+        """quantize_x_kernel: per 32-column group int8 = round(x * 127 / amax), the words holding columns
+        (0, 2, 4, 6) then (1, 3, 5, 7) of each 8, the scale amax / 127, the int8 sum and the float sum."""
+        gen = torch.Generator().manual_seed(3)
+        x = torch.randn(3, 160, generator=gen) * torch.rand(3, 160, generator=gen) * 4
+        x[1, 32:64] = 0  # an all-zero group: scale 0, values 0
+        ng = 5
+        xq = torch.empty(3, ng * 8, dtype=torch.int32)
+        dx, sx, fs = torch.empty(3, ng), torch.empty(3, ng, dtype=torch.int32), torch.empty(3, ng)
+        decode_gpu._kernels()["quantize_x"][(3,)](x, xq, dx, sx, fs, 160, GP=8)
+        bytes_ = xq.view(torch.int8).view(3, ng, 4, 2, 4)  # [row, group, word of 8 columns, even/odd, byte]
+        got = bytes_.permute(0, 1, 2, 4, 3).reshape(3, 160)  # byte i of the even word: column 2i of the 8
+        groups = x.view(3, ng, 32)
+        amax = groups.abs().amax(-1)
+        want = torch.where(amax[..., None] > 0, torch.floor(groups * (127 / amax[..., None]) + 0.5), 0).clamp(-127, 127)
+        assert torch.equal(got.float(), want.view(3, 160))
+        assert torch.allclose(dx, amax / 127) and torch.equal(sx, want.sum(-1).int())
+        assert torch.allclose(fs, groups.sum(-1), atol=1e-5)
+
+    @pytest.mark.parametrize("case", MOE_CASES)
+    def test_moe_triton_q4_int8_inputs(self, monkeypatch, case):
+        """Q4G_INT8: x quantized per group, integer dot products (the dp4a math in plain Triton here): within the
+        int8 rounding of the float result; all-non-resident calls give zeros; quantize runs first."""
+        monkeypatch.setattr(decode_gpu, "Q4G_INT8", True)
+        for name in ("Q4G_BLOCK_N", "Q4G_DOWN_BLOCK_N"):
+            monkeypatch.setattr(decode_gpu, name, 64)
+        args = moe_inputs("q4", case, seed=seed_of("q4", case) + 5)
+        got = moe_decode(*args, use_triton=True)
+        if case[5] == 0:
+            assert torch.equal(got, torch.zeros_like(got))
+        else:
+            assert rel_l2(got, plain_moe(*args)) < 1e-2
+        _, launches = decode_gpu.moe_decode_launches(*args)
+        assert [name for name, _ in launches][:2] == ["quantize", "gate_up"]
+
+    def test_moe_triton_q4_int8_partial_steps(self, monkeypatch):
+        """H = 160 (5 groups) in steps of 2 groups, I = 96, partial row blocks, one chosen expert not resident."""
+        for name, value in {"Q4G_INT8": True, "Q4G_BLOCK_N": 64, "Q4G_DOWN_BLOCK_N": 64, "Q4G_GROUPS": 2}.items():
+            monkeypatch.setattr(decode_gpu, name, value)
+        args = moe_inputs("q4", (3, 3, 160, 96, 6, 5), seed=17)
+        assert rel_l2(moe_decode(*args, use_triton=True), plain_moe(*args)) < 1e-2
+
     @pytest.mark.parametrize("codec", ["q4", "q8", "bf16"])
     @pytest.mark.parametrize("case", MOE_CASES)
     def test_moe_triton_matches_reference(self, monkeypatch, codec, case):
@@ -324,3 +371,16 @@ class InterpretedKernels:
         q = qkv[:, :192].view(5, 3, 64)
         got = norm_rope.fused_norm_rope(q, w, 1e-6, cos, sin, use_triton=True)
         assert rel_l2(got.float(), norm_rope_torch(q.contiguous(), w, 1e-6, cos, sin)) < 4e-3
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (run on the GPU host)")
+@pytest.mark.parametrize("int8", [True, False])
+@pytest.mark.parametrize("m", [1, 4])
+def test_cuda_moe_q4_at_30b_shapes(monkeypatch, int8, m):
+    """The compiled q4 kernels (dp4a with Q4G_INT8) at the 30B-A3B expert shape, some chosen experts not resident."""
+    monkeypatch.setattr(decode_gpu, "Q4G_INT8", int8)
+    x, ids, weights, slot_of, codec, gate_up, down = moe_inputs("q4", (m, 8, 2048, 768, 128, 100), seed=m)
+    want = plain_moe(x, ids, weights, slot_of, codec, gate_up, down)
+    cuda = [t.cuda() for t in (x, ids, weights, slot_of)]
+    got = moe_decode(*cuda, codec, {k: v.cuda() for k, v in gate_up.items()}, {k: v.cuda() for k, v in down.items()})
+    assert rel_l2(got.cpu(), want) < (1e-2 if int8 else 1e-5)

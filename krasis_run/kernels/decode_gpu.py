@@ -55,6 +55,11 @@ Q4G_DOWN_ATOMIC = False
 # the measured kernels, False, make two 8-byte loads); same math. Compiled for sm_90 by Triton 3.9 here: False gives
 # ld.global.v2.b32 for the tiles, True should give v4. Not yet timed on the GPU: the sweep compares the two.
 Q4G_ALIGNED = True
+# q4 gate_up with int8 inputs: x quantized per 32-column group (amax / 127, as the CPU kernels do) by one small kernel,
+# then integer dot products of 4 nibbles x 4 int8 at a time (dp4a on CUDA; the same math in plain Triton under the
+# interpreter). The float kernel spent ~5 ALU ops a weight (nibble extraction, int->float, fma) and was bound by them
+# at ~1 TB/s (15.5 us a 30B-A3B layer, run 25); this does 5 integer ops per 8 weights.
+Q4G_INT8 = True
 ATTN_BLOCK = 64  # cached positions per loop step
 ATTN_PROGRAMS = 256  # target programs for the split kernel: KVH x splits
 
@@ -160,6 +165,88 @@ def _kernels():
         scale = tl.expand_dims(tl.load(s_ptr + soff, mask=mask, other=0.0).to(tl.float32), -1)
         zero = tl.expand_dims(tl.load(z_ptr + soff, mask=mask, other=0.0).to(tl.float32), -1)
         return scale * dot + zero * xsum
+
+    @triton.jit
+    def _dp4a(a, b, c, DP4A: tl.constexpr):
+        # c + sum over the 4 bytes of a (unsigned) times those of b (signed), per int32 lane
+        if DP4A:
+            return tl.inline_asm_elementwise("dp4a.u32.s32 $0, $1, $2, $3;", "=r,r,r,r", [a, b, c], dtype=tl.int32,
+                                             is_pure=True, pack=1)
+        else:
+            for i in tl.static_range(4):
+                c += ((a >> (8 * i)) & 255) * ((b << (24 - 8 * i)) >> 24)
+            return c
+
+    @triton.jit
+    def quantize_x_kernel(x_ptr, xq_ptr, dx_ptr, sx_ptr, fs_ptr, H, GP: tl.constexpr):
+        # one row of x: per 32-column group int8 values (scale amax / 127), packed as int32 words [groups, 4, 2]: for
+        # each 8 columns the even ones (0, 2, 4, 6) then the odd ones, the order the q4 words' low and high nibbles
+        # meet them; with the scale, the sum of the int8 values and the float sum of the group
+        row = tl.program_id(0).to(tl.int64)
+        ng = H // 32
+        g = tl.arange(0, GP)
+        cols = (g * 32)[:, None, None] + (tl.arange(0, 4) * 8)[None, :, None] + tl.arange(0, 8)[None, None, :]
+        gmask = g < ng
+        x = tl.load(x_ptr + row * H + cols, mask=gmask[:, None, None], other=0.0).to(tl.float32)
+        amax = tl.max(tl.max(tl.abs(x), 2), 1)
+        inv = tl.where(amax > 0, 127.0 / amax, 0.0)
+        q = tl.floor(x * inv[:, None, None] + 0.5)
+        q = tl.minimum(tl.maximum(q, -127.0), 127.0).to(tl.int32)
+        qe, qo = tl.split(tl.reshape(q, [GP, 4, 4, 2]))  # even, odd columns of each 8
+        shifts = 8 * tl.arange(0, 4)[None, None, :]
+        we = tl.sum((qe & 255) << shifts, 2)
+        wo = tl.sum((qo & 255) << shifts, 2)
+        words = tl.join(we, wo)  # [GP, 4, 2]
+        woff = (g * 8)[:, None, None] + (tl.arange(0, 4) * 2)[None, :, None] + tl.arange(0, 2)[None, None, :]
+        tl.store(xq_ptr + row * ng * 8 + woff, words, mask=gmask[:, None, None])
+        tl.store(dx_ptr + row * ng + g, amax / 127.0, mask=gmask)
+        tl.store(sx_ptr + row * ng + g, tl.sum(tl.sum(q, 2), 1), mask=gmask)
+        tl.store(fs_ptr + row * ng + g, tl.sum(tl.sum(x, 2), 1), mask=gmask)
+
+    @triton.jit
+    def gate_up_q4i_kernel(xq_ptr, dx_ptr, sx_ptr, fs_ptr, ids_ptr, slot_ptr, q_ptr, s_ptr, z_ptr, act_ptr, TOPK,
+                           INTER, H, q_slot, s_slot, BLOCK_N: tl.constexpr, GROUPS: tl.constexpr,
+                           DP4A: tl.constexpr):
+        # gate_up_q4g_kernel's grid and tiles with int8 inputs (Q4G_INT8): per row and group
+        #   s * dx * (sum_j q_j xq_j - 8 sum_j xq_j) + z * sum_j x_j
+        pair = tl.program_id(0)
+        m = pair // TOPK
+        r = tl.arange(0, 2 * BLOCK_N)
+        rows = tl.program_id(1) * BLOCK_N + r % BLOCK_N
+        slot = tl.load(slot_ptr + tl.load(ids_ptr + pair))
+        rmask = rows < tl.where(slot >= 0, INTER, 0)
+        slot = tl.maximum(slot, 0).to(tl.int64)
+        rows_gu = (rows + (r // BLOCK_N) * INTER).to(tl.int64)
+        ng = H // 32
+        qrow = (slot * q_slot + rows_gu * (ng * 4))[:, None, None]
+        srow = (slot * s_slot + rows_gu * ng)[:, None]
+        xrow = m.to(tl.int64) * ng
+        acc = tl.zeros([2 * BLOCK_N, GROUPS], dtype=tl.float32)
+        w4 = tl.arange(0, 4)
+        for g0 in range(0, ng, GROUPS):
+            groups = g0 + tl.arange(0, GROUPS)
+            gmask = groups < ng
+            mask = rmask[:, None] & gmask[None, :]
+            words = tl.load(q_ptr + qrow + (groups * 4)[None, :, None] + w4[None, None, :], mask=mask[:, :, None],
+                            other=0)
+            xw = tl.load(xq_ptr + (xrow + groups)[:, None, None] * 8 + (w4 * 2)[None, :, None]
+                         + tl.arange(0, 2)[None, None, :], mask=gmask[:, None, None], other=0)
+            xe, xo = tl.split(xw)
+            lo = words & 0x0F0F0F0F
+            hi = (words >> 4) & 0x0F0F0F0F
+            dot = _dp4a(lo, tl.broadcast_to(xe[None, :, :], lo.shape), tl.zeros(lo.shape, dtype=tl.int32), DP4A)
+            dot = tl.sum(_dp4a(hi, tl.broadcast_to(xo[None, :, :], hi.shape), dot, DP4A), 2)
+            dx = tl.load(dx_ptr + xrow + groups, mask=gmask, other=0.0)
+            sx = tl.load(sx_ptr + xrow + groups, mask=gmask, other=0)
+            fs = tl.load(fs_ptr + xrow + groups, mask=gmask, other=0.0)
+            scale = tl.load(s_ptr + srow + groups[None, :], mask=mask, other=0.0).to(tl.float32)
+            zero = tl.load(z_ptr + srow + groups[None, :], mask=mask, other=0.0).to(tl.float32)
+            acc += scale * ((dot - 8 * sx[None, :]).to(tl.float32) * dx[None, :]) + zero * fs[None, :]
+        gu = tl.sum(acc, 1)
+        g, u = tl.split(tl.trans(tl.reshape(gu, [2, BLOCK_N])))
+        act = g / (1.0 + tl.exp(-g)) * u
+        out_rows = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+        tl.store(act_ptr + pair * INTER + out_rows, act, mask=out_rows < INTER)
 
     @triton.jit
     def _gate_up_q4g_steps(acc, g0, ng, q_ptr, s_ptr, z_ptr, qrow, srow, rmask, x_ptr, xbase, GROUPS: tl.constexpr,
@@ -439,7 +526,7 @@ def _kernels():
     # find their @triton.jit helpers there (the compiler looks in both).
     globals().update(_q4_tile=_q4_tile, _expert_slots=_expert_slots, _split_bounds=_split_bounds,
                      _q4_nibbles=_q4_nibbles, _q4_group_step=_q4_group_step, _gate_up_q4g_steps=_gate_up_q4g_steps,
-                     _down_q4g_steps=_down_q4g_steps)
+                     _down_q4g_steps=_down_q4g_steps, _dp4a=_dp4a)
     return {
         "cdiv": triton.cdiv,
         "gate_up_q4": gate_up_q4_kernel,
@@ -447,6 +534,8 @@ def _kernels():
         "down_q4": down_q4_kernel,
         "down_q4_pairs": down_q4_pairs_kernel,
         "gate_up_q4g": gate_up_q4g_kernel,
+        "quantize_x": quantize_x_kernel,
+        "gate_up_q4i": gate_up_q4i_kernel,
         "down_q4g": down_q4g_kernel,
         "down_dense": down_dense_kernel,
         "attn_split": attn_split_kernel,
@@ -599,6 +688,22 @@ def _q4_grouped_launches(kern, x, ids, weights, slot_of, gu, dn, act, y) -> list
             gu["scale"].stride(0), m * h, BLOCK_N=Q4G_BLOCK_N, GROUPS=groups_a, UNROLL=unroll_a, STAGES=Q4G_STAGES,
             ZERO_BLOCK=zero_block, ALIGNED=Q4G_ALIGNED, num_warps=Q4G_WARPS)
 
+    int8 = Q4G_INT8 and not zero_block  # the atomic down needs the float kernel's zeroing of y
+    if int8:
+        ng = h // 32
+        xq = torch.empty(m, ng * 8, dtype=torch.int32, device=x.device)
+        dx, fs = torch.empty(m, ng, dtype=torch.float32, device=x.device), torch.empty(m, ng, dtype=torch.float32,
+                                                                                         device=x.device)
+        sx = torch.empty(m, ng, dtype=torch.int32, device=x.device)
+
+        def quantize_launch():
+            kern["quantize_x"][(m,)](x, xq, dx, sx, fs, h, GP=next_pow2(ng), num_warps=4)
+
+        def gate_up_launch():  # noqa: F811 - the int8 variant replaces the float one
+            kern["gate_up_q4i"][grid_a](
+                xq, dx, sx, fs, ids, slot_of, gu_q, gu["scale"], gu["zero"], act, topk, inter, h, gu_q.stride(0),
+                gu["scale"].stride(0), BLOCK_N=Q4G_BLOCK_N, GROUPS=groups_a, DP4A=x.is_cuda, num_warps=Q4G_WARPS)
+
     # one expert block, or atomics: the programs write the output directly; else partial sums, then their sum
     part = y.view(m, 1, h) if nj == 1 or atomic else torch.empty(m, nj, h, dtype=torch.float32, device=x.device)
 
@@ -608,7 +713,7 @@ def _q4_grouped_launches(kern, x, ids, weights, slot_of, gu, dn, act, y) -> list
             dn["scale"].stride(0), EXPERTS=experts, BLOCK_N=Q4G_DOWN_BLOCK_N, GROUPS=groups_b, UNROLL=unroll_b,
             STAGES=Q4G_DOWN_STAGES, ATOMIC=atomic, ALIGNED=Q4G_ALIGNED, num_warps=Q4G_DOWN_WARPS)
 
-    launches = [("gate_up", gate_up_launch), ("down", down_launch)]
+    launches = ([("quantize", quantize_launch)] if int8 else []) + [("gate_up", gate_up_launch), ("down", down_launch)]
     if nj > 1 and not atomic:
         launches.append(("sum", lambda: torch.sum(part, 1, out=y)))
     return launches
