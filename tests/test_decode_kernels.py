@@ -379,7 +379,7 @@ class InterpretedKernels:
 def test_cuda_moe_q4_at_30b_shapes(monkeypatch, int8, m):
     """The compiled q4 kernels (dp4a with Q4G_INT8) at the 30B-A3B expert shape, some chosen experts not resident."""
     monkeypatch.setattr(decode_gpu, "Q4G_INT8", int8)
-    x, ids, weights, slot_of, codec, gate_up, down = moe_inputs("q4", (m, 8, 2048, 768, 128, 100), seed=m)
+    x, ids, weights, slot_of, codec, gate_up, down = moe_inputs("q4", (m, 8, 2048, 768, 16, 12), seed=m)
     want = plain_moe(x, ids, weights, slot_of, codec, gate_up, down)
     cuda = [t.cuda() for t in (x, ids, weights, slot_of)]
     got = moe_decode(*cuda, codec, {k: v.cuda() for k, v in gate_up.items()}, {k: v.cuda() for k, v in down.items()})
