@@ -99,11 +99,6 @@ def moe_inputs(codec: str, case, seed: int):
     return x, ids, weights, slot_of, codec, gate_up, down
 
 
-# int8 inputs (Q4G_INT8): x and the expert activations each rounded to int8 per group of 32 (as the CPU kernels do),
-# ~1% relative on these Gaussian inputs; a wrong index or tile would be off by O(1)
-INT8_BOUND = 2.5e-2
-
-
 def seed_of(codec: str, case) -> int:
     return 10 * MOE_CASES.index(case) + 2 * ["q4", "q8", "bf16"].index(codec)  # fixed; even and odd both occur
 
@@ -236,20 +231,16 @@ class InterpretedKernels:
         if case[5] == 0:
             assert torch.equal(got, torch.zeros_like(got))
         else:
-            assert rel_l2(got, plain_moe(*args)) < INT8_BOUND
+            assert rel_l2(got, plain_moe(*args)) < 1e-2
         _, launches = decode_gpu.moe_decode_launches(*args)
         assert [name for name, _ in launches][:2] == ["quantize", "gate_up"]
 
     def test_moe_triton_q4_int8_partial_steps(self, monkeypatch):
         """H = 160 (5 groups) in steps of 2 groups, I = 96, partial row blocks, one chosen expert not resident."""
-        tiles = {"Q4G_INT8": True, "Q4G_BLOCK_N": 64, "Q4G_DOWN_BLOCK_N": 64, "Q4G_GROUPS": 2, "Q4G_DOWN_GROUPS": 2,
-                 "Q4G_DOWN_EXPERTS": 2}  # I = 96: 3 groups in steps of 2; k = 3 experts in blocks of 2, then a sum
-        for name, value in tiles.items():
+        for name, value in {"Q4G_INT8": True, "Q4G_BLOCK_N": 64, "Q4G_DOWN_BLOCK_N": 64, "Q4G_GROUPS": 2}.items():
             monkeypatch.setattr(decode_gpu, name, value)
         args = moe_inputs("q4", (3, 3, 160, 96, 6, 5), seed=17)
-        assert rel_l2(moe_decode(*args, use_triton=True), plain_moe(*args)) < INT8_BOUND
-        _, launches = decode_gpu.moe_decode_launches(*args)
-        assert [name for name, _ in launches] == ["quantize", "gate_up", "quantize_act", "down", "sum"]
+        assert rel_l2(moe_decode(*args, use_triton=True), plain_moe(*args)) < 1e-2
 
     @pytest.mark.parametrize("codec", ["q4", "q8", "bf16"])
     @pytest.mark.parametrize("case", MOE_CASES)
@@ -392,4 +383,4 @@ def test_cuda_moe_q4_at_30b_shapes(monkeypatch, int8, m):
     want = plain_moe(x, ids, weights, slot_of, codec, gate_up, down)
     cuda = [t.cuda() for t in (x, ids, weights, slot_of)]
     got = moe_decode(*cuda, codec, {k: v.cuda() for k, v in gate_up.items()}, {k: v.cuda() for k, v in down.items()})
-    assert rel_l2(got.cpu(), want) < (INT8_BOUND if int8 else 1e-5)
+    assert rel_l2(got.cpu(), want) < (1e-2 if int8 else 1e-5)

@@ -249,51 +249,6 @@ def _kernels():
         tl.store(act_ptr + pair * INTER + out_rows, act, mask=out_rows < INTER)
 
     @triton.jit
-    def down_q4i_kernel(aq_ptr, adx_ptr, asx_ptr, afs_ptr, ids_ptr, w_ptr, slot_ptr, q_ptr, s_ptr, z_ptr, part_ptr,
-                        TOPK, NJ, INTER, H, q_slot, s_slot, EXPERTS: tl.constexpr, BLOCK_N: tl.constexpr,
-                        GROUPS: tl.constexpr, DP4A: tl.constexpr):
-        # down_q4g_kernel's grid and tiles with int8 inputs (the act rows quantized by quantize_x_kernel), the
-        # per-group math of gate_up_q4i_kernel
-        m = tl.program_id(0) // NJ
-        j = (tl.program_id(0) % NJ) * EXPERTS + tl.arange(0, EXPERTS)
-        jmask = j < TOPK
-        pair = m * TOPK + j
-        slot = tl.load(slot_ptr + tl.load(ids_ptr + pair, mask=jmask, other=0), mask=jmask, other=-1)
-        w = tl.where(slot >= 0, tl.load(w_ptr + pair, mask=jmask, other=0.0), 0.0)
-        rows = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
-        tmask = (slot >= 0)[:, None] & (rows < H)[None, :]  # [EXPERTS, BLOCK_N]
-        slot = tl.maximum(slot, 0).to(tl.int64)
-        ng = INTER // 32
-        qrow = ((slot * q_slot)[:, None] + rows[None, :].to(tl.int64) * (ng * 4))[:, :, None, None]
-        srow = ((slot * s_slot)[:, None] + rows[None, :].to(tl.int64) * ng)[:, :, None]
-        arow = pair.to(tl.int64) * ng
-        w4 = tl.arange(0, 4)
-        acc = tl.zeros([EXPERTS, BLOCK_N, GROUPS], dtype=tl.float32)
-        for g0 in range(0, ng, GROUPS):
-            groups = g0 + tl.arange(0, GROUPS)
-            gmask = groups < ng
-            mask = tmask[:, :, None] & gmask[None, None, :]  # [EXPERTS, BLOCK_N, GROUPS]
-            words = tl.load(q_ptr + qrow + (groups * 4)[None, None, :, None] + w4[None, None, None, :],
-                            mask=mask[:, :, :, None], other=0)
-            amask = jmask[:, None] & gmask[None, :]  # [EXPERTS, GROUPS]
-            aoff = (arow[:, None] + groups[None, :])[:, :, None, None] * 8 + (w4 * 2)[None, None, :, None] \
-                + tl.arange(0, 2)[None, None, None, :]
-            xe, xo = tl.split(tl.load(aq_ptr + aoff, mask=amask[:, :, None, None], other=0))  # [EXPERTS, GROUPS, 4]
-            lo = words & 0x0F0F0F0F
-            hi = (words >> 4) & 0x0F0F0F0F
-            dot = _dp4a(lo, tl.broadcast_to(xe[:, None, :, :], lo.shape), tl.zeros(lo.shape, dtype=tl.int32), DP4A)
-            dot = tl.sum(_dp4a(hi, tl.broadcast_to(xo[:, None, :, :], hi.shape), dot, DP4A), 3)
-            goff = arow[:, None] + groups[None, :]
-            dx = tl.load(adx_ptr + goff, mask=amask, other=0.0)[:, None, :]
-            sx = tl.load(asx_ptr + goff, mask=amask, other=0)[:, None, :]
-            fs = tl.load(afs_ptr + goff, mask=amask, other=0.0)[:, None, :]
-            scale = tl.load(s_ptr + srow + groups[None, None, :], mask=mask, other=0.0).to(tl.float32)
-            zero = tl.load(z_ptr + srow + groups[None, None, :], mask=mask, other=0.0).to(tl.float32)
-            acc += scale * ((dot - 8 * sx).to(tl.float32) * dx) + zero * fs
-        out = tl.sum(tl.sum(acc, 2) * w[:, None], 0)
-        tl.store(part_ptr + tl.program_id(0) * H + rows, out, mask=rows < H)
-
-    @triton.jit
     def _gate_up_q4g_steps(acc, g0, ng, q_ptr, s_ptr, z_ptr, qrow, srow, rmask, x_ptr, xbase, GROUPS: tl.constexpr,
                            UNROLL: tl.constexpr):
         # UNROLL group steps of gate_up_q4g_kernel, unrolled: their loads are independent, so all can be in flight
@@ -581,7 +536,6 @@ def _kernels():
         "gate_up_q4g": gate_up_q4g_kernel,
         "quantize_x": quantize_x_kernel,
         "gate_up_q4i": gate_up_q4i_kernel,
-        "down_q4i": down_q4i_kernel,
         "down_q4g": down_q4g_kernel,
         "down_dense": down_dense_kernel,
         "attn_split": attn_split_kernel,
@@ -728,15 +682,27 @@ def _q4_grouped_launches(kern, x, ids, weights, slot_of, gu, dn, act, y) -> list
     grid_a = (m * topk, kern["cdiv"](inter, Q4G_BLOCK_N))
     zero_block = next_pow2(-(-m * h // (grid_a[0] * grid_a[1]))) if atomic else 0
 
-    if Q4G_INT8 and not atomic:  # the atomic down needs the float gate_up's zeroing of y
-        return _q4_int8_launches(kern, x, ids, weights, slot_of, gu_q, gu, dn_q, dn, act, y, grid_a, groups_a,
-                                 groups_b, experts, nj)
-
     def gate_up_launch():
         kern["gate_up_q4g"][grid_a](
             x, ids, slot_of, gu_q, gu["scale"], gu["zero"], act, y, topk, inter, h, gu_q.stride(0),
             gu["scale"].stride(0), m * h, BLOCK_N=Q4G_BLOCK_N, GROUPS=groups_a, UNROLL=unroll_a, STAGES=Q4G_STAGES,
             ZERO_BLOCK=zero_block, ALIGNED=Q4G_ALIGNED, num_warps=Q4G_WARPS)
+
+    int8 = Q4G_INT8 and not zero_block  # the atomic down needs the float kernel's zeroing of y
+    if int8:
+        ng = h // 32
+        xq = torch.empty(m, ng * 8, dtype=torch.int32, device=x.device)
+        dx, fs = torch.empty(m, ng, dtype=torch.float32, device=x.device), torch.empty(m, ng, dtype=torch.float32,
+                                                                                         device=x.device)
+        sx = torch.empty(m, ng, dtype=torch.int32, device=x.device)
+
+        def quantize_launch():
+            kern["quantize_x"][(m,)](x, xq, dx, sx, fs, h, GP=next_pow2(ng), num_warps=4)
+
+        def gate_up_launch():  # noqa: F811 - the int8 variant replaces the float one
+            kern["gate_up_q4i"][grid_a](
+                xq, dx, sx, fs, ids, slot_of, gu_q, gu["scale"], gu["zero"], act, topk, inter, h, gu_q.stride(0),
+                gu["scale"].stride(0), BLOCK_N=Q4G_BLOCK_N, GROUPS=groups_a, DP4A=x.is_cuda, num_warps=Q4G_WARPS)
 
     # one expert block, or atomics: the programs write the output directly; else partial sums, then their sum
     part = y.view(m, 1, h) if nj == 1 or atomic else torch.empty(m, nj, h, dtype=torch.float32, device=x.device)
@@ -747,51 +713,8 @@ def _q4_grouped_launches(kern, x, ids, weights, slot_of, gu, dn, act, y) -> list
             dn["scale"].stride(0), EXPERTS=experts, BLOCK_N=Q4G_DOWN_BLOCK_N, GROUPS=groups_b, UNROLL=unroll_b,
             STAGES=Q4G_DOWN_STAGES, ATOMIC=atomic, ALIGNED=Q4G_ALIGNED, num_warps=Q4G_DOWN_WARPS)
 
-    launches = [("gate_up", gate_up_launch), ("down", down_launch)]
+    launches = ([("quantize", quantize_launch)] if int8 else []) + [("gate_up", gate_up_launch), ("down", down_launch)]
     if nj > 1 and not atomic:
-        launches.append(("sum", lambda: torch.sum(part, 1, out=y)))
-    return launches
-
-
-def _quantized_rows(rows: int, k: int, device: torch.device) -> tuple[torch.Tensor, ...]:
-    """quantize_x_kernel's outputs for `rows` rows of k columns: words, scales, int8 sums, float sums."""
-    ng = k // 32
-    return (torch.empty(rows, ng * 8, dtype=torch.int32, device=device),
-            torch.empty(rows, ng, dtype=torch.float32, device=device),
-            torch.empty(rows, ng, dtype=torch.int32, device=device),
-            torch.empty(rows, ng, dtype=torch.float32, device=device))
-
-
-def _q4_int8_launches(kern, x, ids, weights, slot_of, gu_q, gu, dn_q, dn, act, y, grid_a, groups_a, groups_b,
-                      experts, nj) -> list:
-    """q4 with int8 inputs (Q4G_INT8): x quantized, gate_up (dp4a), the act rows quantized, down (dp4a), and the
-    sum of partials where a down program covers fewer than k experts."""
-    m, h = x.shape
-    topk, inter = act.shape[1:]
-    xq = _quantized_rows(m, h, x.device)
-    aq = _quantized_rows(m * topk, inter, x.device)
-    dp4a = x.is_cuda  # the interpreter runs the same integer math without the instruction
-    part = y.view(m, 1, h) if nj == 1 else torch.empty(m, nj, h, dtype=torch.float32, device=x.device)
-
-    def quantize_x():
-        kern["quantize_x"][(m,)](x, *xq, h, GP=next_pow2(h // 32), num_warps=4)
-
-    def gate_up():
-        kern["gate_up_q4i"][grid_a](*xq, ids, slot_of, gu_q, gu["scale"], gu["zero"], act, topk, inter, h,
-                                    gu_q.stride(0), gu["scale"].stride(0), BLOCK_N=Q4G_BLOCK_N, GROUPS=groups_a,
-                                    DP4A=dp4a, num_warps=Q4G_WARPS)
-
-    def quantize_act():
-        kern["quantize_x"][(m * topk,)](act, *aq, inter, GP=next_pow2(inter // 32), num_warps=4)
-
-    def down():
-        kern["down_q4i"][(m * nj, kern["cdiv"](h, Q4G_DOWN_BLOCK_N))](
-            *aq, ids, weights, slot_of, dn_q, dn["scale"], dn["zero"], part, topk, nj, inter, h, dn_q.stride(0),
-            dn["scale"].stride(0), EXPERTS=experts, BLOCK_N=Q4G_DOWN_BLOCK_N, GROUPS=groups_b, DP4A=dp4a,
-            num_warps=Q4G_DOWN_WARPS)
-
-    launches = [("quantize", quantize_x), ("gate_up", gate_up), ("quantize_act", quantize_act), ("down", down)]
-    if nj > 1:
         launches.append(("sum", lambda: torch.sum(part, 1, out=y)))
     return launches
 
