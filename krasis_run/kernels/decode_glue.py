@@ -81,7 +81,7 @@ def _kernels():
     @triton.jit
     def router_kernel(x_ptr, w_ptr, logits_ptr, ticket_ptr, ids_ptr, wts_ptr, take_ptr, xs_ptr, ids_s_ptr, wts_s_ptr,
                       H, E, K: tl.constexpr, RENORM: tl.constexpr, ROWS: tl.constexpr, BLOCK_H: tl.constexpr,
-                      BLOCK_E: tl.constexpr, KP: tl.constexpr, STAGE: tl.constexpr, RANKED: tl.constexpr):
+                      BLOCK_E: tl.constexpr, KP: tl.constexpr, STAGE: tl.constexpr):
         # one token: ROWS router rows (logits) a program; the last program to finish (a ticket: an atomic counter
         # it re-arms) takes the top k of all E logits, as route_kernel. STAGE: it also hands the CPU its share of
         # the layer (into pinned host memory the GPU writes over PCIe): x in float32, the ids with those the GPU
@@ -103,32 +103,15 @@ def _kernels():
             emask = ecols < E
             # from L2 (.cg): the other programs' logits, written from other SMs
             logits = tl.load(logits_ptr + ecols, mask=emask, other=float("-inf"), cache_modifier=".cg")
-            if RANKED:
-                # every expert's rank at once (how many beat it; ties to the lower id), no K rounds of reductions:
-                # the chosen ones are stored at their rank, which is the order _top_k gives
-                beats = (logits[None, :] > logits[:, None]) | ((logits[None, :] == logits[:, None])
-                                                               & (ecols[None, :] < ecols[:, None]))
-                rank = tl.sum(beats.to(tl.int32), 1)
-                chosen = emask & (rank < K)
-                p = tl.exp(logits - tl.max(logits, 0))
-                p = p / tl.sum(tl.where(chosen, p, 0.0), 0) if RENORM else p / tl.sum(p, 0)
-                tl.store(ids_ptr + rank, ecols.to(ids_ptr.dtype.element_ty), mask=chosen)
-                tl.store(wts_ptr + rank, p, mask=chosen)
-                if STAGE:
-                    take = tl.load(take_ptr + ecols, mask=emask, other=0)
-                    tl.store(ids_s_ptr + rank, tl.where(take != 0, -1, ecols), mask=chosen)
-                    tl.store(wts_s_ptr + rank, p, mask=chosen)
-            else:
-                top_ids, top_w = _top_k(logits, ecols, emask, K, RENORM, KP)
-                slots = tl.arange(0, KP)
-                kmask = slots < K
-                tl.store(ids_ptr + slots, top_ids.to(ids_ptr.dtype.element_ty), mask=kmask)
-                tl.store(wts_ptr + slots, top_w, mask=kmask)
-                if STAGE:
-                    take = tl.load(take_ptr + top_ids, mask=kmask, other=0)
-                    tl.store(ids_s_ptr + slots, tl.where(take != 0, -1, top_ids), mask=kmask)
-                    tl.store(wts_s_ptr + slots, top_w, mask=kmask)
+            top_ids, top_w = _top_k(logits, ecols, emask, K, RENORM, KP)
+            slots = tl.arange(0, KP)
+            kmask = slots < K
+            tl.store(ids_ptr + slots, top_ids.to(ids_ptr.dtype.element_ty), mask=kmask)
+            tl.store(wts_ptr + slots, top_w, mask=kmask)
             if STAGE:
+                take = tl.load(take_ptr + top_ids, mask=kmask, other=0)
+                tl.store(ids_s_ptr + slots, tl.where(take != 0, -1, top_ids), mask=kmask)
+                tl.store(wts_s_ptr + slots, top_w, mask=kmask)
                 for x0 in range(0, H, BLOCK_H):
                     xcols = x0 + tl.arange(0, BLOCK_H)
                     xmask = xcols < H
@@ -330,7 +313,6 @@ def norm_rope_store_decode(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_
 ROUTER_ROWS = 1
 ROUTER_MAX_BLOCK = 4096
 ROUTER_WARPS = 2
-ROUTER_RANKED_MAX = 256  # up to this many experts the top k comes from one [E, E] comparison, not k reductions
 
 
 def router_decode(x: torch.Tensor, weight: torch.Tensor, k: int, renormalize: bool, ticket: torch.Tensor,
@@ -363,5 +345,5 @@ def router_decode(x: torch.Tensor, weight: torch.Tensor, k: int, renormalize: bo
     _kernels()["router"][(-(-e // ROUTER_ROWS),)](
         _rows(x), weight.contiguous(), logits, ticket, ids, weights, take, xs, ids_s, wts_s, h, e, K=k,
         RENORM=bool(renormalize), ROWS=ROUTER_ROWS, BLOCK_H=min(ROUTER_MAX_BLOCK, next_pow2(h)), BLOCK_E=next_pow2(e),
-        KP=next_pow2(k), STAGE=stage is not None, RANKED=next_pow2(e) <= ROUTER_RANKED_MAX, num_warps=ROUTER_WARPS)
+        KP=next_pow2(k), STAGE=stage is not None, num_warps=ROUTER_WARPS)
     return ids, weights
