@@ -32,6 +32,13 @@ HEADS, KV_HEADS, HEAD_DIM, CAPACITY = 32, 4, 128, 40960
 FLUSH_BYTES = 256 << 20  # larger than any H100/H200 L2
 
 
+def moe_bound(codec: str) -> float:
+    """Relative L2 allowed against the float reference: q4 with int8 inputs (decode_gpu.Q4G_INT8) rounds x."""
+    from krasis_run.kernels import decode_gpu
+
+    return 1e-2 if codec == "q4" and decode_gpu.Q4G_INT8 else 1e-4
+
+
 def rel_l2(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a.double() - b.double()).norm() / b.double().norm())
 
@@ -102,7 +109,7 @@ def bench_moe(codec: str, m: int, iters: int, flush: torch.Tensor, ceiling: floa
     ref_times = time_it(lambda i: moe_decode_torch(x, ids[i], weights[i], slot_of, codec, gate_up, down), 5, flush)
     err = rel_l2(moe_decode(x, ids[0], weights[0], slot_of, codec, gate_up, down),
                  moe_decode_torch(x, ids[0], weights[0], slot_of, codec, gate_up, down))
-    assert err < 1e-4, err
+    assert err < moe_bound(codec), err
     check_moe_graph(x, ids, weights, slot_of, codec, gate_up, down)
     return report(f"moe_decode {codec} M={m}", times, nbytes, ceiling, statistics.median(ref_times), err)
 
@@ -122,7 +129,7 @@ def check_moe_graph(x, ids, weights, slot_of, codec, gate_up, down) -> None:
         w_buf.copy_(weights[i])
         graph.replay()
         err = rel_l2(out, moe_decode_torch(x, ids_buf, w_buf, slot_of, codec, gate_up, down))
-        assert err < 1e-4, f"graph replay {i}: rel L2 {err}"
+        assert err < moe_bound(codec), f"graph replay {i}: rel L2 {err}"
 
 
 def graph_time(fn, iters: int, flush: torch.Tensor) -> float:
@@ -211,7 +218,7 @@ def sweep_row(cfg, x, ids, weights, slot_of, gate_up, down, out, want, iters, fl
     kernels alone in its own graph (moe_decode_launches)."""
     from krasis_run.kernels import decode_gpu as dg
 
-    bytes_of = {"gate_up": TOPK * expert_bytes(gate_up), "down": TOPK * expert_bytes(down), "sum": 0}
+    bytes_of = {"gate_up": TOPK * expert_bytes(gate_up), "down": TOPK * expert_bytes(down), "sum": 0, "quantize": 0}
     nbytes = bytes_of["gate_up"] + bytes_of["down"]
     name = config_name(cfg)
     for k, v in cfg.items():
@@ -238,7 +245,7 @@ def sweep_row(cfg, x, ids, weights, slot_of, gate_up, down, out, want, iters, fl
     print(f"sweep {name}: {t * 1e6:6.1f} us in a graph, {nbytes / t / 1e9:5.0f} GB/s "
           f"({nbytes / t / 1e9 / ceiling * 2:.0%} of read bandwidth), rel L2 {err:.1e}; alone: {', '.join(parts)}",
           flush=True)
-    assert err < 1e-4, f"sweep {name}: rel L2 {err}"
+    assert err < moe_bound("q4"), f"sweep {name}: rel L2 {err}"
     return row
 
 

@@ -682,27 +682,16 @@ def _q4_grouped_launches(kern, x, ids, weights, slot_of, gu, dn, act, y) -> list
     grid_a = (m * topk, kern["cdiv"](inter, Q4G_BLOCK_N))
     zero_block = next_pow2(-(-m * h // (grid_a[0] * grid_a[1]))) if atomic else 0
 
-    def gate_up_launch():
-        kern["gate_up_q4g"][grid_a](
-            x, ids, slot_of, gu_q, gu["scale"], gu["zero"], act, y, topk, inter, h, gu_q.stride(0),
-            gu["scale"].stride(0), m * h, BLOCK_N=Q4G_BLOCK_N, GROUPS=groups_a, UNROLL=unroll_a, STAGES=Q4G_STAGES,
-            ZERO_BLOCK=zero_block, ALIGNED=Q4G_ALIGNED, num_warps=Q4G_WARPS)
+    if Q4G_INT8 and not zero_block:  # the atomic down needs the float gate_up's zeroing of y
+        launches = _q4_int8_gate_up_launches(kern, x, ids, slot_of, gu_q, gu, act, grid_a, groups_a)
+    else:
+        def gate_up_launch():
+            kern["gate_up_q4g"][grid_a](
+                x, ids, slot_of, gu_q, gu["scale"], gu["zero"], act, y, topk, inter, h, gu_q.stride(0),
+                gu["scale"].stride(0), m * h, BLOCK_N=Q4G_BLOCK_N, GROUPS=groups_a, UNROLL=unroll_a,
+                STAGES=Q4G_STAGES, ZERO_BLOCK=zero_block, ALIGNED=Q4G_ALIGNED, num_warps=Q4G_WARPS)
 
-    int8 = Q4G_INT8 and not zero_block  # the atomic down needs the float kernel's zeroing of y
-    if int8:
-        ng = h // 32
-        xq = torch.empty(m, ng * 8, dtype=torch.int32, device=x.device)
-        dx, fs = torch.empty(m, ng, dtype=torch.float32, device=x.device), torch.empty(m, ng, dtype=torch.float32,
-                                                                                         device=x.device)
-        sx = torch.empty(m, ng, dtype=torch.int32, device=x.device)
-
-        def quantize_launch():
-            kern["quantize_x"][(m,)](x, xq, dx, sx, fs, h, GP=next_pow2(ng), num_warps=4)
-
-        def gate_up_launch():  # noqa: F811 - the int8 variant replaces the float one
-            kern["gate_up_q4i"][grid_a](
-                xq, dx, sx, fs, ids, slot_of, gu_q, gu["scale"], gu["zero"], act, topk, inter, h, gu_q.stride(0),
-                gu["scale"].stride(0), BLOCK_N=Q4G_BLOCK_N, GROUPS=groups_a, DP4A=x.is_cuda, num_warps=Q4G_WARPS)
+        launches = [("gate_up", gate_up_launch)]
 
     # one expert block, or atomics: the programs write the output directly; else partial sums, then their sum
     part = y.view(m, 1, h) if nj == 1 or atomic else torch.empty(m, nj, h, dtype=torch.float32, device=x.device)
@@ -713,10 +702,32 @@ def _q4_grouped_launches(kern, x, ids, weights, slot_of, gu, dn, act, y) -> list
             dn["scale"].stride(0), EXPERTS=experts, BLOCK_N=Q4G_DOWN_BLOCK_N, GROUPS=groups_b, UNROLL=unroll_b,
             STAGES=Q4G_DOWN_STAGES, ATOMIC=atomic, ALIGNED=Q4G_ALIGNED, num_warps=Q4G_DOWN_WARPS)
 
-    launches = ([("quantize", quantize_launch)] if int8 else []) + [("gate_up", gate_up_launch), ("down", down_launch)]
+    launches.append(("down", down_launch))
     if nj > 1 and not atomic:
         launches.append(("sum", lambda: torch.sum(part, 1, out=y)))
     return launches
+
+
+def _q4_int8_gate_up_launches(kern, x, ids, slot_of, gu_q, gu, act, grid_a, groups_a) -> list:
+    """Q4G_INT8: x quantized per group of 32 (words, scales, int8 sums, float sums), then gate_up with integer dot
+    products (dp4a on CUDA; the interpreter runs the same integer math without the instruction)."""
+    m, h = x.shape
+    topk, inter = act.shape[1:]
+    ng = h // 32
+    xq = (torch.empty(m, ng * 8, dtype=torch.int32, device=x.device),
+          torch.empty(m, ng, dtype=torch.float32, device=x.device),
+          torch.empty(m, ng, dtype=torch.int32, device=x.device),
+          torch.empty(m, ng, dtype=torch.float32, device=x.device))
+
+    def quantize():
+        kern["quantize_x"][(m,)](x, *xq, h, GP=next_pow2(ng), num_warps=4)
+
+    def gate_up():
+        kern["gate_up_q4i"][grid_a](*xq, ids, slot_of, gu_q, gu["scale"], gu["zero"], act, topk, inter, h,
+                                    gu_q.stride(0), gu["scale"].stride(0), BLOCK_N=Q4G_BLOCK_N, GROUPS=groups_a,
+                                    DP4A=x.is_cuda, num_warps=Q4G_WARPS)
+
+    return [("quantize", quantize), ("gate_up", gate_up)]
 
 
 # ---------------------------------------------------------------- attention
