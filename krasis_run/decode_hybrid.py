@@ -246,9 +246,11 @@ class HybridDecodeEngine:
         # Remote experts: of the picks left to the CPU, about `remote_share` go to the GPU instead, which reads
         # those experts' tiles from host memory over PCIe (the registered mapping) while the CPU reads the rest:
         # two memory systems on one layer's experts. Needs the GPU tiles in registered, device-mapped memory.
+        # Hot experts are gathered from these device views of the mapping by one kernel per part of a layer.
         self.remote_share = remote_share if gpu_experts and prefill.section == SECTION_EXPERTS_GPU else 0.0
-        if self.remote_share:
-            self.remote_share = self._map_remote_tiles()
+        if (self.remote_share or self.hot_bytes) and not self._map_remote_tiles():
+            self.remote_share = 0.0
+        self.setup = dict(hot_load_s=0.0, capture_s=0.0)  # one-off costs of the last sequence's first step
 
     # ---------------------------------------------------------------- placement summary
     @property
@@ -306,9 +308,10 @@ class HybridDecodeEngine:
             return {}
         return views
 
-    def _map_remote_tiles(self) -> float:
+    def _map_remote_tiles(self) -> bool:
         """Device views of the streamed layers' tiles in the (registered) mapping, checked to read the same bytes
-        as the host; 0.0 (remote experts off) where this system cannot address registered memory this way."""
+        as the host; False (remote experts off, hot experts copied expert by expert) where this system cannot
+        address registered memory this way."""
         streamer = self.prefill_engine.streamer
         registered = set(streamer.registered)
         try:
@@ -324,8 +327,8 @@ class HybridDecodeEngine:
             for layer in self.layers.values():
                 layer.remote_tiles = None
             print(f"krasis: remote experts off (the GPU cannot read the mapping in place: {e})", file=sys.stderr)
-            return 0.0
-        return self.remote_share
+            return False
+        return True
 
     # ---------------------------------------------------------------- hot experts
     def _drop_hot(self) -> None:
@@ -354,13 +357,18 @@ class HybridDecodeEngine:
             chosen.setdefault(i, []).append(e)
         for i, experts in chosen.items():
             experts.sort()
-            host = part_views(streamer.host[i], streamer.sources[i])
-            tiles = {m: {p: torch.empty((len(experts), *t.shape[1:]), dtype=t.dtype, device=self.device)
-                         for p, t in parts.items()} for m, parts in host.items()}
-            for m, parts in host.items():
-                for p, t in parts.items():
-                    for slot, e in enumerate(experts):
-                        tiles[m][p][slot].copy_(t[e], non_blocking=True)
+            mapped = self.layers[i].remote_tiles
+            if mapped is not None:  # one gather kernel per part, reading the mapping over PCIe
+                index = torch.tensor(experts, device=self.device)
+                tiles = {m: {p: t.index_select(0, index) for p, t in parts.items()} for m, parts in mapped.items()}
+            else:  # one copy per expert and part
+                host = part_views(streamer.host[i], streamer.sources[i])
+                tiles = {m: {p: torch.empty((len(experts), *t.shape[1:]), dtype=t.dtype, device=self.device)
+                             for p, t in parts.items()} for m, parts in host.items()}
+                for m, parts in host.items():
+                    for p, t in parts.items():
+                        for slot, e in enumerate(experts):
+                            tiles[m][p][slot].copy_(t[e], non_blocking=True)
             self.layers[i].place(experts, tiles)
         if self.cuda:
             torch.cuda.synchronize(self.device)
@@ -539,15 +547,19 @@ class HybridDecodeEngine:
             raise KrsError(f"the GPU KV cache holds {self.context} tokens (--context)")
         if self.hot_pending:
             self.hot_pending = False
+            placing = time.perf_counter()
             if self.hot_bytes:
                 self._load_hot()
             if self.remote_share:
                 self._place_remote()
+            self.setup["hot_load_s"] = time.perf_counter() - placing
         self.embed_host.copy_(self.embed_table[token:token + 1])
         self.pos_host.fill_(pos)
         if self.use_graphs:
             if self.plan is None:
+                capturing = time.perf_counter()
                 self._capture()  # the warm-up steps wrote K/V at `pos` too; the replay overwrites them
+                self.setup["capture_s"] = time.perf_counter() - capturing
                 self.timing = dict.fromkeys(self.timing, 0)
                 started = time.perf_counter()  # capture is a one-off: count the steps from here
             self._replay()

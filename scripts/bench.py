@@ -312,6 +312,7 @@ def run_decode(path: Path, budgets: list[str], runs: int, bandwidth: dict, modes
                        resident_layers=len(rt.placement.resident_layers), cpu_bytes_per_token=nbytes["cpu"],
                        gpu_bytes_per_token=nbytes["gpu"], bound_tok_s=1 / bound_s, ms_per_token=split,
                        hot_experts=getattr(rt.engine, "hot_stats", {}), routing=routing_spread(rt),
+                       first_step_setup=getattr(rt.engine, "setup", {}),
                        one_graph_step=getattr(rt.engine, "flags", None) is not None)
             rows.append(row)
             print(f"decode {mode:>14} (remote {share}) budget {gib:>5}: {row['decode_tok_s']:6.1f} tok/s "
@@ -319,7 +320,8 @@ def run_decode(path: Path, budgets: list[str], runs: int, bandwidth: dict, modes
                   f"(bound {row['bound_tok_s']:.0f} tok/s = {row['decode_tok_s'] * bound_s:.0%}; CPU "
                   f"{nbytes['cpu'] / 1e6:.0f} MB + GPU {nbytes['gpu'] / 1e6:.0f} MB per token, "
                   f"{row['resident_layers']} layers resident, hot {row['hot_experts']}, routing {row['routing']}, "
-                  f"one graph a step {row['one_graph_step']}) ms/token {split}", flush=True)
+                  f"one graph a step {row['one_graph_step']}, first step setup {row['first_step_setup']}) "
+                  f"ms/token {split}", flush=True)
             if mode in profile_modes:
                 profile_decode(rt)
             rt.close()
