@@ -23,27 +23,32 @@ def _native_kv_store():
 
 
 class KVCache:
-    """Per layer K and V as [capacity, kv_heads, head_dim]; grows by doubling; `length` tokens are valid."""
+    """Per layer K as [capacity, kv_heads, head_dim] and V as [capacity, kv_heads, value_dim] (value_dim defaults to
+    head_dim; an MLA model caches one latent "head" as K and no V: value_dim 0); grows by doubling; `length` tokens
+    are valid."""
 
     def __init__(self, layers: int, kv_heads: int, head_dim: int, capacity: int = 256,
-                 dtype: torch.dtype = torch.bfloat16, pin_memory: bool = False, device: torch.device | str = "cpu"):
+                 dtype: torch.dtype = torch.bfloat16, pin_memory: bool = False, device: torch.device | str = "cpu",
+                 value_dim: int | None = None):
         self.shape, self.dtype, self.pin_memory = (kv_heads, head_dim), dtype, pin_memory
+        self.value_shape = (kv_heads, head_dim if value_dim is None else value_dim)
         self.device = torch.device(device)
-        self.keys = [self._alloc(capacity) for _ in range(layers)]
-        self.values = [self._alloc(capacity) for _ in range(layers)]
+        self.keys = [self._alloc(capacity, self.shape) for _ in range(layers)]
+        self.values = [self._alloc(capacity, self.value_shape) for _ in range(layers)]
         self.length = 0
 
-    def _alloc(self, capacity: int) -> torch.Tensor:
+    def _alloc(self, capacity: int, shape: tuple[int, ...]) -> torch.Tensor:
         # pinned when a GPU prefill fills it: device-to-host copies then run async at full PCIe speed
         if self.device.type != "cpu":
-            return torch.empty(capacity, *self.shape, dtype=self.dtype, device=self.device)
-        return torch.empty(capacity, *self.shape, dtype=self.dtype, pin_memory=self.pin_memory)
+            return torch.empty(capacity, *shape, dtype=self.dtype, device=self.device)
+        return torch.empty(capacity, *shape, dtype=self.dtype, pin_memory=self.pin_memory)
 
     @classmethod
     def over(cls, keys: list[torch.Tensor], values: list[torch.Tensor]) -> KVCache:
         """An empty cache on existing storage (a decode engine's fixed buffers, which CUDA graphs address)."""
         cache = cls.__new__(cls)
         cache.shape, cache.dtype, cache.pin_memory = tuple(keys[0].shape[1:]), keys[0].dtype, False
+        cache.value_shape = tuple(values[0].shape[1:])
         cache.device, cache.keys, cache.values, cache.length = keys[0].device, list(keys), list(values), 0
         return cache
 
@@ -57,9 +62,9 @@ class KVCache:
         if self.device.type != "cpu":
             raise KrsError(f"{tokens} tokens do not fit the device KV cache of {self.capacity}")
         capacity = max(tokens, 2 * self.capacity)
-        for store in (self.keys, self.values):
+        for store, shape in ((self.keys, self.shape), (self.values, self.value_shape)):
             for i, old in enumerate(store):
-                new = self._alloc(capacity)
+                new = self._alloc(capacity, shape)
                 new[: self.length] = old[: self.length]
                 store[i] = new
 

@@ -194,7 +194,8 @@ class HybridDecodeEngine:
         self.cuda = device.type == "cuda"
         self.cpu_ops = cpu_ops
         a = args
-        self.kv = KVCache(a.num_hidden_layers, a.num_key_value_heads, a.head_dim, context, device=device)
+        kv_heads, key_dim, value_dim = prefill.model.cache_dims()
+        self.kv = KVCache(a.num_hidden_layers, kv_heads, key_dim, context, device=device, value_dim=value_dim)
         codec = artifact.header["quant"]["experts"]
         streamer = prefill.streamer
         self.layers: dict[int, LayerExperts] = {}

@@ -17,8 +17,9 @@ class CpuEngine:
         self.pin_cache = False
 
     def new_cache(self, capacity: int = 256) -> KVCache:
-        a = self.args
-        return KVCache(a.num_hidden_layers, a.num_key_value_heads, a.head_dim, capacity, pin_memory=self.pin_cache)
+        kv_heads, key_dim, value_dim = self.model.cache_dims()
+        return KVCache(self.args.num_hidden_layers, kv_heads, key_dim, capacity, pin_memory=self.pin_cache,
+                       value_dim=value_dim)
 
     @torch.inference_mode()
     def prefill(self, tokens: list[int], cache: KVCache, all_logits: bool = False) -> torch.Tensor:

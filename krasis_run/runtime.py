@@ -69,6 +69,10 @@ class Runtime:
             )
         self.threads = set_threads(threads)
         self.args = arch.ModelArgs.from_hf(header["config"])
+        if not getattr(arch, "GPU", True):  # an architecture whose GPU engines are not written yet: the CPU path
+            if device == "cuda":
+                raise KrsError(f"{header['architecture']} runs on the CPU only in this version: use --device cpu")
+            device = "cpu"
         self.placement = plan(self.artifact, device, gpu_budget, context, max_resident_layers)
         self.ops = CpuOps(kernel)
         self.model = arch.Model(self.args, place_weights(self.artifact, self.placement), self.ops)

@@ -67,8 +67,13 @@ def make_model(config, seed: int = 0):
     """
     from transformers import Qwen3MoeForCausalLM
 
+    return perturb(Qwen3MoeForCausalLM(config), seed)
+
+
+def perturb(model, seed: int = 0):
+    """make_model's perturbation for any transformers causal LM (every parameter, norms included, bf16 values)."""
     torch.manual_seed(seed)
-    model = Qwen3MoeForCausalLM(config).eval()
+    model = model.eval()
     with torch.no_grad():
         for name, p in model.named_parameters():
             if p.dim() == 1:  # norms (and biases): around 1, different per channel
@@ -98,6 +103,33 @@ def save_checkpoint(model, folder: Path, expert_layout: str = "per_expert") -> P
             tensors = {n: t.to(torch.bfloat16).contiguous() for n, t in load_file(str(f)).items()}
             save_file(tensors, str(f), metadata={"format": "pt"})
     return folder
+
+
+def tiny_deepseek_v2_config(**overrides):
+    """A tiny DeepSeek-V2(-Lite) shape: MLA without q_lora, a dense first layer, shared experts, yarn rope."""
+    from transformers import DeepseekV2Config
+
+    base = dict(
+        vocab_size=400, hidden_size=64, intermediate_size=96, moe_intermediate_size=32, num_hidden_layers=3,
+        num_attention_heads=4, num_key_value_heads=4, n_shared_experts=2, n_routed_experts=8, num_experts_per_tok=3,
+        first_k_dense_replace=1, kv_lora_rank=32, q_lora_rank=None, qk_rope_head_dim=8, v_head_dim=16,
+        qk_nope_head_dim=16, topk_method="greedy", routed_scaling_factor=1.5, max_position_embeddings=512,
+        rms_norm_eps=1e-6, tie_word_embeddings=False,
+        rope_parameters={"rope_type": "yarn", "rope_theta": 10000.0, "factor": 4.0, "beta_fast": 32, "beta_slow": 1,
+                         "original_max_position_embeddings": 128, "mscale": 0.707, "mscale_all_dim": 0.707},
+    )
+    base.update(overrides)
+    return DeepseekV2Config(**base)
+
+
+def build_deepseek_v2(folder: Path, expert_layout: str = "per_expert", seed: int = 0, **overrides):
+    from transformers import DeepseekV2ForCausalLM
+
+    config = tiny_deepseek_v2_config(**overrides)
+    model = perturb(DeepseekV2ForCausalLM(config), seed)
+    save_checkpoint(model, folder, expert_layout)
+    make_tokenizer(folder, config.vocab_size)
+    return model
 
 
 def build(folder: Path, expert_layout: str = "per_expert", seed: int = 0, **overrides):

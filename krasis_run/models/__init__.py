@@ -1,5 +1,5 @@
 """One module per architecture; the registry maps the HF architecture name to it."""
 
-from . import qwen3_moe
+from . import deepseek_v2, qwen3_moe
 
-MODELS = {qwen3_moe.ARCHITECTURE: qwen3_moe}
+MODELS = {m.ARCHITECTURE: m for m in (qwen3_moe, deepseek_v2)}

@@ -101,6 +101,10 @@ class Model:
         self.attention_inputs = getattr(ops, "attention_inputs", None)
         self.select_experts = getattr(ops, "select_experts", None)
 
+    def cache_dims(self) -> tuple[int, int, int]:
+        """(kv heads, key dim, value dim) of the KV cache."""
+        return self.args.num_key_value_heads, self.args.head_dim, self.args.head_dim
+
     def _rope(self, start_pos, count: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
         """cos/sin of positions start_pos.. : rows of a table kept per device (grown by doubling) for an int
         start, so a decode step costs a slice instead of ~8 small ops; computed for a device-tensor start (a
