@@ -110,7 +110,8 @@ class HybridOps(GpuOps):
         super().__init__(device, codec, "rows", exact)
         self.engine, self.cpu_ops = engine, cpu_ops
         self.staged: int | None = None  # the layer whose CPU inputs the router kernel just wrote to its stage
-        self.ticket = torch.zeros(1, dtype=torch.int32, device=device)  # the router kernel's, always left at zero
+        # the router kernel's tickets, one per layer (so no two launches can share one), always left at zero
+        self.tickets = torch.zeros(engine.args.num_hidden_layers, dtype=torch.int32, device=device)
 
     def select_experts(self, x: torch.Tensor, router: torch.Tensor, k: int, renormalize: bool,
                        handle: ExpertHandle) -> tuple[torch.Tensor, torch.Tensor]:
@@ -122,7 +123,8 @@ class HybridOps(GpuOps):
         e = self.engine
         layer = e.layers[handle.layer]
         stage = e.stage_views.get(handle.layer) if layer.on_cpu else None
-        ids, weights = router_decode(x, router, k, renormalize, self.ticket, stage, layer.gpu_takes)
+        ticket = self.tickets[handle.layer:handle.layer + 1]
+        ids, weights = router_decode(x, router, k, renormalize, ticket, stage, layer.gpu_takes)
         if stage is not None:
             self.staged = handle.layer
         return ids, weights
@@ -327,7 +329,8 @@ class HybridDecodeEngine:
         except (RuntimeError, TypeError) as e:
             for layer in self.layers.values():
                 layer.remote_tiles = None
-            print(f"krasis: remote experts off (the GPU cannot read the mapping in place: {e})", file=sys.stderr)
+            print(f"krasis: remote experts off, hot experts copied one by one (the GPU cannot read the mapping in "
+                  f"place: {e})", file=sys.stderr)
             return False
         return True
 
@@ -351,6 +354,7 @@ class HybridDecodeEngine:
                 picks += [(c, i, e) for e, c in enumerate(counts[i].tolist()) if c > 0]
         if not picks:
             return
+        self.plan = None  # the graphs address the tiles and slot maps replaced below (also if this fails half way)
         per_expert = max(streamer.sources[i].length for i in self.layers) / self.args.num_experts
         picks.sort(key=lambda p: -p[0])
         chosen: dict[int, list[int]] = {}
@@ -383,6 +387,7 @@ class HybridDecodeEngine:
         """Per layer with remote tiles: the most-picked experts (of the last prefill) not in VRAM, until they
         hold `remote_share` of that layer's picks not in VRAM."""
         counts = self.prefill_engine.ops.routing_counts
+        self.plan = None  # the graphs address the slot maps replaced below
         for i, layer in self.layers.items():
             if layer.remote_tiles is None or i not in counts:
                 continue
@@ -532,6 +537,11 @@ class HybridDecodeEngine:
                         self._cpu_experts(item[1], item[2])
             ok = True
         finally:  # also when a CPU step raises: nothing launched may still run into the next prefill
+            if not ok and self.flags is not None:
+                # cut short before the native call released the layers (an exception between the replay and the
+                # serve call): release them from here, or the graph would wait on them forever
+                for i in self.serve_layers:
+                    self.flags.release(2 * i + 1)
             self.stream.synchronize()
             if not ok and self.flags is not None:
                 self.flags.reset()  # a step cut short may have left a flag set

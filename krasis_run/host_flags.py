@@ -65,6 +65,10 @@ class StreamFlags:
         """Enqueue: the stream waits until flag i == value."""
         _call(_driver()[1], stream, self.address(i), value, WAIT_EQ, "wait")
 
+    def release(self, i: int) -> None:
+        """Set flag i to 1 from the host (what the CPU side does when a layer is done)."""
+        self.flags[LINE * i] = 1
+
     def reset(self) -> None:
         self.flags.zero_()
 
@@ -85,6 +89,7 @@ def available(device: torch.device) -> bool:
     try:
         flags = StreamFlags(2)
         x = torch.zeros(1, device=device)
+        stream.wait_stream(torch.cuda.current_stream(device))  # x is zeroed on the current stream
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.stream(stream):
             graph.capture_begin()

@@ -67,13 +67,14 @@ def make_model(config, seed: int = 0):
     """
     from transformers import Qwen3MoeForCausalLM
 
-    return perturb(Qwen3MoeForCausalLM(config), seed)
+    return perturbed(Qwen3MoeForCausalLM, config, seed)
 
 
-def perturb(model, seed: int = 0):
-    """make_model's perturbation for any transformers causal LM (every parameter, norms included, bf16 values)."""
+def perturbed(model_class, config, seed: int = 0):
+    """A model_class(config) perturbed as make_model describes (every parameter, norms included, bf16 values); the
+    seed is set before the model is built, so its values depend on the seed alone."""
     torch.manual_seed(seed)
-    model = model.eval()
+    model = model_class(config).eval()
     with torch.no_grad():
         for name, p in model.named_parameters():
             if p.dim() == 1:  # norms (and biases): around 1, different per channel
@@ -126,7 +127,7 @@ def build_deepseek_v2(folder: Path, expert_layout: str = "per_expert", seed: int
     from transformers import DeepseekV2ForCausalLM
 
     config = tiny_deepseek_v2_config(**overrides)
-    model = perturb(DeepseekV2ForCausalLM(config), seed)
+    model = perturbed(DeepseekV2ForCausalLM, config, seed)
     save_checkpoint(model, folder, expert_layout)
     make_tokenizer(folder, config.vocab_size)
     return model

@@ -268,6 +268,13 @@ def test_router_reference_matches_route(h, e, k, renorm):
     check_router(h, e, k, renorm, "cpu", use_triton=False)
 
 
+def test_router_refuses_staging_without_take():
+    x, weight, _ = router_inputs(64, 8, 0)
+    stage = (torch.empty(1, 64), torch.empty(1, 2, dtype=torch.int32), torch.empty(1, 2))
+    with pytest.raises(ValueError, match="take"):
+        router_decode(x, weight, 2, True, torch.zeros(1, dtype=torch.int32), stage, use_triton=False)
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (run on the GPU host)")
 @pytest.mark.parametrize("h,e,k,renorm", ROUTER_CASES)
 def test_router_cuda_matches_route(h, e, k, renorm):

@@ -291,6 +291,7 @@ def norm_rope_store_decode(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_
     t, nq, d = q.shape
     nkv = k.shape[1]
     fits = (t == 1 and d & (d - 1) == 0 and d >= 32 and keys.is_contiguous() and values.is_contiguous()
+            and keys.shape[1:] == values.shape[1:] == (nkv, d) and cos.shape == sin.shape == (1, d)
             and keys.dtype == values.dtype == q.dtype == k.dtype == torch.bfloat16 and q_weight.dtype == k_weight.dtype
             and all(x.stride(-1) == 1 and x.stride(-2) == d for x in (q, k, v))
             and cos.dtype == sin.dtype == torch.float32 and cos.is_contiguous() and sin.is_contiguous())
@@ -330,6 +331,8 @@ def router_decode(x: torch.Tensor, weight: torch.Tensor, k: int, renormalize: bo
     e = weight.shape[0]
     if m != 1 or weight.shape[1] != h or not 1 <= k <= e:
         raise ValueError(f"router_decode takes one token [1, {weight.shape[1]}] and top-k <= {e}, got {list(x.shape)}")
+    if stage is not None and (take is None or take.shape != (e,)):
+        raise ValueError(f"staging the CPU's inputs needs take, a bool tensor of the {e} experts")
     if not _triton_ok(x, use_triton):
         ids, weights = route(F.linear(x.float(), weight.float()), k, renormalize)
         if stage is not None:

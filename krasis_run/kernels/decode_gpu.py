@@ -604,7 +604,7 @@ def moe_decode_launches(x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: t
                         ) -> tuple[torch.Tensor, list[tuple[str, object]]]:
     """moe_decode's Triton path as (y, [(name, launch)]): its buffers allocated, nothing launched yet; calling the
     launches in order computes y. Lets the benchmark time each kernel alone (each in its own CUDA graph). Names:
-    "gate_up", "down", and "sum" (the partials' sum, where there is one)."""
+    "quantize" (q4 with int8 inputs), "gate_up", "down", and "sum" (the partials' sum, where there is one)."""
     kern = _kernels()
     m, h = x.shape
     topk = topk_ids.shape[1]

@@ -60,17 +60,20 @@ class ModelArgs:
 
     @classmethod
     def from_hf(cls, config: dict[str, Any]) -> ModelArgs:
-        args = from_hf_fields(cls, config)
+        args = from_hf_fields(cls, config, aliases={"num_local_experts": "n_routed_experts"})
         args.rope = rope_parameters(config)
         if args.hidden_act != "silu":
             raise ConfigError(f"hidden_act {args.hidden_act!r} is not supported (only 'silu')")
         if args.attention_bias or args.mlp_bias:
-            raise ConfigError("attention_bias / mlp_bias are not supported for DeepseekV2ForCausalLM")
-        if args.topk_method not in ("greedy", "group_limited_greedy"):
-            raise ConfigError(f"topk_method {args.topk_method!r} is not supported (greedy, group_limited_greedy)")
-        if args.topk_method == "group_limited_greedy" and args.n_routed_experts % args.n_group:
-            raise ConfigError("n_routed_experts must be a multiple of n_group")
+            raise ConfigError("attention_bias / mlp_bias are not supported for DeepSeek models")
+        args.check_routing()
         return args
+
+    def check_routing(self) -> None:
+        if self.topk_method not in ("greedy", "group_limited_greedy"):
+            raise ConfigError(f"topk_method {self.topk_method!r} is not supported (greedy, group_limited_greedy)")
+        if self.topk_method == "group_limited_greedy" and self.n_routed_experts % self.n_group:
+            raise ConfigError("n_routed_experts must be a multiple of n_group")
 
     @property
     def num_experts(self) -> int:  # the name the engines and the planner use
@@ -108,6 +111,8 @@ def rope_interleaved(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> t
 class Model:
     """Forward pass over `weights` (artifact tensor name -> weight object) using `ops` for the matmuls and experts."""
 
+    tensor_names = staticmethod(layer_tensor_names)
+
     def __init__(self, args: ModelArgs, weights, ops):
         self.args, self.w, self.ops = args, weights, ops
         a = args
@@ -116,7 +121,7 @@ class Model:
         mscale_all_dim = a.rope.get("mscale_all_dim") if a.rope["rope_type"] != "default" else None
         if mscale_all_dim and a.rope.get("factor", 1.0) > 1:  # yarn: transformers' yarn_apply_mscale
             self.scaling *= (0.1 * mscale_all_dim * math.log(a.rope["factor"]) + 1.0) ** 2
-        self.layer_names = [layer_tensor_names(a, i) for i in range(a.num_hidden_layers)]
+        self.layer_names = [self.tensor_names(a, i) for i in range(a.num_hidden_layers)]
         self.rms_norm = getattr(ops, "rms_norm", rms_norm)
         self._absorbed: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
 
@@ -147,8 +152,8 @@ class Model:
         q_nope, q_rot = q.split([a.qk_nope_head_dim, a.qk_rope_head_dim], dim=-1)
         latent, k_rot = self.ops.linear(x, w[n["kv_a_proj"]]).float().split([r, a.qk_rope_head_dim], dim=-1)
         latent = self.rms_norm(latent, w[n["kv_a_norm"]], LATENT_NORM_EPS).float()
-        q_rot = rope_interleaved(q_rot, cos, sin)
-        k_rot = rope_interleaved(k_rot[:, None, :], cos, sin)[:, 0]
+        q_rot = self.rotate(q_rot, cos, sin)
+        k_rot = self.rotate(k_rot[:, None, :], cos, sin)[:, 0]
         entry = torch.cat([latent, k_rot], dim=-1)[:, None, :].contiguous()  # [T, 1, r + rope]
         keys, _ = cache.update(i, start_pos, entry, entry[..., :0])
         keys = keys[:, 0].float()
@@ -164,9 +169,14 @@ class Model:
         out = torch.einsum("thr,hvr->thv", out_latent, w_v).reshape(t, a.num_attention_heads * a.v_head_dim)
         return self.ops.linear(out, w[n["o_proj"]])
 
-    def route(self, x: torch.Tensor, router) -> tuple[torch.Tensor, torch.Tensor]:
+    def rotate(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        """RoPE of the rotary dims x [T, heads, d]; cos/sin [T, d] as cat(freqs, freqs) times the scale."""
+        half = x.shape[-1] // 2
+        return rope_interleaved(x, cos[:, :half], sin[:, :half])
+
+    def route(self, i: int, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         a = self.args
-        scores = torch.softmax(self.ops.linear(x, router).float(), dim=-1)
+        scores = torch.softmax(self.ops.linear(x, self.w[self.layer_names[i]["router"]]).float(), dim=-1)
         if a.topk_method == "group_limited_greedy":
             groups = scores.view(-1, a.n_group, a.n_routed_experts // a.n_group)
             best = groups.amax(-1).topk(a.topk_group, dim=-1).indices
@@ -183,7 +193,7 @@ class Model:
         n, w = self.layer_names[i], self.w
         if not self.args.is_sparse(i):
             return self._dense_mlp(x, w[n["mlp_gate_up"]], w[n["mlp_down"]])
-        ids, weights = self.route(x, w[n["router"]])
+        ids, weights = self.route(i, x)
         y = self.ops.experts(x, ids, weights, w[n["experts"]]).float()
         if "shared_gate_up" in n:
             y = y + self._dense_mlp(x, w[n["shared_gate_up"]], w[n["shared_down"]])
@@ -196,8 +206,6 @@ class Model:
         x = self.ops.embed(tokens, w["embed"]).float()
         positions = torch.arange(start_pos, start_pos + tokens.shape[0])
         cos, sin = rope_cos_sin(self.inv_freq, positions, self.rope_scale)
-        half = a.qk_rope_head_dim // 2
-        cos, sin = cos[:, :half], sin[:, :half]
         for i, n in enumerate(self.layer_names):
             x = x + self.attention(i, self.rms_norm(x, w[n["attn_norm"]], a.rms_norm_eps), cache, start_pos, cos, sin)
             x = x + self.mlp(i, self.rms_norm(x, w[n["mlp_norm"]], a.rms_norm_eps))
