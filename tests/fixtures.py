@@ -133,6 +133,31 @@ def build_deepseek_v2(folder: Path, expert_layout: str = "per_expert", seed: int
     return model
 
 
+def build_deepseek_v3(folder: Path, expert_layout: str = "per_expert", seed: int = 0, **overrides):
+    """A tiny DeepSeek-V3 shape (q_lora, grouped sigmoid routing with its correction bias, which is a buffer, not a
+    parameter: set here to random bf16 values too)."""
+    from transformers import DeepseekV3Config, DeepseekV3ForCausalLM
+
+    base = dict(
+        vocab_size=400, hidden_size=64, intermediate_size=96, moe_intermediate_size=32, num_hidden_layers=3,
+        num_attention_heads=4, num_key_value_heads=4, n_shared_experts=1, n_routed_experts=16, num_experts_per_tok=4,
+        n_group=4, topk_group=2, first_k_dense_replace=1, kv_lora_rank=32, q_lora_rank=24, qk_rope_head_dim=8,
+        v_head_dim=16, qk_nope_head_dim=16, routed_scaling_factor=2.5, norm_topk_prob=True, max_position_embeddings=512,
+        rms_norm_eps=1e-6, tie_word_embeddings=False, rope_parameters={"rope_type": "default", "rope_theta": 10000.0},
+    )
+    base.update(overrides)
+    config = DeepseekV3Config(**base)
+    model = perturbed(DeepseekV3ForCausalLM, config, seed)
+    with torch.no_grad():
+        for name, buf in model.named_buffers():
+            if name.endswith("e_score_correction_bias"):
+                buf.copy_((0.1 * torch.randn_like(buf)).to(torch.bfloat16).float())
+
+    save_checkpoint(model, folder, expert_layout)
+    make_tokenizer(folder, config.vocab_size)
+    return model
+
+
 def build(folder: Path, expert_layout: str = "per_expert", seed: int = 0, **overrides):
     config = tiny_config(**overrides)
     model = make_model(config, seed)
