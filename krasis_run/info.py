@@ -91,7 +91,7 @@ def summarize(artifact) -> Summary:
         vram_dense += numel * (4 if spec.get("codec") == "f32" or name.endswith(".router") else 2)
     blob = (h.get("blobs") or {}).get("tokenizer.json", {})
     tok = h.get("tokenizer") or {}
-    experts = config.get("num_experts") or config.get("num_local_experts") or 0
+    experts = config.get("num_experts") or config.get("num_local_experts") or config.get("n_routed_experts") or 0
     moe_layers = len({c.layer for c in artifact.chunks.values()
                       if c.section in (SECTION_EXPERTS_CPU, SECTION_EXPERTS_GPU)})
     return Summary(
