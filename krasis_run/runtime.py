@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import sys
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -72,6 +73,9 @@ class Runtime:
         if not getattr(arch, "GPU", True):  # an architecture whose GPU engines are not written yet: the CPU path
             if device == "cuda":
                 raise KrsError(f"{header['architecture']} runs on the CPU only in this version: use --device cpu")
+            if device == "auto" and torch.cuda.is_available():
+                print(f"krasis: {header['architecture']} runs on the CPU in this version (its GPU engines are not "
+                      "written yet)", file=sys.stderr)
             device = "cpu"
         self.placement = plan(self.artifact, device, gpu_budget, context, max_resident_layers)
         self.ops = CpuOps(kernel)

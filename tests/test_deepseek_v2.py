@@ -64,10 +64,11 @@ def test_variants_match_transformers(tmp_path, variant):
     assert rel_l2(rt.logits(ids), tiny.reference_logits(ids).numpy()) <= 1e-2
 
 
-def test_gpu_is_refused_with_a_clear_error(deepseek, monkeypatch):
-    """The GPU engines do not place MLA yet: --device cuda says so (auto falls back to the CPU)."""
+def test_gpu_is_refused_with_a_clear_error(deepseek, monkeypatch, capsys):
+    """The GPU engines do not place MLA yet: --device cuda says so; auto falls back to the CPU and says why."""
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     with pytest.raises(KrsError, match="CPU only"):
         krasis_run.load(deepseek.artifact("q4", "q8"), device="cuda")
     rt = krasis_run.load(deepseek.artifact("q4", "q8"), device="auto", threads=1)
     assert rt.placement.prefill_device == "cpu" and rt.prefill_engine is rt.engine
+    assert "runs on the CPU" in capsys.readouterr().err
