@@ -235,7 +235,7 @@ def main() -> None:
             out = work / f"bench-{quant}-{dense_quant}{'-synthetic' if args.synthetic else ''}.krs"
             compiled = None
             if args.synthetic and not out.exists():
-                from scripts.bench import write_synthetic
+                from scripts.synthetic_artifact import write_synthetic
 
                 start = time.perf_counter()
                 write_synthetic(out, args.layers, quant, ("cpu",), dense_quant)
