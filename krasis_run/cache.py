@@ -29,13 +29,20 @@ class KVCache:
 
     def __init__(self, layers: int, kv_heads: int, head_dim: int, capacity: int = 256,
                  dtype: torch.dtype = torch.bfloat16, pin_memory: bool = False, device: torch.device | str = "cpu",
-                 value_dim: int | None = None):
+                 value_dim: int | None = None, kv_layers: list[bool] | None = None):
         self.shape, self.dtype, self.pin_memory = (kv_heads, head_dim), dtype, pin_memory
         self.value_shape = (kv_heads, head_dim if value_dim is None else value_dim)
         self.device = torch.device(device)
-        self.keys = [self._alloc(capacity, self.shape) for _ in range(layers)]
-        self.values = [self._alloc(capacity, self.value_shape) for _ in range(layers)]
+        # kv_layers: which layers attend over a KV cache (a hybrid model's linear-attention layers keep a fixed-size
+        # state instead, in `states`); the others get empty K/V of no heads
+        self.kv_layers = kv_layers or [True] * layers
+        self.keys = [self._alloc(capacity, self._shape(i, self.shape)) for i in range(layers)]
+        self.values = [self._alloc(capacity, self._shape(i, self.value_shape)) for i in range(layers)]
+        self.states: dict[int, object] = {}  # per layer, what a recurrent (linear-attention) layer carries on
         self.length = 0
+
+    def _shape(self, layer: int, shape: tuple[int, ...]) -> tuple[int, ...]:
+        return shape if self.kv_layers[layer] else (0, shape[1])
 
     def _alloc(self, capacity: int, shape: tuple[int, ...]) -> torch.Tensor:
         # pinned when a GPU prefill fills it: device-to-host copies then run async at full PCIe speed
@@ -49,6 +56,7 @@ class KVCache:
         cache = cls.__new__(cls)
         cache.shape, cache.dtype, cache.pin_memory = tuple(keys[0].shape[1:]), keys[0].dtype, False
         cache.value_shape = tuple(values[0].shape[1:])
+        cache.kv_layers, cache.states = [True] * len(keys), {}
         cache.device, cache.keys, cache.values, cache.length = keys[0].device, list(keys), list(values), 0
         return cache
 
@@ -64,7 +72,7 @@ class KVCache:
         capacity = max(tokens, 2 * self.capacity)
         for store, shape in ((self.keys, self.shape), (self.values, self.value_shape)):
             for i, old in enumerate(store):
-                new = self._alloc(capacity, shape)
+                new = self._alloc(capacity, self._shape(i, shape))
                 new[: self.length] = old[: self.length]
                 store[i] = new
 
@@ -83,4 +91,6 @@ class KVCache:
         self.length = length
 
     def truncate(self, length: int) -> None:
+        if self.states and length < self.length:
+            raise KrsError("a recurrent layer's state cannot be rewound: start a new cache")
         self.length = min(self.length, length)

@@ -158,6 +158,33 @@ def build_deepseek_v3(folder: Path, expert_layout: str = "per_expert", seed: int
     return model
 
 
+def build_qwen3_next(folder: Path, expert_layout: str = "per_expert", seed: int = 0, **overrides):
+    """A tiny Qwen3-Next: 3 Gated DeltaNet layers and 1 gated full-attention layer, partial rotary, grouped value
+    heads (4 value heads per 2 key heads), routed experts plus a gated shared expert."""
+    from transformers import Qwen3NextConfig, Qwen3NextForCausalLM
+
+    base = dict(
+        vocab_size=400, hidden_size=64, intermediate_size=96, moe_intermediate_size=32,
+        shared_expert_intermediate_size=48, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,
+        head_dim=16, num_experts=8, num_experts_per_tok=2, norm_topk_prob=True, linear_num_value_heads=4,
+        linear_num_key_heads=2, linear_key_head_dim=16, linear_value_head_dim=16, linear_conv_kernel_dim=4,
+        partial_rotary_factor=0.5, max_position_embeddings=512, rms_norm_eps=1e-6, tie_word_embeddings=False,
+        rope_parameters={"rope_type": "default", "rope_theta": 10000.0},
+    )
+    base.update(overrides)
+    config = Qwen3NextConfig(**base)
+    model = perturbed(Qwen3NextForCausalLM, config, seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            # Qwen3-Next's norms scale by 1 + w (zero-centred weights): perturbed around 0, as trained ones are, or
+            # every norm would double the activations; the gated norm inside linear attention scales by w itself
+            if name.endswith("norm.weight") and "linear_attn" not in name:
+                p.copy_((0.2 * torch.randn_like(p)).to(torch.bfloat16).float())
+    save_checkpoint(model, folder, expert_layout)
+    make_tokenizer(folder, config.vocab_size)
+    return model
+
+
 def build(folder: Path, expert_layout: str = "per_expert", seed: int = 0, **overrides):
     config = tiny_config(**overrides)
     model = make_model(config, seed)

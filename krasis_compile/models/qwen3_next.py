@@ -1,0 +1,79 @@
+"""Qwen3-Next checkpoint -> artifact tensors: all name mapping for this family (Gated DeltaNet and gated full
+attention layers, routed experts with a gated shared expert)."""
+
+from __future__ import annotations
+
+from krasis_run.models.qwen3_next import ARCHITECTURE, ModelArgs, layer_tensor_names
+
+from ..checkpoint import Checkpoint
+from ..layout import Group, TensorSpec
+from .common import expert_source, fused_mlp
+
+__all__ = ["ARCHITECTURE", "ModelArgs", "groups"]
+
+
+def _conv_weight(ckpt: Checkpoint, name: str, channels: int, kernel: int):
+    def load():
+        return ckpt.get(name, [channels, 1, kernel]).reshape(channels, kernel)
+
+    return load
+
+
+def groups(ckpt: Checkpoint, args: ModelArgs) -> list[Group]:
+    """The artifact's tensors in file order: embeddings, then layer by layer, then the head."""
+    h, hd = args.hidden_size, args.head_dim
+    nk, nv, dk, dv = args.linear_num_key_heads, args.linear_num_value_heads, args.linear_key_head_dim, \
+        args.linear_value_head_dim
+
+    def src(name: str, shape: list[int]):
+        return TensorSpec.from_checkpoint(ckpt, name, shape)
+
+    out = [Group("embed", None, [src("model.embed_tokens.weight", [args.vocab_size, h]).named("embed", "embed")])]
+    for layer in range(args.num_hidden_layers):
+        n = layer_tensor_names(args, layer)
+        p = f"model.layers.{layer}."
+        dense = [src(p + "input_layernorm.weight", [h]).named(n["attn_norm"], "norm"),
+                 src(p + "post_attention_layernorm.weight", [h]).named(n["mlp_norm"], "norm")]
+        if args.is_full(layer):
+            a = p + "self_attn."
+            heads, kv = args.num_attention_heads, args.num_key_value_heads
+            dense += [src(a + "q_proj.weight", [2 * heads * hd, h]).named(n["q_proj"], "matrix"),
+                      src(a + "k_proj.weight", [kv * hd, h]).named(n["k_proj"], "matrix"),
+                      src(a + "v_proj.weight", [kv * hd, h]).named(n["v_proj"], "matrix"),
+                      src(a + "o_proj.weight", [h, heads * hd]).named(n["o_proj"], "matrix"),
+                      src(a + "q_norm.weight", [hd]).named(n["q_norm"], "norm"),
+                      src(a + "k_norm.weight", [hd]).named(n["k_norm"], "norm")]
+        else:
+            a = p + "linear_attn."
+            conv = a + "conv1d.weight"
+            src(conv, [args.conv_dim, 1, args.linear_conv_kernel_dim])  # shape check now, load later
+            dense += [src(a + "in_proj_qkvz.weight", [2 * nk * dk + 2 * nv * dv, h]).named(n["in_proj_qkvz"], "matrix"),
+                      src(a + "in_proj_ba.weight", [2 * nv, h]).named(n["in_proj_ba"], "matrix"),
+                      TensorSpec(n["conv1d"], "norm", [args.conv_dim, args.linear_conv_kernel_dim],
+                                 _conv_weight(ckpt, conv, args.conv_dim, args.linear_conv_kernel_dim)),
+                      src(a + "dt_bias", [nv]).named(n["dt_bias"], "norm"),
+                      src(a + "A_log", [nv]).named(n["A_log"], "norm"),
+                      src(a + "norm.weight", [dv]).named(n["linear_norm"], "norm"),
+                      src(a + "out_proj.weight", [h, nv * dv]).named(n["out_proj"], "matrix")]
+        experts = None
+        if args.is_sparse(layer):
+            dense.append(src(p + "mlp.gate.weight", [args.num_experts, h]).named(n["router"], "router"))
+            if args.shared_expert_intermediate_size:
+                s = args.shared_expert_intermediate_size
+                dense += [TensorSpec(n["shared_gate_up"], "matrix", [2 * s, h], fused_mlp(ckpt, p + "mlp.shared_expert",
+                                                                                         s, h)),
+                          src(p + "mlp.shared_expert.down_proj.weight", [h, s]).named(n["shared_down"], "matrix"),
+                          src(p + "mlp.shared_expert_gate.weight", [1, h]).named(n["shared_gate"], "router")]
+            experts = expert_source(ckpt, p + "mlp.experts", args.num_experts, h, args.moe_intermediate_size)
+        else:
+            inter = args.intermediate_size
+            dense.append(TensorSpec(n["mlp_gate_up"], "matrix", [2 * inter, h], fused_mlp(ckpt, p + "mlp", inter, h)))
+            dense.append(src(p + "mlp.down_proj.weight", [h, inter]).named(n["mlp_down"], "matrix"))
+        out.append(Group(f"layers.{layer}", layer, dense, experts, n.get("experts_gpu_gate_up", ""),
+                         n.get("experts_gpu_down", ""), n.get("experts_cpu", "")))
+    head = "model.embed_tokens.weight" if args.tie_word_embeddings else "lm_head.weight"
+    out.append(Group("head", None, [
+        src("model.norm.weight", [h]).named("norm", "norm"),
+        src(head, [args.vocab_size, h]).named("lm_head", "matrix"),
+    ]))
+    return out

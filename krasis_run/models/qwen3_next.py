@@ -1,0 +1,222 @@
+"""Qwen3-Next (Qwen3NextForCausalLM: Qwen3-Next-80B-A3B, Qwen3-Coder-Next): a hybrid of Gated DeltaNet (linear
+attention) and gated full attention (layer_types, by default three linear layers to one full), and a MoE with a
+shared expert behind a sigmoid gate.
+
+- Norms are x_normed * (1 + w) (the decoder, final and q/k norms); the gated norm inside linear attention is
+  x_normed * w * silu(z).
+- Full attention: q_proj yields the queries and an output gate (twice as wide); per-head q/k norms; rotary on the
+  first head_dim * partial_rotary_factor dims (rotate-half); output times sigmoid(gate).
+- Linear attention keeps, per layer, a causal-conv state (the last kernel-1 inputs) and a recurrent state
+  [value heads, key dim, value dim] in cache.states: a fixed size per sequence, whatever its length. in_proj_qkvz /
+  in_proj_ba come grouped per key head (transformers' fix_query_key_value_ordering); q and k are l2-normed, q scaled
+  by 1/sqrt(key dim); the gated delta rule runs token by token (the recurrent form; transformers' prefill uses the
+  chunked form of the same recurrence).
+This file runs on the CPU engine.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from .base import ConfigError, apply_rope, from_hf_fields, rms_norm, rope_cos_sin, rope_frequencies, rope_parameters
+from .base import route as topk_route
+
+ARCHITECTURE = "Qwen3NextForCausalLM"
+GPU = False  # the GPU engines do not place linear attention yet: the runtime keeps this model on the CPU
+L2NORM_EPS = 1e-6
+
+
+@dataclass
+class ModelArgs:
+    vocab_size: int
+    hidden_size: int
+    num_hidden_layers: int
+    num_attention_heads: int
+    num_key_value_heads: int
+    moe_intermediate_size: int
+    num_experts: int
+    num_experts_per_tok: int
+    linear_num_value_heads: int
+    linear_num_key_heads: int
+    linear_key_head_dim: int
+    linear_value_head_dim: int
+    intermediate_size: int = 0
+    shared_expert_intermediate_size: int = 0
+    head_dim: int = 0
+    linear_conv_kernel_dim: int = 4
+    partial_rotary_factor: float = 0.25
+    norm_topk_prob: bool = True
+    rms_norm_eps: float = 1e-6
+    max_position_embeddings: int = 32768
+    tie_word_embeddings: bool = False
+    decoder_sparse_step: int = 1
+    mlp_only_layers: list[int] = field(default_factory=list)
+    layer_types: list[str] = field(default_factory=list)
+    full_attention_interval: int = 4
+    attention_bias: bool = False
+    hidden_act: str = "silu"
+    rope: dict = field(default_factory=dict)
+
+    @classmethod
+    def from_hf(cls, config: dict[str, Any]) -> ModelArgs:
+        args = from_hf_fields(cls, config)
+        args.rope = rope_parameters(config)
+        # transformers 5 keeps partial_rotary_factor in rope_parameters; older configs at the top level
+        args.partial_rotary_factor = float(args.rope.get("partial_rotary_factor", args.partial_rotary_factor))
+        if args.hidden_act != "silu" or args.attention_bias:
+            raise ConfigError("only hidden_act 'silu' without attention biases is supported for Qwen3-Next")
+        if not args.head_dim:
+            args.head_dim = args.hidden_size // args.num_attention_heads
+        if not args.layer_types:
+            interval = args.full_attention_interval
+            args.layer_types = ["full_attention" if (i + 1) % interval == 0 else "linear_attention"
+                                for i in range(args.num_hidden_layers)]
+        if len(args.layer_types) != args.num_hidden_layers or set(args.layer_types) - {"full_attention",
+                                                                                       "linear_attention"}:
+            raise ConfigError("layer_types must name full_attention or linear_attention for every layer")
+        if args.linear_num_value_heads % args.linear_num_key_heads:
+            raise ConfigError("linear_num_value_heads must be a multiple of linear_num_key_heads")
+        return args
+
+    @property
+    def rotary_dim(self) -> int:
+        return int(self.head_dim * self.partial_rotary_factor)
+
+    def is_full(self, layer: int) -> bool:
+        return self.layer_types[layer] == "full_attention"
+
+    def is_sparse(self, layer: int) -> bool:
+        return (layer not in self.mlp_only_layers and self.num_experts > 0
+                and (layer + 1) % self.decoder_sparse_step == 0)
+
+    @property
+    def conv_dim(self) -> int:
+        return 2 * self.linear_num_key_heads * self.linear_key_head_dim + \
+            self.linear_num_value_heads * self.linear_value_head_dim
+
+
+def layer_tensor_names(args: ModelArgs, layer: int) -> dict[str, str]:
+    """Role -> artifact tensor name for one decoder layer (the compiler writes exactly these)."""
+    p = f"layers.{layer}."
+    if args.is_full(layer):
+        roles = ["q_proj", "k_proj", "v_proj", "o_proj", "q_norm", "k_norm"]
+    else:
+        roles = ["in_proj_qkvz", "in_proj_ba", "conv1d", "dt_bias", "A_log", "linear_norm", "out_proj"]
+    names = {r: p + r for r in ["attn_norm", "mlp_norm", *roles]}
+    if args.is_sparse(layer):
+        names.update(router=p + "router", experts_gpu_gate_up=p + "experts.gate_up",
+                     experts_gpu_down=p + "experts.down", experts_cpu=p + "experts_cpu", experts=p + "experts")
+        if args.shared_expert_intermediate_size:
+            names.update(shared_gate_up=p + "shared.gate_up", shared_down=p + "shared.down",
+                         shared_gate=p + "shared.gate")
+    else:
+        names.update(mlp_gate_up=p + "mlp.gate_up", mlp_down=p + "mlp.down")
+    return names
+
+
+def _tensor(w) -> torch.Tensor:
+    """A small float weight (norms, conv, decay parameters) whatever its placement: a tensor or an artifact view."""
+    return (w if isinstance(w, torch.Tensor) else w.parts["w"]).float()
+
+
+class Model:
+    """Forward pass over `weights` (artifact tensor name -> weight object) using `ops` for the matmuls and experts."""
+
+    def __init__(self, args: ModelArgs, weights, ops):
+        self.args, self.w, self.ops = args, weights, ops
+        self.inv_freq, self.rope_scale = rope_frequencies(args.rope, args.rotary_dim, args.max_position_embeddings)
+        self.layer_names = [layer_tensor_names(args, i) for i in range(args.num_hidden_layers)]
+        self.rms_norm = getattr(ops, "rms_norm", rms_norm)
+        self.kv_layers = [args.is_full(i) for i in range(args.num_hidden_layers)]
+        self._plus_one: dict[str, torch.Tensor] = {}
+
+    def cache_dims(self) -> tuple[int, int, int]:
+        """(kv heads, key dim, value dim) of the full-attention layers' KV cache (kv_layers says which layers)."""
+        return self.args.num_key_value_heads, self.args.head_dim, self.args.head_dim
+
+    def norm(self, x: torch.Tensor, name: str) -> torch.Tensor:
+        """Qwen3-Next's RMSNorm: x_normed * (1 + w); 1 + w is formed once per weight."""
+        if name not in self._plus_one:
+            self._plus_one[name] = (1.0 + _tensor(self.w[name])).contiguous()
+        flat = x.float().reshape(-1, x.shape[-1]).contiguous()
+        return self.rms_norm(flat, self._plus_one[name], self.args.rms_norm_eps).float().view(x.shape)
+
+    def full_attention(self, i: int, x: torch.Tensor, cache, start_pos: int, cos, sin) -> torch.Tensor:
+        a, n = self.args, self.layer_names[i]
+        t, hd, rd = x.shape[0], a.head_dim, a.rotary_dim
+        q, gate = self.ops.linear(x, self.w[n["q_proj"]]).float().view(t, a.num_attention_heads, 2 * hd).chunk(2, -1)
+        q = self.norm(q, n["q_norm"])
+        k = self.norm(self.ops.linear(x, self.w[n["k_proj"]]).float().view(t, a.num_key_value_heads, hd), n["k_norm"])
+        v = self.ops.linear(x, self.w[n["v_proj"]]).float().view(t, a.num_key_value_heads, hd)
+        q = torch.cat([apply_rope(q[..., :rd], cos, sin), q[..., rd:]], dim=-1)
+        k = torch.cat([apply_rope(k[..., :rd], cos, sin), k[..., rd:]], dim=-1)
+        keys, values = cache.update(i, start_pos, k.contiguous(), v.contiguous())
+        out = self.ops.attention(q.contiguous(), keys, values, start_pos).float()
+        return self.ops.linear(out * torch.sigmoid(gate.reshape(t, -1)), self.w[n["o_proj"]])
+
+    def linear_attention(self, i: int, x: torch.Tensor, cache) -> torch.Tensor:
+        a, n, w = self.args, self.layer_names[i], self.w
+        t, nk, nv, dk, dv = x.shape[0], a.linear_num_key_heads, a.linear_num_value_heads, a.linear_key_head_dim, \
+            a.linear_value_head_dim
+        r = nv // nk
+        qkvz = self.ops.linear(x, w[n["in_proj_qkvz"]]).float().view(t, nk, 2 * dk + 2 * r * dv)
+        q, k, v, z = qkvz.split([dk, dk, r * dv, r * dv], dim=-1)
+        b, a_ = self.ops.linear(x, w[n["in_proj_ba"]]).float().view(t, nk, 2 * r).split([r, r], dim=-1)
+        mixed = torch.cat([q.reshape(t, nk * dk), k.reshape(t, nk * dk), v.reshape(t, nv * dv)], dim=-1)
+        kernel = a.linear_conv_kernel_dim
+        conv_state, state = cache.states.get(i) or (torch.zeros(kernel - 1, a.conv_dim),
+                                                    torch.zeros(nv, dk, dv))
+        seq = torch.cat([conv_state, mixed], dim=0)  # [kernel - 1 + T, conv_dim]: causal depthwise conv
+        mixed = F.silu((seq.unfold(0, kernel, 1) * _tensor(w[n["conv1d"]])).sum(-1))  # [T, conv_dim]
+        q, k, v = mixed.split([nk * dk, nk * dk, nv * dv], dim=-1)
+        q = q.view(t, nk, dk).repeat_interleave(r, dim=1)
+        k = k.view(t, nk, dk).repeat_interleave(r, dim=1)
+        q = q * torch.rsqrt((q * q).sum(-1, keepdim=True) + L2NORM_EPS) / dk**0.5
+        k = k * torch.rsqrt((k * k).sum(-1, keepdim=True) + L2NORM_EPS)
+        v = v.view(t, nv, dv)
+        beta = torch.sigmoid(b.reshape(t, nv))
+        decay = torch.exp(-_tensor(w[n["A_log"]]).exp() * F.softplus(a_.reshape(t, nv) + _tensor(w[n["dt_bias"]])))
+        out = torch.empty(t, nv, dv)
+        for s in range(t):  # the gated delta rule, one token at a time
+            state = state * decay[s][:, None, None]
+            delta = (v[s] - (state * k[s][:, :, None]).sum(1)) * beta[s][:, None]
+            state = state + k[s][:, :, None] * delta[:, None, :]
+            out[s] = (state * q[s][:, :, None]).sum(1)
+        cache.states[i] = (seq[-(kernel - 1):].clone(), state)
+        normed = out * torch.rsqrt(out.square().mean(-1, keepdim=True) + a.rms_norm_eps) * _tensor(w[n["linear_norm"]])
+        gated = normed * F.silu(z.reshape(t, nv, dv))
+        return self.ops.linear(gated.reshape(t, nv * dv), w[n["out_proj"]])
+
+    def _dense_mlp(self, x: torch.Tensor, gate_up, down) -> torch.Tensor:
+        gate, up = self.ops.linear(x, gate_up).float().chunk(2, dim=-1)
+        return self.ops.linear(F.silu(gate) * up, down).float()
+
+    def mlp(self, i: int, x: torch.Tensor) -> torch.Tensor:
+        a, n, w = self.args, self.layer_names[i], self.w
+        if not a.is_sparse(i):
+            return self._dense_mlp(x, w[n["mlp_gate_up"]], w[n["mlp_down"]])
+        ids, weights = topk_route(self.ops.linear(x, w[n["router"]]), a.num_experts_per_tok, a.norm_topk_prob)
+        y = self.ops.experts(x, ids, weights, w[n["experts"]]).float()
+        if "shared_gate" in n:
+            shared = self._dense_mlp(x, w[n["shared_gate_up"]], w[n["shared_down"]])
+            y = y + torch.sigmoid(self.ops.linear(x, w[n["shared_gate"]]).float()) * shared
+        return y
+
+    def forward(self, tokens: torch.Tensor, cache, start_pos: int, all_logits: bool = False,
+                token_chunk: int | None = None) -> torch.Tensor:
+        """tokens [T] at positions start_pos.. -> logits [T, vocab] (or [1, vocab] for the last token)."""
+        a, w = self.args, self.w
+        x = self.ops.embed(tokens, w["embed"]).float()
+        positions = torch.arange(start_pos, start_pos + tokens.shape[0])
+        cos, sin = rope_cos_sin(self.inv_freq, positions, self.rope_scale)
+        for i, n in enumerate(self.layer_names):
+            h = self.norm(x, n["attn_norm"])
+            x = x + (self.full_attention(i, h, cache, start_pos, cos, sin) if a.is_full(i)
+                     else self.linear_attention(i, h, cache))
+            x = x + self.mlp(i, self.norm(x, n["mlp_norm"]))
+        cache.advance(start_pos + tokens.shape[0])
+        return self.ops.linear(self.norm(x if all_logits else x[-1:], "norm"), w["lm_head"])
