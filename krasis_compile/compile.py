@@ -17,11 +17,12 @@ from krasis_run.format import CODECS, DENSE_CODECS
 from . import __version__
 from .checkpoint import Checkpoint, CompileError, read_json, resolve
 from .layout import KIND_CODEC, Group, PlannedChunk, cpu_block_parts, plan_chunks
-from .models import deepseek_v2, deepseek_v3, qwen3_moe, qwen3_next
+from .models import deepseek_v2, deepseek_v3, qwen3_5_moe, qwen3_moe, qwen3_next
 from .quantize import ROUNDINGS, quantize
 from .writer import ArtifactWriter
 
-ARCHITECTURES = {m.ARCHITECTURE: m for m in (qwen3_moe, qwen3_next, deepseek_v2, deepseek_v3)}
+ARCHITECTURES = {name: m for m in (qwen3_moe, qwen3_next, qwen3_5_moe, deepseek_v2, deepseek_v3)
+                 for name in getattr(m, "ARCHITECTURES", (m.ARCHITECTURE,))}
 EXPERT_SLICE_BYTES = 64 << 20  # bf16 experts loaded per step; quantize() works on smaller pieces
 ERROR_PLACEHOLDER = f"{0.0:.6e}"
 

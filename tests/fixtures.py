@@ -185,6 +185,40 @@ def build_qwen3_next(folder: Path, expert_layout: str = "per_expert", seed: int 
     return model
 
 
+def build_qwen3_5_moe(folder: Path, expert_layout: str = "per_expert", seed: int = 0, hub: bool = False, **overrides):
+    """A tiny Qwen3.5-MoE, Qwen3-Next's shape with split linear-attention projections: the text model
+    (Qwen3_5MoeForCausalLM), or with hub=True the hub's Qwen3_5MoeForConditionalGeneration (a tiny vision tower, the
+    text model under model.language_model.)."""
+    from transformers import Qwen3_5MoeConfig, Qwen3_5MoeForCausalLM, Qwen3_5MoeForConditionalGeneration
+    from transformers.models.qwen3_5_moe.configuration_qwen3_5_moe import Qwen3_5MoeTextConfig
+
+    base = dict(
+        vocab_size=400, hidden_size=64, moe_intermediate_size=32, shared_expert_intermediate_size=48,
+        num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2, head_dim=16, num_experts=8,
+        num_experts_per_tok=2, linear_num_value_heads=4, linear_num_key_heads=2, linear_key_head_dim=16,
+        linear_value_head_dim=16, linear_conv_kernel_dim=4, max_position_embeddings=512, rms_norm_eps=1e-6,
+        tie_word_embeddings=False,
+        rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "partial_rotary_factor": 0.5,
+                         "mrope_section": [2, 1, 1]},
+    )
+    base.update(overrides)
+    if hub:
+        vision = dict(depth=1, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=64, patch_size=4,
+                      spatial_merge_size=2, temporal_patch_size=2)
+        model_class, config = Qwen3_5MoeForConditionalGeneration, Qwen3_5MoeConfig(text_config=base,
+                                                                                   vision_config=vision)
+    else:
+        model_class, config = Qwen3_5MoeForCausalLM, Qwen3_5MoeTextConfig(**base)
+    model = perturbed(model_class, config, seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():  # zero-centred norms, as for Qwen3-Next
+            if name.endswith("norm.weight") and "linear_attn" not in name and "visual" not in name:
+                p.copy_((0.2 * torch.randn_like(p)).to(torch.bfloat16).float())
+    save_checkpoint(model, folder, expert_layout)
+    make_tokenizer(folder, 400)
+    return model
+
+
 def build(folder: Path, expert_layout: str = "per_expert", seed: int = 0, **overrides):
     config = tiny_config(**overrides)
     model = make_model(config, seed)

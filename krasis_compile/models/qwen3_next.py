@@ -19,8 +19,11 @@ def _conv_weight(ckpt: Checkpoint, name: str, channels: int, kernel: int):
     return load
 
 
-def groups(ckpt: Checkpoint, args: ModelArgs) -> list[Group]:
-    """The artifact's tensors in file order: embeddings, then layer by layer, then the head."""
+def groups(ckpt: Checkpoint, args: ModelArgs, prefix: str = "model.", split_projections: bool = False,
+           names=layer_tensor_names) -> list[Group]:
+    """The artifact's tensors in file order: embeddings, then layer by layer, then the head. prefix: where the text
+    model's tensors are (Qwen3.5 hub checkpoints: model.language_model.); split_projections: Qwen3.5's in_proj_qkv,
+    in_proj_z, in_proj_b and in_proj_a instead of Qwen3-Next's in_proj_qkvz and in_proj_ba."""
     h, hd = args.hidden_size, args.head_dim
     nk, nv, dk, dv = args.linear_num_key_heads, args.linear_num_value_heads, args.linear_key_head_dim, \
         args.linear_value_head_dim
@@ -28,10 +31,10 @@ def groups(ckpt: Checkpoint, args: ModelArgs) -> list[Group]:
     def src(name: str, shape: list[int]):
         return TensorSpec.from_checkpoint(ckpt, name, shape)
 
-    out = [Group("embed", None, [src("model.embed_tokens.weight", [args.vocab_size, h]).named("embed", "embed")])]
+    out = [Group("embed", None, [src(prefix + "embed_tokens.weight", [args.vocab_size, h]).named("embed", "embed")])]
     for layer in range(args.num_hidden_layers):
-        n = layer_tensor_names(args, layer)
-        p = f"model.layers.{layer}."
+        n = names(args, layer)
+        p = f"{prefix}layers.{layer}."
         dense = [src(p + "input_layernorm.weight", [h]).named(n["attn_norm"], "norm"),
                  src(p + "post_attention_layernorm.weight", [h]).named(n["mlp_norm"], "norm")]
         if args.is_full(layer):
@@ -47,9 +50,16 @@ def groups(ckpt: Checkpoint, args: ModelArgs) -> list[Group]:
             a = p + "linear_attn."
             conv = a + "conv1d.weight"
             src(conv, [args.conv_dim, 1, args.linear_conv_kernel_dim])  # shape check now, load later
-            dense += [src(a + "in_proj_qkvz.weight", [2 * nk * dk + 2 * nv * dv, h]).named(n["in_proj_qkvz"], "matrix"),
-                      src(a + "in_proj_ba.weight", [2 * nv, h]).named(n["in_proj_ba"], "matrix"),
-                      TensorSpec(n["conv1d"], "norm", [args.conv_dim, args.linear_conv_kernel_dim],
+            if split_projections:
+                dense += [src(a + "in_proj_qkv.weight", [2 * nk * dk + nv * dv, h]).named(n["in_proj_qkv"], "matrix"),
+                          src(a + "in_proj_z.weight", [nv * dv, h]).named(n["in_proj_z"], "matrix"),
+                          src(a + "in_proj_b.weight", [nv, h]).named(n["in_proj_b"], "matrix"),
+                          src(a + "in_proj_a.weight", [nv, h]).named(n["in_proj_a"], "matrix")]
+            else:
+                dense += [src(a + "in_proj_qkvz.weight", [2 * nk * dk + 2 * nv * dv, h]).named(n["in_proj_qkvz"],
+                                                                                             "matrix"),
+                          src(a + "in_proj_ba.weight", [2 * nv, h]).named(n["in_proj_ba"], "matrix")]
+            dense += [TensorSpec(n["conv1d"], "norm", [args.conv_dim, args.linear_conv_kernel_dim],
                                  _conv_weight(ckpt, conv, args.conv_dim, args.linear_conv_kernel_dim)),
                       src(a + "dt_bias", [nv]).named(n["dt_bias"], "norm"),
                       src(a + "A_log", [nv]).named(n["A_log"], "norm"),
@@ -71,9 +81,9 @@ def groups(ckpt: Checkpoint, args: ModelArgs) -> list[Group]:
             dense.append(src(p + "mlp.down_proj.weight", [h, inter]).named(n["mlp_down"], "matrix"))
         out.append(Group(f"layers.{layer}", layer, dense, experts, n.get("experts_gpu_gate_up", ""),
                          n.get("experts_gpu_down", ""), n.get("experts_cpu", "")))
-    head = "model.embed_tokens.weight" if args.tie_word_embeddings else "lm_head.weight"
+    head = prefix + "embed_tokens.weight" if args.tie_word_embeddings else "lm_head.weight"
     out.append(Group("head", None, [
-        src("model.norm.weight", [h]).named("norm", "norm"),
+        src(prefix + "norm.weight", [h]).named("norm", "norm"),
         src(head, [args.vocab_size, h]).named("lm_head", "matrix"),
     ]))
     return out

@@ -126,10 +126,12 @@ def _tensor(w) -> torch.Tensor:
 class Model:
     """Forward pass over `weights` (artifact tensor name -> weight object) using `ops` for the matmuls and experts."""
 
+    tensor_names = staticmethod(layer_tensor_names)
+
     def __init__(self, args: ModelArgs, weights, ops):
         self.args, self.w, self.ops = args, weights, ops
         self.inv_freq, self.rope_scale = rope_frequencies(args.rope, args.rotary_dim, args.max_position_embeddings)
-        self.layer_names = [layer_tensor_names(args, i) for i in range(args.num_hidden_layers)]
+        self.layer_names = [self.tensor_names(args, i) for i in range(args.num_hidden_layers)]
         self.rms_norm = getattr(ops, "rms_norm", rms_norm)
         self.kv_layers = [args.is_full(i) for i in range(args.num_hidden_layers)]
         self._plus_one: dict[str, torch.Tensor] = {}
@@ -158,7 +160,9 @@ class Model:
         out = self.ops.attention(q.contiguous(), keys, values, start_pos).float()
         return self.ops.linear(out * torch.sigmoid(gate.reshape(t, -1)), self.w[n["o_proj"]])
 
-    def linear_attention(self, i: int, x: torch.Tensor, cache) -> torch.Tensor:
+    def linear_inputs(self, i: int, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """(q|k|v [T, conv_dim], z [T, value heads, value dim], b [T, value heads], a [T, value heads]) from the
+        input projections, which Qwen3-Next groups per key head."""
         a, n, w = self.args, self.layer_names[i], self.w
         t, nk, nv, dk, dv = x.shape[0], a.linear_num_key_heads, a.linear_num_value_heads, a.linear_key_head_dim, \
             a.linear_value_head_dim
@@ -167,6 +171,14 @@ class Model:
         q, k, v, z = qkvz.split([dk, dk, r * dv, r * dv], dim=-1)
         b, a_ = self.ops.linear(x, w[n["in_proj_ba"]]).float().view(t, nk, 2 * r).split([r, r], dim=-1)
         mixed = torch.cat([q.reshape(t, nk * dk), k.reshape(t, nk * dk), v.reshape(t, nv * dv)], dim=-1)
+        return mixed, z.reshape(t, nv, dv), b.reshape(t, nv), a_.reshape(t, nv)
+
+    def linear_attention(self, i: int, x: torch.Tensor, cache) -> torch.Tensor:
+        a, n, w = self.args, self.layer_names[i], self.w
+        t, nk, nv, dk, dv = x.shape[0], a.linear_num_key_heads, a.linear_num_value_heads, a.linear_key_head_dim, \
+            a.linear_value_head_dim
+        r = nv // nk
+        mixed, z, b, a_ = self.linear_inputs(i, x)
         kernel = a.linear_conv_kernel_dim
         conv_state, state = cache.states.get(i) or (torch.zeros(kernel - 1, a.conv_dim),
                                                     torch.zeros(nv, dk, dv))
@@ -178,8 +190,8 @@ class Model:
         q = q * torch.rsqrt((q * q).sum(-1, keepdim=True) + L2NORM_EPS) / dk**0.5
         k = k * torch.rsqrt((k * k).sum(-1, keepdim=True) + L2NORM_EPS)
         v = v.view(t, nv, dv)
-        beta = torch.sigmoid(b.reshape(t, nv))
-        decay = torch.exp(-_tensor(w[n["A_log"]]).exp() * F.softplus(a_.reshape(t, nv) + _tensor(w[n["dt_bias"]])))
+        beta = torch.sigmoid(b)
+        decay = torch.exp(-_tensor(w[n["A_log"]]).exp() * F.softplus(a_ + _tensor(w[n["dt_bias"]])))
         out = torch.empty(t, nv, dv)
         for s in range(t):  # the gated delta rule, one token at a time
             state = state * decay[s][:, None, None]
@@ -188,7 +200,7 @@ class Model:
             out[s] = (state * q[s][:, :, None]).sum(1)
         cache.states[i] = (seq[-(kernel - 1):].clone(), state)
         normed = out * torch.rsqrt(out.square().mean(-1, keepdim=True) + a.rms_norm_eps) * _tensor(w[n["linear_norm"]])
-        gated = normed * F.silu(z.reshape(t, nv, dv))
+        gated = normed * F.silu(z)
         return self.ops.linear(gated.reshape(t, nv * dv), w[n["out_proj"]])
 
     def _dense_mlp(self, x: torch.Tensor, gate_up, down) -> torch.Tensor:
