@@ -9,8 +9,8 @@ shared expert behind a sigmoid gate.
 - Linear attention keeps, per layer, a causal-conv state (the last kernel-1 inputs) and a recurrent state
   [value heads, key dim, value dim] in cache.states: a fixed size per sequence, whatever its length. in_proj_qkvz /
   in_proj_ba come grouped per key head (transformers' fix_query_key_value_ordering); q and k are l2-normed, q scaled
-  by 1/sqrt(key dim); the gated delta rule runs token by token (the recurrent form; transformers' prefill uses the
-  chunked form of the same recurrence).
+  by 1/sqrt(key dim); the gated delta rule (kernels/linear_attention.py) runs a chunk of tokens at a time in prefill,
+  one step in decode.
 This file runs on the CPU engine.
 """
 
@@ -22,6 +22,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from ..kernels.linear_attention import gated_delta_chunked, gated_delta_recurrent
 from .base import ConfigError, apply_rope, from_hf_fields, rms_norm, rope_cos_sin, rope_frequencies, rope_parameters
 from .base import route as topk_route
 
@@ -191,13 +192,9 @@ class Model:
         k = k * torch.rsqrt((k * k).sum(-1, keepdim=True) + L2NORM_EPS)
         v = v.view(t, nv, dv)
         beta = torch.sigmoid(b)
-        decay = torch.exp(-_tensor(w[n["A_log"]]).exp() * F.softplus(a_ + _tensor(w[n["dt_bias"]])))
-        out = torch.empty(t, nv, dv)
-        for s in range(t):  # the gated delta rule, one token at a time
-            state = state * decay[s][:, None, None]
-            delta = (v[s] - (state * k[s][:, :, None]).sum(1)) * beta[s][:, None]
-            state = state + k[s][:, :, None] * delta[:, None, :]
-            out[s] = (state * q[s][:, :, None]).sum(1)
+        log_decay = -_tensor(w[n["A_log"]]).exp() * F.softplus(a_ + _tensor(w[n["dt_bias"]]))
+        rule = gated_delta_recurrent if t == 1 else gated_delta_chunked  # decode: one step; prefill: chunks
+        out, state = rule(q, k, v, log_decay, beta, state)
         cache.states[i] = (seq[-(kernel - 1):].clone(), state)
         normed = out * torch.rsqrt(out.square().mean(-1, keepdim=True) + a.rms_norm_eps) * _tensor(w[n["linear_norm"]])
         gated = normed * F.silu(z)
