@@ -76,6 +76,7 @@ def summarize(artifact) -> Summary:
 
     h = artifact.header
     config = h.get("config") or {}
+    config = {**config, **(config.get("text_config") or {})}  # multimodal hub configs nest the text model's
     sections: dict[str, int] = {}
     for chunk in artifact.chunks.values():
         sections[chunk.section] = sections.get(chunk.section, 0) + chunk.length

@@ -56,3 +56,12 @@ def test_hub_checkpoint_compiles_the_text_model(qwen35_hub):
     assert rel_l2(rt.logits(ids), qwen35_hub.reference_logits(ids).numpy()) <= 1e-2
     ids, want = clear_greedy_prompt(qwen35_hub.model, rt.args.vocab_size, 20)
     assert list(rt.generate(ids, max_new_tokens=20, stop_token_ids=set())) == want
+
+
+def test_inspect_reads_the_nested_text_config(qwen35_hub):
+    from krasis_run.artifact import Artifact
+    from krasis_run.info import summarize
+
+    s = summarize(Artifact(qwen35_hub.artifact("bf16", "bf16")))
+    assert (s.layers, s.hidden_size, s.experts, s.experts_per_token, s.vocab_size) == (4, 64, 8, 2, 400)
+    assert s.supported
