@@ -72,3 +72,25 @@ def test_gpu_is_refused_with_a_clear_error(deepseek, monkeypatch, capsys):
     rt = krasis_run.load(deepseek.artifact("q4", "q8"), device="auto", threads=1)
     assert rt.placement.prefill_device == "cpu" and rt.prefill_engine is rt.engine
     assert "runs on the CPU" in capsys.readouterr().err
+
+
+def test_cpu_only_architecture_compiles_no_gpu_tiles_and_fp8_is_refused(deepseek, tmp_path):
+    """No GPU engine places MLA yet, so no GPU tiles are written (they would double the file); an FP8 release is
+    refused in one line rather than half read."""
+    import json
+    import shutil
+
+    from krasis_compile.checkpoint import CompileError
+    from krasis_compile.compile import compile_model
+
+    header = krasis_run.load(deepseek.artifact("q4", "q8"), threads=1).artifact.header
+    assert header["sections"] == ["cpu"]
+    folder = tmp_path / "fp8"
+    shutil.copytree(deepseek.folder, folder)
+    config = json.loads((folder / "config.json").read_text())
+    config["quantization_config"] = {"quant_method": "fp8", "weight_block_size": [128, 128]}
+    (folder / "config.json").write_text(json.dumps(config))
+    with pytest.raises(CompileError, match="already quantized"):
+        compile_model(str(folder), tmp_path / "x.krs", progress=False)
+    with pytest.raises(CompileError, match="--sections cpu"):
+        compile_model(str(deepseek.folder), tmp_path / "y.krs", sections=("gpu",), progress=False)

@@ -20,6 +20,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from torch.nn.attention.bias import causal_lower_right
 
 from ..codecs import dequant_parts
 from .base import ConfigError, from_hf_fields, rms_norm, rope_cos_sin, rope_frequencies, rope_parameters
@@ -44,7 +45,7 @@ class ModelArgs:
     qk_rope_head_dim: int = 64
     qk_nope_head_dim: int = 128
     v_head_dim: int = 128
-    n_shared_experts: int = 0
+    n_shared_experts: int = 2  # transformers' defaults where a config leaves a field out
     routed_scaling_factor: float = 1.0
     topk_method: str = "greedy"
     n_group: int = 1
@@ -156,17 +157,15 @@ class Model:
         k_rot = self.rotate(k_rot[:, None, :], cos, sin)[:, 0]
         entry = torch.cat([latent, k_rot], dim=-1)[:, None, :].contiguous()  # [T, 1, r + rope]
         keys, _ = cache.update(i, start_pos, entry, entry[..., :0])
-        keys = keys[:, 0].float()
-        cached_latent, cached_rot = keys[:, :r], keys[:, r:]
+        keys = keys[:, 0].float()  # [S, r + rope]: one key "head" every query head attends to
         w_k, w_v = self._kv_b(i)
         q_latent = torch.einsum("thd,hdr->thr", q_nope, w_k)  # the key half of kv_b folded into the queries
-        scores = (torch.einsum("thr,sr->hts", q_latent, cached_latent)
-                  + torch.einsum("thd,sd->hts", q_rot, cached_rot)) * self.scaling
-        s = keys.shape[0]
-        causal = torch.arange(s)[None, :] <= (start_pos + torch.arange(t))[:, None]
-        probs = torch.softmax(scores.masked_fill(~causal, float("-inf")), dim=-1)
-        out_latent = torch.einsum("hts,sr->thr", probs, cached_latent)
-        out = torch.einsum("thr,hvr->thv", out_latent, w_v).reshape(t, a.num_attention_heads * a.v_head_dim)
+        query = torch.cat([q_latent, q_rot], dim=-1).transpose(0, 1)[None]  # [1, heads, T, r + rope]
+        # as attention with one KV head whose values are the latent: SDPA never holds [heads, T, S] scores whole
+        mask = None if keys.shape[0] == t else causal_lower_right(t, keys.shape[0])
+        out_latent = F.scaled_dot_product_attention(query, keys[None, None], keys[None, None, :, :r], attn_mask=mask,
+                                                    is_causal=mask is None, scale=self.scaling, enable_gqa=True)
+        out = torch.einsum("thr,hvr->thv", out_latent[0].transpose(0, 1), w_v).reshape(t, -1)
         return self.ops.linear(out, w[n["o_proj"]])
 
     def rotate(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:

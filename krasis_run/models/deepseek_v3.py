@@ -24,9 +24,15 @@ GPU = False  # as DeepSeek-V2: the CPU path only in this version
 
 @dataclass
 class ModelArgs(v2.ModelArgs):
+    # transformers' DeepseekV3Config defaults where a config leaves a field out
     norm_topk_prob: bool = True
     rope_interleave: bool = True
     topk_method: str = "noaux_tc"
+    routed_scaling_factor: float = 2.5
+    n_group: int = 8
+    topk_group: int = 4
+    n_shared_experts: int = 1
+    first_k_dense_replace: int = 3
 
     def check_routing(self) -> None:
         if self.n_routed_experts % self.n_group or not 1 <= self.topk_group <= self.n_group:

@@ -23,6 +23,8 @@ class ModelArgs(qwen3_next.ModelArgs):
     @classmethod
     def from_hf(cls, config: dict[str, Any]) -> ModelArgs:
         text = dict(config.get("text_config") or config)
+        if "text_config" in config and "tie_word_embeddings" in config:  # the multimodal class ties by its own flag
+            text["tie_word_embeddings"] = config["tie_word_embeddings"]
         return super().from_hf(text)
 
 

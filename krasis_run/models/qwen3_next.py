@@ -22,6 +22,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from ..format import KrsError
 from ..kernels.linear_attention import gated_delta_chunked, gated_delta_recurrent
 from .base import ConfigError, apply_rope, from_hf_fields, rms_norm, rope_cos_sin, rope_frequencies, rope_parameters
 from .base import route as topk_route
@@ -47,7 +48,7 @@ class ModelArgs:
     linear_value_head_dim: int
     intermediate_size: int = 0
     shared_expert_intermediate_size: int = 0
-    head_dim: int = 0
+    head_dim: int = 256  # transformers' default
     linear_conv_kernel_dim: int = 4
     partial_rotary_factor: float = 0.25
     norm_topk_prob: bool = True
@@ -70,8 +71,6 @@ class ModelArgs:
         args.partial_rotary_factor = float(args.rope.get("partial_rotary_factor", args.partial_rotary_factor))
         if args.hidden_act != "silu" or args.attention_bias:
             raise ConfigError("only hidden_act 'silu' without attention biases is supported for Qwen3-Next")
-        if not args.head_dim:
-            args.head_dim = args.hidden_size // args.num_attention_heads
         if not args.layer_types:
             interval = args.full_attention_interval
             args.layer_types = ["full_attention" if (i + 1) % interval == 0 else "linear_attention"
@@ -219,6 +218,8 @@ class Model:
                 token_chunk: int | None = None) -> torch.Tensor:
         """tokens [T] at positions start_pos.. -> logits [T, vocab] (or [1, vocab] for the last token)."""
         a, w = self.args, self.w
+        if cache.states and start_pos != cache.length:
+            raise KrsError("a recurrent layer's state holds the tokens so far: new tokens must follow them")
         x = self.ops.embed(tokens, w["embed"]).float()
         positions = torch.arange(start_pos, start_pos + tokens.shape[0])
         cos, sin = rope_cos_sin(self.inv_freq, positions, self.rope_scale)
