@@ -5,9 +5,9 @@ from __future__ import annotations
 import torch
 
 from ..checkpoint import Checkpoint, CompileError
-from ..layout import ExpertSource, TensorSpec
+from ..layout import ExpertSource, Group, TensorSpec
 
-__all__ = ["expert_source", "fused_mlp"]
+__all__ = ["dense_mlp", "embed_group", "expert_source", "fused_mlp", "head_group", "layer_group"]
 
 
 def expert_source(ckpt: Checkpoint, prefix: str, e: int, h: int, i: int) -> ExpertSource:
@@ -65,3 +65,28 @@ def fused_mlp(ckpt: Checkpoint, prefix: str, inter: int, hidden: int):
         return torch.cat([gate, up], dim=0)
 
     return load
+
+
+def dense_mlp(ckpt: Checkpoint, prefix: str, names: dict[str, str], inter: int, hidden: int) -> list[TensorSpec]:
+    """A dense SiLU MLP under `prefix` (gate and up stacked as one matrix, then down) as names' mlp_gate_up/mlp_down."""
+    return [TensorSpec(names["mlp_gate_up"], "matrix", [2 * inter, hidden], fused_mlp(ckpt, prefix, inter, hidden)),
+            TensorSpec.from_checkpoint(ckpt, f"{prefix}.down_proj.weight", [hidden, inter]).named(names["mlp_down"],
+                                                                                                   "matrix")]
+
+
+def embed_group(ckpt: Checkpoint, name: str, vocab: int, hidden: int) -> Group:
+    return Group("embed", None, [TensorSpec.from_checkpoint(ckpt, name, [vocab, hidden]).named("embed", "embed")])
+
+
+def layer_group(layer: int, dense: list[TensorSpec], experts: ExpertSource | None, names: dict[str, str]) -> Group:
+    """One decoder layer's group: its dense tensors and, for a MoE layer, its experts under names' expert roles."""
+    return Group(f"layers.{layer}", layer, dense, experts, names.get("experts_gpu_gate_up", ""),
+                 names.get("experts_gpu_down", ""), names.get("experts_cpu", ""))
+
+
+def head_group(ckpt: Checkpoint, prefix: str, vocab: int, hidden: int, tied: bool) -> Group:
+    """The final norm and the lm_head (the embeddings again when tied), for a text model under `prefix`."""
+    head = prefix + "embed_tokens.weight" if tied else "lm_head.weight"
+    norm = TensorSpec.from_checkpoint(ckpt, prefix + "norm.weight", [hidden]).named("norm", "norm")
+    lm_head = TensorSpec.from_checkpoint(ckpt, head, [vocab, hidden]).named("lm_head", "matrix")
+    return Group("head", None, [norm, lm_head])

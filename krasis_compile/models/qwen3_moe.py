@@ -6,7 +6,7 @@ from krasis_run.models.qwen3_moe import ARCHITECTURE, ModelArgs, layer_tensor_na
 
 from ..checkpoint import Checkpoint
 from ..layout import Group, TensorSpec
-from .common import expert_source, fused_mlp
+from .common import dense_mlp, embed_group, expert_source, head_group, layer_group
 
 __all__ = ["ARCHITECTURE", "ModelArgs", "groups"]
 
@@ -19,7 +19,7 @@ def groups(ckpt: Checkpoint, args: ModelArgs) -> list[Group]:
     def src(name: str, shape: list[int]):
         return TensorSpec.from_checkpoint(ckpt, name, shape)
 
-    out = [Group("embed", None, [src("model.embed_tokens.weight", [args.vocab_size, h]).named("embed", "embed")])]
+    out = [embed_group(ckpt, "model.embed_tokens.weight", args.vocab_size, h)]
     for layer in range(args.num_hidden_layers):
         n = layer_tensor_names(args, layer)
         p = f"model.layers.{layer}."
@@ -42,14 +42,7 @@ def groups(ckpt: Checkpoint, args: ModelArgs) -> list[Group]:
             dense.append(src(p + "mlp.gate.weight", [args.num_experts, h]).named(n["router"], "router"))
             experts = expert_source(ckpt, f"{p}mlp.experts", args.num_experts, h, args.moe_intermediate_size)
         else:
-            inter = args.intermediate_size
-            dense.append(TensorSpec(n["mlp_gate_up"], "matrix", [2 * inter, h], fused_mlp(ckpt, p + "mlp", inter, h)))
-            dense.append(src(p + "mlp.down_proj.weight", [h, inter]).named(n["mlp_down"], "matrix"))
-        out.append(Group(f"layers.{layer}", layer, dense, experts, n.get("experts_gpu_gate_up", ""),
-                         n.get("experts_gpu_down", ""), n.get("experts_cpu", "")))
-    head = "model.embed_tokens.weight" if args.tie_word_embeddings else "lm_head.weight"
-    out.append(Group("head", None, [
-        src("model.norm.weight", [h]).named("norm", "norm"),
-        src(head, [args.vocab_size, h]).named("lm_head", "matrix"),
-    ]))
+            dense += dense_mlp(ckpt, p + "mlp", n, args.intermediate_size, h)
+        out.append(layer_group(layer, dense, experts, n))
+    out.append(head_group(ckpt, "model.", args.vocab_size, h, args.tie_word_embeddings))
     return out

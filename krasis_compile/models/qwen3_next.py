@@ -7,7 +7,7 @@ from krasis_run.models.qwen3_next import ARCHITECTURE, GPU, ModelArgs, layer_ten
 
 from ..checkpoint import Checkpoint
 from ..layout import Group, TensorSpec
-from .common import expert_source, fused_mlp
+from .common import dense_mlp, embed_group, expert_source, fused_mlp, head_group, layer_group
 
 __all__ = ["ARCHITECTURE", "GPU", "ModelArgs", "groups"]
 
@@ -31,7 +31,7 @@ def groups(ckpt: Checkpoint, args: ModelArgs, prefix: str = "model.", split_proj
     def src(name: str, shape: list[int]):
         return TensorSpec.from_checkpoint(ckpt, name, shape)
 
-    out = [Group("embed", None, [src(prefix + "embed_tokens.weight", [args.vocab_size, h]).named("embed", "embed")])]
+    out = [embed_group(ckpt, prefix + "embed_tokens.weight", args.vocab_size, h)]
     for layer in range(args.num_hidden_layers):
         n = names(args, layer)
         p = f"{prefix}layers.{layer}."
@@ -76,14 +76,7 @@ def groups(ckpt: Checkpoint, args: ModelArgs, prefix: str = "model.", split_proj
                           src(p + "mlp.shared_expert_gate.weight", [1, h]).named(n["shared_gate"], "router")]
             experts = expert_source(ckpt, p + "mlp.experts", args.num_experts, h, args.moe_intermediate_size)
         else:
-            inter = args.intermediate_size
-            dense.append(TensorSpec(n["mlp_gate_up"], "matrix", [2 * inter, h], fused_mlp(ckpt, p + "mlp", inter, h)))
-            dense.append(src(p + "mlp.down_proj.weight", [h, inter]).named(n["mlp_down"], "matrix"))
-        out.append(Group(f"layers.{layer}", layer, dense, experts, n.get("experts_gpu_gate_up", ""),
-                         n.get("experts_gpu_down", ""), n.get("experts_cpu", "")))
-    head = prefix + "embed_tokens.weight" if args.tie_word_embeddings else "lm_head.weight"
-    out.append(Group("head", None, [
-        src(prefix + "norm.weight", [h]).named("norm", "norm"),
-        src(head, [args.vocab_size, h]).named("lm_head", "matrix"),
-    ]))
+            dense += dense_mlp(ckpt, p + "mlp", n, args.intermediate_size, h)
+        out.append(layer_group(layer, dense, experts, n))
+    out.append(head_group(ckpt, prefix, args.vocab_size, h, args.tie_word_embeddings))
     return out
