@@ -19,7 +19,8 @@ class CpuEngine:
     def new_cache(self, capacity: int = 256) -> KVCache:
         kv_heads, key_dim, value_dim = self.model.cache_dims()
         return KVCache(self.args.num_hidden_layers, kv_heads, key_dim, capacity, pin_memory=self.pin_cache,
-                       value_dim=value_dim, kv_layers=getattr(self.model, "kv_layers", None))
+                       value_dim=value_dim, kv_layers=getattr(self.model, "kv_layers", None),
+                       dtype=getattr(self.model, "cache_dtype", torch.bfloat16))
 
     @torch.inference_mode()
     def prefill(self, tokens: list[int], cache: KVCache, all_logits: bool = False) -> torch.Tensor:

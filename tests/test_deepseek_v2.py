@@ -44,6 +44,7 @@ def test_latent_cache_decode_equals_full_recompute(deepseek):
     a = rt.args
     cache = rt.engine.new_cache(64)
     assert cache.keys[0].shape[1:] == (1, a.kv_lora_rank + a.qk_rope_head_dim) and cache.values[0].shape[1:] == (1, 0)
+    assert cache.keys[0].dtype == torch.float32  # read whole by every layer each step: stored as it is used
     incremental, full = stepwise_logits(rt, prompt_ids(a.vocab_size, 20, seed=4))
     assert rel_l2(incremental, full) < 5e-3
     top2 = np.sort(full, axis=-1)[:, -2:]

@@ -113,6 +113,9 @@ class Model:
     """Forward pass over `weights` (artifact tensor name -> weight object) using `ops` for the matmuls and experts."""
 
     tensor_names = staticmethod(layer_tensor_names)
+    # the latent cache in float32: ~9x smaller than per-head K/V even so, and every layer reads it whole each step,
+    # which in bf16 meant converting the whole cache of every layer at every decode step
+    cache_dtype = torch.float32
 
     def __init__(self, args: ModelArgs, weights, ops):
         self.args, self.w, self.ops = args, weights, ops
@@ -157,7 +160,7 @@ class Model:
         k_rot = self.rotate(k_rot[:, None, :], cos, sin)[:, 0]
         entry = torch.cat([latent, k_rot], dim=-1)[:, None, :].contiguous()  # [T, 1, r + rope]
         keys, _ = cache.update(i, start_pos, entry, entry[..., :0])
-        keys = keys[:, 0].float()  # [S, r + rope]: one key "head" every query head attends to
+        keys = keys[:, 0]  # [S, r + rope] float32: one key "head" every query head attends to
         w_k, w_v = self._kv_b(i)
         q_latent = torch.einsum("thd,hdr->thr", q_nope, w_k)  # the key half of kv_b folded into the queries
         query = torch.cat([q_latent, q_rot], dim=-1).transpose(0, 1)[None]  # [1, heads, T, r + rope]
