@@ -142,10 +142,6 @@ def compile_model(model: str, out: str | Path, quant: str = "q4", dense_quant: s
     quantized = (config.get("quantization_config") or {}).get("quant_method")
     if quantized:
         raise CompileError(f"checkpoint is already quantized ({quantized}): krasis-compile takes the BF16 release")
-    if not getattr(arch, "GPU", True):  # no GPU engine places this architecture yet: GPU tiles would only take disk
-        if "cpu" not in sections:
-            raise CompileError(f"{architecture} runs on the CPU only in this version: compile with --sections cpu")
-        sections = ("cpu",)
     args = arch.ModelArgs.from_hf(config)
     tokenizer_json, tokenizer_config, chat_template = _tokenizer_files(source.folder)
     ckpt = Checkpoint(source.folder)

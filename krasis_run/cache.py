@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
 from .format import KrsError
@@ -20,6 +22,24 @@ def _native_kv_store():
         if native._LOADED:
             _kv_store = native.kv_store_rows
     return _kv_store
+
+
+@dataclass(frozen=True)
+class CacheLayout:
+    """What a sequence keeps per layer, as the architecture file defines it (the engines and the planner size the
+    cache from this alone): K [kv_heads, key_dim] and V [kv_heads, value_dim] per token on the layers that attend
+    over a cache (kv_layers), and a fixed-size state on the others (linear attention: state_bytes in all)."""
+
+    kv_heads: int
+    key_dim: int
+    value_dim: int
+    kv_layers: tuple[bool, ...]
+    dtype: torch.dtype = torch.bfloat16
+    state_bytes: int = 0
+
+    def bytes(self, tokens: int) -> int:
+        per_token = self.kv_heads * (self.key_dim + self.value_dim) * self.dtype.itemsize
+        return sum(self.kv_layers) * per_token * tokens + self.state_bytes
 
 
 class KVCache:
@@ -51,13 +71,20 @@ class KVCache:
         return torch.empty(capacity, *shape, dtype=self.dtype, pin_memory=self.pin_memory)
 
     @classmethod
-    def over(cls, keys: list[torch.Tensor], values: list[torch.Tensor]) -> KVCache:
-        """An empty cache on existing storage (a decode engine's fixed buffers, which CUDA graphs address)."""
+    def for_layout(cls, layout: CacheLayout, capacity: int, **kwargs) -> KVCache:
+        return cls(len(layout.kv_layers), layout.kv_heads, layout.key_dim, capacity, dtype=layout.dtype,
+                   value_dim=layout.value_dim, kv_layers=list(layout.kv_layers), **kwargs)
+
+    @classmethod
+    def over(cls, storage: KVCache) -> KVCache:
+        """An empty cache on another's storage (a decode engine's fixed buffers, which CUDA graphs address): the same
+        K/V tensors and the same state tensors, zeroed, which a new sequence overwrites in place."""
         cache = cls.__new__(cls)
-        cache.shape, cache.dtype, cache.pin_memory = tuple(keys[0].shape[1:]), keys[0].dtype, False
-        cache.value_shape = tuple(values[0].shape[1:])
-        cache.kv_layers, cache.states = [True] * len(keys), {}
-        cache.device, cache.keys, cache.values, cache.length = keys[0].device, list(keys), list(values), 0
+        cache.__dict__.update(storage.__dict__)
+        cache.keys, cache.values, cache.pin_memory, cache.length = list(storage.keys), list(storage.values), False, 0
+        for conv, state in storage.states.values():
+            conv.zero_()
+            state.zero_()
         return cache
 
     @property
@@ -86,6 +113,20 @@ class KVCache:
             keys[start:end] = k
             values[start:end] = v
         return keys[:end], values[:end]
+
+    def get_state(self, layer: int) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """(conv state, recurrent state) of a linear-attention layer, None before its first token."""
+        return self.states.get(layer)
+
+    def set_state(self, layer: int, conv: torch.Tensor, state: torch.Tensor) -> None:
+        """Written into the tensors already held where there are some (their addresses stay: a captured decode step
+        reads them), else kept as copies on this cache's device."""
+        held = self.states.get(layer)
+        if held is not None:
+            held[0].copy_(conv, non_blocking=True)
+            held[1].copy_(state, non_blocking=True)
+        else:
+            self.states[layer] = (conv.to(self.device, copy=True), state.to(self.device, copy=True))
 
     def advance(self, length: int) -> None:
         self.length = length

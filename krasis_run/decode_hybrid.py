@@ -89,14 +89,24 @@ class DecodeCache:
     """The model's view of the KV cache during a decode step: the position is a device tensor, so one
     captured step serves every position; attention masks by length instead of slicing."""
 
-    def __init__(self, cache: KVCache):
-        self.cache = cache
+    def __init__(self, cache: KVCache, length: torch.Tensor):
+        self.cache, self.length = cache, length
 
     def update(self, layer: int, start, k: torch.Tensor, v: torch.Tensor):
         keys, values = self.cache.keys[layer], self.cache.values[layer]
         keys.index_copy_(0, start, k.to(keys.dtype))
         values.index_copy_(0, start, v.to(values.dtype))
         return keys, values
+
+    def valid_keys(self, capacity: int) -> torch.Tensor:
+        """[1, capacity] True at the positions this step attends to (for a model that attends on its own)."""
+        return (torch.arange(capacity, device=self.length.device) < self.length)[None]
+
+    def get_state(self, layer: int):
+        return self.cache.get_state(layer)
+
+    def set_state(self, layer: int, conv: torch.Tensor, state: torch.Tensor) -> None:
+        self.cache.set_state(layer, conv, state)  # in place: the captured step reads and writes the same tensors
 
     def advance(self, length) -> None:
         pass  # the engine advances the real cache on the host
@@ -196,8 +206,9 @@ class HybridDecodeEngine:
         self.cuda = device.type == "cuda"
         self.cpu_ops = cpu_ops
         a = args
-        kv_heads, key_dim, value_dim = prefill.model.cache_dims()
-        self.kv = KVCache(a.num_hidden_layers, kv_heads, key_dim, context, device=device, value_dim=value_dim)
+        self.kv = KVCache.for_layout(prefill.model.cache_layout, context, device=device)
+        for t in self.kv.keys + self.kv.values:  # a step attends over the whole storage masked by length: 0 * nan = nan
+            t.zero_()
         codec = artifact.header["quant"]["experts"]
         streamer = prefill.streamer
         self.layers: dict[int, LayerExperts] = {}
@@ -284,7 +295,7 @@ class HybridDecodeEngine:
         if capacity > self.context:
             raise KrsError(f"{capacity} tokens do not fit the GPU KV cache of {self.context} tokens (--context)")
         self.epoch += 1  # the storage is this engine's one cache: the sequence before loses it
-        cache = KVCache.over(self.kv.keys, self.kv.values)
+        cache = KVCache.over(self.kv)
         cache.epoch = self.epoch
         return cache
 
@@ -488,7 +499,7 @@ class HybridDecodeEngine:
     def _step(self) -> None:
         """The GPU step as issued eagerly (or recorded, while capturing): logits land in logits_host."""
         self.length_dev.copy_(self.pos_dev + 1)
-        logits = self.model.forward(self.token_dev, DecodeCache(self.kv), self.pos_dev)
+        logits = self.model.forward(self.token_dev, DecodeCache(self.kv, self.length_dev), self.pos_dev)
         self.logits_host.copy_(logits.view(-1), non_blocking=True)
 
     def _capture(self) -> None:

@@ -17,10 +17,7 @@ class CpuEngine:
         self.pin_cache = False
 
     def new_cache(self, capacity: int = 256) -> KVCache:
-        kv_heads, key_dim, value_dim = self.model.cache_dims()
-        return KVCache(self.args.num_hidden_layers, kv_heads, key_dim, capacity, pin_memory=self.pin_cache,
-                       value_dim=value_dim, kv_layers=getattr(self.model, "kv_layers", None),
-                       dtype=getattr(self.model, "cache_dtype", torch.bfloat16))
+        return KVCache.for_layout(self.model.cache_layout, capacity, pin_memory=self.pin_cache)
 
     @torch.inference_mode()
     def prefill(self, tokens: list[int], cache: KVCache, all_logits: bool = False) -> torch.Tensor:

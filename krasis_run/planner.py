@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 import torch
 
 from .artifact import Artifact
+from .cache import CacheLayout
 from .format import SECTION_EXPERTS_CPU, SECTION_EXPERTS_GPU, KrsError
 
 GIB = 1 << 30
@@ -140,10 +141,21 @@ def kv_cache_bytes(config: dict, tokens: int) -> int:
     return 2 * config["num_hidden_layers"] * tokens * kv * hd * 2
 
 
+def model_config(config: dict) -> dict:
+    """The decoder's fields the estimates read, under one set of names: a multimodal hub config nests them in
+    text_config; DeepSeek names its experts n_routed_experts and may leave out the KV heads (one per query head)."""
+    config = {**config, **(config.get("text_config") or {})}
+    config.setdefault("num_experts", config.get("num_local_experts") or config.get("n_routed_experts") or 0)
+    config.setdefault("num_key_value_heads", config["num_attention_heads"])
+    return config
+
+
 def plan(artifact: Artifact, device: str = "auto", gpu_budget: str | int | None = None, context: int | None = None,
-         max_resident_layers: int | None = None) -> Placement:
+         max_resident_layers: int | None = None, cache_layout: CacheLayout | None = None) -> Placement:
     """`context`: tokens of KV cache to hold in VRAM (default: the model's, at most DEFAULT_CONTEXT);
-    `max_resident_layers` caps the expert layers kept in VRAM (0 = every expert in RAM)."""
+    `max_resident_layers` caps the expert layers kept in VRAM (0 = every expert in RAM); `cache_layout` (the
+    architecture's) sizes the KV cache and recurrent states, else K/V of every layer as num_key_value_heads x
+    head_dim."""
     if device not in ("cpu", "cuda", "auto"):
         raise KrsError(f"unknown device {device!r}: use cpu, cuda or auto")
     requested = parse_size(gpu_budget) if gpu_budget is not None else None
@@ -162,12 +174,12 @@ def plan(artifact: Artifact, device: str = "auto", gpu_budget: str | int | None 
     layers = _layer_bytes(artifact, section)
     dense = _dense_vram(artifact)
     stream = STREAM_DEPTH * max(layers.values(), default=0)
-    config = artifact.header["config"]
+    config = model_config(artifact.header["config"])
     model_context = config.get("max_position_embeddings") or DEFAULT_CONTEXT
     context = min(context or DEFAULT_CONTEXT, model_context)
     if context < 1:
         raise KrsError("--context must be at least 1 token")
-    kv = kv_cache_bytes(config, context)
+    kv = cache_layout.bytes(context) if cache_layout is not None else kv_cache_bytes(config, context)
     workspace = _workspace(config, min(context, WORKSPACE_TOKENS), artifact.header["quant"]["experts"])
     room = budget - dense - workspace - kv
     if room < 0:

@@ -386,6 +386,22 @@ class CacheWriter:
         self.layer_kv = (layer, end, keys, values)  # replaces the previous layer's: one layer's K/V on the device
         return keys, values
 
+    @property
+    def states(self) -> dict:
+        return self.cache.states
+
+    @property
+    def length(self) -> int:
+        return self.cache.length
+
+    def get_state(self, layer: int):
+        """A linear-attention layer's state on the device (from an earlier prefill or decode, wherever it is kept)."""
+        held = self.cache.get_state(layer)
+        return None if held is None else tuple(t.to(self.device) for t in held)
+
+    def set_state(self, layer: int, conv: torch.Tensor, state: torch.Tensor) -> None:
+        self.cache.set_state(layer, conv, state)  # into the cache's own tensors: VRAM for the hybrid engine
+
     def advance(self, length: int) -> None:
         self.cache.advance(length)
 

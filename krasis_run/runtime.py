@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import sys
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -70,14 +69,8 @@ class Runtime:
             )
         self.threads = set_threads(threads)
         self.args = arch.ModelArgs.from_hf(header["config"])
-        if not getattr(arch, "GPU", True):  # an architecture whose GPU engines are not written yet: the CPU path
-            if device == "cuda":
-                raise KrsError(f"{header['architecture']} runs on the CPU only in this version: use --device cpu")
-            if device == "auto" and torch.cuda.is_available():
-                print(f"krasis: {header['architecture']} runs on the CPU in this version (its GPU engines are not "
-                      "written yet)", file=sys.stderr)
-            device = "cpu"
-        self.placement = plan(self.artifact, device, gpu_budget, context, max_resident_layers)
+        self.placement = plan(self.artifact, device, gpu_budget, context, max_resident_layers,
+                              arch.cache_layout(self.args))
         self.ops = CpuOps(kernel)
         self.model = arch.Model(self.args, place_weights(self.artifact, self.placement), self.ops)
         self.engine = CpuEngine(self.model)  # decode (and prefill without a GPU)

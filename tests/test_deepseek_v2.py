@@ -1,5 +1,6 @@
 """DeepSeek-V2 (MLA, shared experts, a dense first layer, yarn rope) against transformers' DeepseekV2ForCausalLM on
-the same bf16 weights, every parameter perturbed, both expert layouts; the CPU path (GPU engines refuse it)."""
+the same bf16 weights, every parameter perturbed, both expert layouts; the CPU path (the GPU engines:
+test_family_engines.py)."""
 
 from __future__ import annotations
 
@@ -11,7 +12,6 @@ from fixtures import build_deepseek_v2, prompt_ids, stepwise_logits
 from test_oracle import BOUNDS, clear_greedy_prompt, rel_l2
 
 import krasis_run
-from krasis_run.format import KrsError
 
 
 @pytest.fixture(scope="module", params=["per_expert", "stacked"])
@@ -65,19 +65,8 @@ def test_variants_match_transformers(tmp_path, variant):
     assert rel_l2(rt.logits(ids), tiny.reference_logits(ids).numpy()) <= 1e-2
 
 
-def test_gpu_is_refused_with_a_clear_error(deepseek, monkeypatch, capsys):
-    """The GPU engines do not place MLA yet: --device cuda says so; auto falls back to the CPU and says why."""
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    with pytest.raises(KrsError, match="CPU only"):
-        krasis_run.load(deepseek.artifact("q4", "q8"), device="cuda")
-    rt = krasis_run.load(deepseek.artifact("q4", "q8"), device="auto", threads=1)
-    assert rt.placement.prefill_device == "cpu" and rt.prefill_engine is rt.engine
-    assert "runs on the CPU" in capsys.readouterr().err
-
-
-def test_cpu_only_architecture_compiles_no_gpu_tiles_and_fp8_is_refused(deepseek, tmp_path):
-    """No GPU engine places MLA yet, so no GPU tiles are written (they would double the file); an FP8 release is
-    refused in one line rather than half read."""
+def test_both_expert_layouts_are_written_and_fp8_is_refused(deepseek, tmp_path):
+    """GPU tiles and CPU blocks, as for every family; an FP8 release is refused in one line rather than half read."""
     import json
     import shutil
 
@@ -85,7 +74,7 @@ def test_cpu_only_architecture_compiles_no_gpu_tiles_and_fp8_is_refused(deepseek
     from krasis_compile.compile import compile_model
 
     header = krasis_run.load(deepseek.artifact("q4", "q8"), threads=1).artifact.header
-    assert header["sections"] == ["cpu"]
+    assert sorted(header["sections"]) == ["cpu", "gpu"]
     folder = tmp_path / "fp8"
     shutil.copytree(deepseek.folder, folder)
     config = json.loads((folder / "config.json").read_text())
@@ -93,5 +82,3 @@ def test_cpu_only_architecture_compiles_no_gpu_tiles_and_fp8_is_refused(deepseek
     (folder / "config.json").write_text(json.dumps(config))
     with pytest.raises(CompileError, match="already quantized"):
         compile_model(str(folder), tmp_path / "x.krs", progress=False)
-    with pytest.raises(CompileError, match="--sections cpu"):
-        compile_model(str(deepseek.folder), tmp_path / "y.krs", sections=("gpu",), progress=False)

@@ -178,7 +178,8 @@ def test_kv_cache_update_native_equals_torch():
         a.advance(pos)
         b.advance(pos)
         b.reserve(pos + 5)
-    over = KVCache.over([x.clone() for x in a.keys], [x.clone() for x in a.values])
+    over = KVCache.over(a)  # a's storage, empty: what a decode engine hands each new sequence
+    assert over.length == 0 and over.keys[0] is a.keys[0]
     k = torch.randn(1, 4, 16, generator=g)
     ko, _ = over.update(0, 2, k, k)
-    assert torch.equal(ko[2], k[0].to(torch.bfloat16)) and torch.equal(ko[:2], a.keys[0][:2])
+    assert torch.equal(ko[2], k[0].to(torch.bfloat16)) and torch.equal(ko[:2], b.keys[0][:2])

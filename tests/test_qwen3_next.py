@@ -1,12 +1,11 @@
 """Qwen3-Next (Gated DeltaNet + gated full attention, (1 + w) norms, partial rotary, gated shared expert) against
 transformers' Qwen3NextForCausalLM on the same bf16 weights, every parameter perturbed, both expert layouts; the CPU
-path (the GPU engines refuse it)."""
+path (the GPU engines: test_family_engines.py)."""
 
 from __future__ import annotations
 
 import copy
 
-import numpy as np
 import pytest
 import torch
 from conftest import TinyModel
@@ -87,10 +86,3 @@ def test_prefill_in_chunks_carries_the_state(qwen_next):
     whole = rt.logits(ids)
     rt.engine.prefill_chunk = 7
     assert rel_l2(rt.logits(ids), whole) < 1e-5
-
-
-def test_gpu_is_refused_with_a_clear_error(qwen_next, monkeypatch):
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    with pytest.raises(KrsError, match="CPU only"):
-        krasis_run.load(qwen_next.artifact("q4", "q8"), device="cuda")
-    assert np.isfinite(krasis_run.load(qwen_next.artifact("q4", "q8"), threads=1).logits([5, 6])).all()

@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-from krasis_run.models.deepseek_v2 import ARCHITECTURE, GPU, ModelArgs, layer_tensor_names
+from krasis_run.models.deepseek_v2 import ARCHITECTURE, ModelArgs, layer_tensor_names
 
 from ..checkpoint import Checkpoint
 from ..layout import Group, TensorSpec
 from .common import dense_mlp, embed_group, expert_source, fused_mlp, head_group, layer_group
 
-__all__ = ["ARCHITECTURE", "GPU", "ModelArgs", "groups"]
+__all__ = ["ARCHITECTURE", "ModelArgs", "groups"]
 
 
 def groups(ckpt: Checkpoint, args: ModelArgs) -> list[Group]:

@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-from krasis_run.models.deepseek_v3 import ARCHITECTURE, GPU, ModelArgs, layer_tensor_names
+from krasis_run.models.deepseek_v3 import ARCHITECTURE, ModelArgs, layer_tensor_names
 
 from ..checkpoint import Checkpoint
 from ..layout import Group, TensorSpec
 from . import deepseek_v2
 
-__all__ = ["ARCHITECTURE", "GPU", "ModelArgs", "groups"]
+__all__ = ["ARCHITECTURE", "ModelArgs", "groups"]
 
 
 def groups(ckpt: Checkpoint, args: ModelArgs) -> list[Group]:

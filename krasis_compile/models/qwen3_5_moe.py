@@ -4,13 +4,13 @@ multi-token-prediction tensors are not read."""
 
 from __future__ import annotations
 
-from krasis_run.models.qwen3_5_moe import ARCHITECTURE, ARCHITECTURES, GPU, ModelArgs, layer_tensor_names
+from krasis_run.models.qwen3_5_moe import ARCHITECTURE, ARCHITECTURES, ModelArgs, layer_tensor_names
 
 from ..checkpoint import Checkpoint
 from ..layout import Group
 from . import qwen3_next
 
-__all__ = ["ARCHITECTURE", "GPU", "ARCHITECTURES", "ModelArgs", "groups"]
+__all__ = ["ARCHITECTURE", "ARCHITECTURES", "ModelArgs", "groups"]
 
 
 def groups(ckpt: Checkpoint, args: ModelArgs) -> list[Group]:

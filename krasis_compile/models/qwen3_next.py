@@ -3,13 +3,13 @@ attention layers, routed experts with a gated shared expert)."""
 
 from __future__ import annotations
 
-from krasis_run.models.qwen3_next import ARCHITECTURE, GPU, ModelArgs, layer_tensor_names
+from krasis_run.models.qwen3_next import ARCHITECTURE, ModelArgs, layer_tensor_names
 
 from ..checkpoint import Checkpoint
 from ..layout import Group, TensorSpec
 from .common import dense_mlp, embed_group, expert_source, fused_mlp, head_group, layer_group
 
-__all__ = ["ARCHITECTURE", "GPU", "ModelArgs", "groups"]
+__all__ = ["ARCHITECTURE", "ModelArgs", "groups"]
 
 
 def _conv_weight(ckpt: Checkpoint, name: str, channels: int, kernel: int):

@@ -21,7 +21,7 @@ CHUNK = 64
 
 
 def gated_delta_recurrent(q, k, v, log_decay, beta, state):
-    out = torch.empty(v.shape, dtype=torch.float32)
+    out = torch.empty(v.shape, dtype=torch.float32, device=v.device)
     decay = log_decay.exp()
     for t in range(q.shape[0]):
         state = state * decay[t][:, None, None]
@@ -32,21 +32,38 @@ def gated_delta_recurrent(q, k, v, log_decay, beta, state):
 
 
 def gated_delta_chunked(q, k, v, log_decay, beta, state, chunk: int = CHUNK):
-    out = torch.empty(v.shape, dtype=torch.float32)
-    for start in range(0, q.shape[0], chunk):
-        end = min(start + chunk, q.shape[0])
-        qc, kc, vc = (x[start:end].transpose(0, 1) for x in (q, k, v))  # [H, C, d]
-        g = log_decay[start:end].transpose(0, 1).cumsum(-1)  # [H, C]
-        b = beta[start:end].transpose(0, 1)
-        c = end - start
-        lower = torch.ones(c, c, dtype=torch.bool).tril()
-        gap = (g[:, :, None] - g[:, None, :]).masked_fill(~lower, float("-inf")).exp()  # e^(G_t - G_s), s <= t
-        strict = gap.masked_fill(torch.eye(c, dtype=torch.bool), 0.0)
-        a = b[:, :, None] * strict * (kc @ kc.transpose(1, 2))
-        rhs = b[:, :, None] * (vc - g.exp()[:, :, None] * (kc @ state))
-        eye = torch.eye(c).expand_as(a)
-        u = torch.linalg.solve_triangular(eye + a, rhs, upper=False, unitriangular=True)
-        out[start:end] = (g.exp()[:, :, None] * (qc @ state) + (gap * (qc @ kc.transpose(1, 2))) @ u).transpose(0, 1)
-        last = g[:, -1]
-        state = last.exp()[:, None, None] * state + kc.transpose(1, 2) @ ((last[:, None] - g).exp()[:, :, None] * u)
-    return out, state
+    """Everything that does not depend on the state is computed for all chunks at once (the triangular solves
+    included: U = (I + A)^-1 B splits into (I + A)^-1 beta v minus (I + A)^-1 beta e^G K times S0); what is left per
+    chunk is four small matrix products, so a long prompt costs a few kernels per chunk, not per token."""
+    t_len, heads, dk = q.shape
+    dv = v.shape[-1]
+    pad = -t_len % chunk
+    n = (t_len + pad) // chunk
+
+    def chunks(x: torch.Tensor) -> torch.Tensor:  # [T, H, ...] -> [H, N, C, ...], zero-padded (g 0, beta 0)
+        x = torch.nn.functional.pad(x.float(), (0, 0) * (x.dim() - 2) + (0, 0, 0, pad))
+        return x.view(n, chunk, heads, *x.shape[2:]).transpose(0, 2).transpose(1, 2)
+
+    qc, kc, vc = chunks(q), chunks(k), chunks(v)  # [H, N, C, d]
+    g = chunks(log_decay).cumsum(-1)  # [H, N, C]: G, the running log decay inside each chunk
+    b = chunks(beta)
+    lower = torch.ones(chunk, chunk, dtype=torch.bool, device=q.device).tril()
+    gap = (g[..., :, None] - g[..., None, :]).masked_fill(~lower, float("-inf")).exp()  # e^(G_t - G_s), s <= t
+    strict = gap.masked_fill(torch.eye(chunk, dtype=torch.bool, device=q.device), 0.0)
+    a = b[..., None] * strict * (kc @ kc.transpose(-1, -2))
+    eye = torch.eye(chunk, device=q.device).expand_as(a)
+    rhs = torch.cat([b[..., None] * vc, (b * g.exp())[..., None] * kc], dim=-1)
+    solved = torch.linalg.solve_triangular(eye + a, rhs, upper=False, unitriangular=True)
+    u_v, w = solved.split([dv, dk], dim=-1)  # U = u_v - w @ S0
+    p = gap * (qc @ kc.transpose(-1, -2))  # [H, N, C, C]
+    q_decayed = g.exp()[..., None] * qc
+    last = g[..., -1]  # [H, N]
+    k_decayed = ((last[..., None] - g).exp()[..., None] * kc).transpose(-1, -2)  # [H, N, dk, C]
+    decay_last = last.exp()[..., None, None]
+    out = torch.empty(heads, n, chunk, dv, dtype=torch.float32, device=q.device)
+    state = state.float()
+    for c in range(n):
+        u = u_v[:, c] - w[:, c] @ state
+        out[:, c] = q_decayed[:, c] @ state + p[:, c] @ u
+        state = decay_last[:, c] * state + k_decayed[:, c] @ u
+    return out.permute(1, 2, 0, 3).reshape(n * chunk, heads, dv)[:t_len], state

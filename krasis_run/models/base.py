@@ -95,6 +95,32 @@ def rope_cos_sin(inv_freq: torch.Tensor, positions: torch.Tensor,
     return emb.cos() * scale, emb.sin() * scale
 
 
+class Rotary:
+    """cos/sin of positions start_pos.. for one rotary width: rows of a table kept per device (grown by doubling) for
+    an int start, so a decode step costs a slice instead of ~8 small ops; computed for a device-tensor start (a
+    captured decode step then serves every position)."""
+
+    def __init__(self, inv_freq: torch.Tensor, scale: float):
+        self.inv_freq, self.scale = inv_freq, scale
+        self._tables: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def __call__(self, start_pos, count: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        if isinstance(start_pos, torch.Tensor):
+            return rope_cos_sin(self._inv_freq(device), torch.arange(count, device=device) + start_pos, self.scale)
+        end = start_pos + count
+        table = self._tables.get(device)
+        if table is None or table[0].shape[0] < end:
+            size = max(end, 2 * table[0].shape[0] if table is not None else 256)
+            table = rope_cos_sin(self._inv_freq(device), torch.arange(size, device=device), self.scale)
+            self._tables[device] = table
+        return table[0][start_pos:end], table[1][start_pos:end]
+
+    def _inv_freq(self, device: torch.device) -> torch.Tensor:
+        if self.inv_freq.device != device:  # moved once: a copy from the host cannot be captured in a graph
+            self.inv_freq = self.inv_freq.to(device)
+        return self.inv_freq
+
+
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """x [T, heads, head_dim]; rotate-half (NeoX) convention as in the HF Qwen/Llama code."""
     half = x.shape[-1] // 2

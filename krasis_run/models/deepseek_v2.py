@@ -9,7 +9,11 @@ the value half applied after the softmax, so the latent is never expanded per po
 Routing follows transformers' DeepseekV2TopkRouter: softmax over the routed experts, the top k (greedy, or
 group-limited greedy), weights times routed_scaling_factor, never renormalized; the shared experts add a dense
 SiLU MLP of width n_shared_experts * moe_intermediate_size. The first `first_k_dense_replace` layers are dense.
-RoPE rotates interleaved pairs (complex form) of the rotary dims only. This file runs on the CPU engine.
+RoPE rotates interleaved pairs (complex form) of the rotary dims only.
+
+A prompt on the GPU attends in the expanded form instead: the latent of every position through kv_b into per-head
+keys and values, one flash-attention call (the absorbed form's 576-wide heads fit no fused kernel, and SDPA would
+hold [heads, T, S] scores in float32). Decode (one query) and the CPU always use the absorbed form.
 """
 
 from __future__ import annotations
@@ -22,11 +26,11 @@ import torch
 import torch.nn.functional as F
 from torch.nn.attention.bias import causal_lower_right
 
+from ..cache import CacheLayout
 from ..codecs import dequant_parts
-from .base import ConfigError, from_hf_fields, rms_norm, rope_cos_sin, rope_frequencies, rope_parameters
+from .base import ConfigError, Rotary, from_hf_fields, rms_norm, rope_frequencies, rope_parameters
 
 ARCHITECTURE = "DeepseekV2ForCausalLM"
-GPU = False  # GPU prefill and hybrid decode do not place MLA yet: the runtime keeps this model on the CPU
 LATENT_NORM_EPS = 1e-6  # transformers builds kv_a_layernorm / q_a_layernorm with the default eps, not rms_norm_eps
 
 
@@ -100,6 +104,13 @@ def layer_tensor_names(args: ModelArgs, layer: int) -> dict[str, str]:
     return names
 
 
+def cache_layout(args: ModelArgs) -> CacheLayout:
+    """One latent + rotary key per token and layer, no values; float32: ~9x smaller than per-head K/V even so, and
+    every layer reads it whole each decode step, which in bf16 meant converting the whole cache at every step."""
+    return CacheLayout(1, args.kv_lora_rank + args.qk_rope_head_dim, 0, (True,) * args.num_hidden_layers,
+                       torch.float32)
+
+
 def rope_interleaved(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """x [T, heads, d]: pairs (x[2i], x[2i+1]) rotated by angle i (transformers' complex-number form); cos/sin
     [T, d/2] (already times the rope scale)."""
@@ -113,14 +124,13 @@ class Model:
     """Forward pass over `weights` (artifact tensor name -> weight object) using `ops` for the matmuls and experts."""
 
     tensor_names = staticmethod(layer_tensor_names)
-    # the latent cache in float32: ~9x smaller than per-head K/V even so, and every layer reads it whole each step,
-    # which in bf16 meant converting the whole cache of every layer at every decode step
-    cache_dtype = torch.float32
+    expand_prefill: bool | None = None  # the expanded form for a prompt: None = on CUDA (a test forces either)
 
     def __init__(self, args: ModelArgs, weights, ops):
         self.args, self.w, self.ops = args, weights, ops
         a = args
-        self.inv_freq, self.rope_scale = rope_frequencies(a.rope, a.qk_rope_head_dim, a.max_position_embeddings)
+        self.rope = Rotary(*rope_frequencies(a.rope, a.qk_rope_head_dim, a.max_position_embeddings))
+        self.cache_layout = cache_layout(a)
         self.scaling = (a.qk_nope_head_dim + a.qk_rope_head_dim) ** -0.5
         mscale_all_dim = a.rope.get("mscale_all_dim") if a.rope["rope_type"] != "default" else None
         if mscale_all_dim and a.rope.get("factor", 1.0) > 1:  # yarn: transformers' yarn_apply_mscale
@@ -128,10 +138,6 @@ class Model:
         self.layer_names = [self.tensor_names(a, i) for i in range(a.num_hidden_layers)]
         self.rms_norm = getattr(ops, "rms_norm", rms_norm)
         self._absorbed: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
-
-    def cache_dims(self) -> tuple[int, int, int]:
-        """(kv heads, key dim, value dim) of the KV cache: one latent + rotary key per token, no values."""
-        return 1, self.args.kv_lora_rank + self.args.qk_rope_head_dim, 0
 
     def _kv_b(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
         """kv_b_proj split per head into its key half [heads, nope, r] and value half [heads, v, r], float32,
@@ -148,28 +154,59 @@ class Model:
         a, n, w = self.args, self.layer_names[i], self.w
         t, r = x.shape[0], a.kv_lora_rank
         if a.q_lora_rank:
-            q = self.ops.linear(self.rms_norm(self.ops.linear(x, w[n["q_a_proj"]]), w[n["q_a_norm"]], LATENT_NORM_EPS),
-                                w[n["q_b_proj"]])
+            q_latent = self.ops.linear(x, w[n["q_a_proj"]]).float().contiguous()
+            q = self.ops.linear(self.rms_norm(q_latent, w[n["q_a_norm"]], LATENT_NORM_EPS), w[n["q_b_proj"]])
         else:
             q = self.ops.linear(x, w[n["q_proj"]])
         q = q.float().view(t, a.num_attention_heads, a.qk_nope_head_dim + a.qk_rope_head_dim)
         q_nope, q_rot = q.split([a.qk_nope_head_dim, a.qk_rope_head_dim], dim=-1)
         latent, k_rot = self.ops.linear(x, w[n["kv_a_proj"]]).float().split([r, a.qk_rope_head_dim], dim=-1)
-        latent = self.rms_norm(latent, w[n["kv_a_norm"]], LATENT_NORM_EPS).float()
+        latent = self.rms_norm(latent.contiguous(), w[n["kv_a_norm"]], LATENT_NORM_EPS).float()
         q_rot = self.rotate(q_rot, cos, sin)
         k_rot = self.rotate(k_rot[:, None, :], cos, sin)[:, 0]
         entry = torch.cat([latent, k_rot], dim=-1)[:, None, :].contiguous()  # [T, 1, r + rope]
         keys, _ = cache.update(i, start_pos, entry, entry[..., :0])
-        keys = keys[:, 0]  # [S, r + rope] float32: one key "head" every query head attends to
+        keys = keys[:, 0]  # [S, r + rope]: one key "head" every query head attends to
+        expand = self.expand_prefill if self.expand_prefill is not None else keys.is_cuda
+        if expand and t > 1:
+            out = self._attend_expanded(i, q_nope, q_rot, keys)
+        else:
+            out = self._attend_absorbed(i, q_nope, q_rot, keys, cache)
+        return self.ops.linear(out, w[n["o_proj"]])
+
+    def _attend_absorbed(self, i: int, q_nope, q_rot, keys: torch.Tensor, cache) -> torch.Tensor:
+        t, r = q_nope.shape[0], self.args.kv_lora_rank
         w_k, w_v = self._kv_b(i)
         q_latent = torch.einsum("thd,hdr->thr", q_nope, w_k)  # the key half of kv_b folded into the queries
         query = torch.cat([q_latent, q_rot], dim=-1).transpose(0, 1)[None]  # [1, heads, T, r + rope]
+        keys = keys.float()
+        valid = getattr(cache, "valid_keys", None)  # a captured decode step: the whole storage, masked by length
+        if valid is not None:
+            mask = valid(keys.shape[0])
+        else:
+            mask = None if keys.shape[0] == t else causal_lower_right(t, keys.shape[0])
         # as attention with one KV head whose values are the latent: SDPA never holds [heads, T, S] scores whole
-        mask = None if keys.shape[0] == t else causal_lower_right(t, keys.shape[0])
         out_latent = F.scaled_dot_product_attention(query, keys[None, None], keys[None, None, :, :r], attn_mask=mask,
                                                     is_causal=mask is None, scale=self.scaling, enable_gqa=True)
-        out = torch.einsum("thr,hvr->thv", out_latent[0].transpose(0, 1), w_v).reshape(t, -1)
-        return self.ops.linear(out, w[n["o_proj"]])
+        return torch.einsum("thr,hvr->thv", out_latent[0].transpose(0, 1), w_v).reshape(t, -1)
+
+    def _attend_expanded(self, i: int, q_nope, q_rot, keys: torch.Tensor) -> torch.Tensor:
+        """Per-head keys and values of every position from the latent (one GEMM through kv_b), then causal attention
+        in bf16 with the values zero-padded to the key width, so one flash kernel takes all three."""
+        a = self.args
+        t, s, heads = q_nope.shape[0], keys.shape[0], a.num_attention_heads
+        nope, dv, r = a.qk_nope_head_dim, a.v_head_dim, a.kv_lora_rank
+        kv = self.ops.linear(keys[:, :r], self.w[self.layer_names[i]["kv_b_proj"]]).view(s, heads, nope + dv)
+        k_nope, value = kv.to(torch.bfloat16).split([nope, dv], dim=-1)
+        k_rot = keys[:, None, r:].to(torch.bfloat16).expand(s, heads, a.qk_rope_head_dim)
+        key = torch.cat([k_nope, k_rot], dim=-1)
+        query = torch.cat([q_nope, q_rot], dim=-1).to(torch.bfloat16)
+        value = F.pad(value, (0, key.shape[-1] - dv))
+        mask = None if s == t else causal_lower_right(t, s)
+        out = F.scaled_dot_product_attention(query.transpose(0, 1)[None], key.transpose(0, 1)[None],
+                                             value.transpose(0, 1)[None], attn_mask=mask, is_causal=mask is None,
+                                             scale=self.scaling)
+        return out[0, :, :, :dv].transpose(0, 1).reshape(t, heads * dv)
 
     def rotate(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         """RoPE of the rotary dims x [T, heads, d]; cos/sin [T, d] as cat(freqs, freqs) times the scale."""
@@ -206,8 +243,7 @@ class Model:
         """tokens [T] at positions start_pos.. -> logits [T, vocab] (or [1, vocab] for the last token)."""
         a, w = self.args, self.w
         x = self.ops.embed(tokens, w["embed"]).float()
-        positions = torch.arange(start_pos, start_pos + tokens.shape[0])
-        cos, sin = rope_cos_sin(self.inv_freq, positions, self.rope_scale)
+        cos, sin = self.rope(start_pos, tokens.shape[0], x.device)
         for i, n in enumerate(self.layer_names):
             x = x + self.attention(i, self.rms_norm(x, w[n["attn_norm"]], a.rms_norm_eps), cache, start_pos, cos, sin)
             x = x + self.mlp(i, self.rms_norm(x, w[n["mlp_norm"]], a.rms_norm_eps))

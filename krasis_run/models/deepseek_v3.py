@@ -19,7 +19,6 @@ from . import deepseek_v2 as v2
 from .base import ConfigError, apply_rope
 
 ARCHITECTURE = "DeepseekV3ForCausalLM"
-GPU = False  # as DeepSeek-V2: the CPU path only in this version
 
 
 @dataclass
@@ -39,6 +38,9 @@ class ModelArgs(v2.ModelArgs):
             raise ConfigError("n_routed_experts must be a multiple of n_group, and 1 <= topk_group <= n_group")
         if self.n_routed_experts // self.n_group < 2:
             raise ConfigError("DeepSeek-V3 routing scores each group by its two best experts: groups of 2 or more")
+
+
+cache_layout = v2.cache_layout
 
 
 def layer_tensor_names(args: ModelArgs, layer: int) -> dict[str, str]:

@@ -15,7 +15,8 @@ from . import qwen3_next
 
 ARCHITECTURE = "Qwen3_5MoeForCausalLM"
 ARCHITECTURES = (ARCHITECTURE, "Qwen3_5MoeForConditionalGeneration")  # the hub's, with a vision tower skipped
-GPU = False  # as Qwen3-Next: the CPU path only in this version
+
+cache_layout = qwen3_next.cache_layout
 
 
 @dataclass

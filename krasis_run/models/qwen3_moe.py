@@ -13,12 +13,13 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from ..cache import CacheLayout
 from .base import (
     ConfigError,
+    Rotary,
     from_hf_fields,
     norm_rope,
     rms_norm,
-    rope_cos_sin,
     rope_frequencies,
     rope_parameters,
     route,
@@ -86,13 +87,17 @@ def layer_tensor_names(args: ModelArgs, layer: int) -> dict[str, str]:
     return names
 
 
+def cache_layout(args: ModelArgs) -> CacheLayout:
+    return CacheLayout(args.num_key_value_heads, args.head_dim, args.head_dim, (True,) * args.num_hidden_layers)
+
+
 class Model:
     """Forward pass over `weights` (artifact tensor name -> weight object) using `ops` for the matmuls."""
 
     def __init__(self, args: ModelArgs, weights, ops):
         self.args, self.w, self.ops = args, weights, ops
-        self.inv_freq, self.rope_scale = rope_frequencies(args.rope, args.head_dim, args.max_position_embeddings)
-        self._rope_tables: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
+        self.cache_layout = cache_layout(args)
+        self.rope = Rotary(*rope_frequencies(args.rope, args.head_dim, args.max_position_embeddings))
         self.layer_names = [layer_tensor_names(args, i) for i in range(args.num_hidden_layers)]
         self.norm_rope = getattr(ops, "norm_rope", norm_rope)  # an engine may fuse the per-head norm and rotary
         self.rms_norm = getattr(ops, "rms_norm", rms_norm)  # ... and bring its own norm and router top-k
@@ -100,30 +105,6 @@ class Model:
         self.add_rms_norm = getattr(ops, "add_rms_norm", None)  # x += delta in place, then the norm, fused
         self.attention_inputs = getattr(ops, "attention_inputs", None)
         self.select_experts = getattr(ops, "select_experts", None)
-
-    def cache_dims(self) -> tuple[int, int, int]:
-        """(kv heads, key dim, value dim) of the KV cache."""
-        return self.args.num_key_value_heads, self.args.head_dim, self.args.head_dim
-
-    def _rope(self, start_pos, count: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-        """cos/sin of positions start_pos.. : rows of a table kept per device (grown by doubling) for an int
-        start, so a decode step costs a slice instead of ~8 small ops; computed for a device-tensor start (a
-        captured decode step then serves every position)."""
-        if isinstance(start_pos, torch.Tensor):
-            positions = torch.arange(count, device=device) + start_pos
-            return rope_cos_sin(self._inv_freq(device), positions, self.rope_scale)
-        end = start_pos + count
-        table = self._rope_tables.get(device)
-        if table is None or table[0].shape[0] < end:
-            size = max(end, 2 * table[0].shape[0] if table is not None else 256)
-            table = rope_cos_sin(self._inv_freq(device), torch.arange(size, device=device), self.rope_scale)
-            self._rope_tables[device] = table
-        return table[0][start_pos:end], table[1][start_pos:end]
-
-    def _inv_freq(self, device: torch.device) -> torch.Tensor:
-        if self.inv_freq.device != device:  # moved once: a copy from the host cannot be captured in a graph
-            self.inv_freq = self.inv_freq.to(device)
-        return self.inv_freq
 
     def attention(self, i: int, x: torch.Tensor, cache, start_pos: int, cos, sin) -> torch.Tensor:
         a, n, w = self.args, self.layer_names[i], self.w
@@ -184,7 +165,7 @@ class Model:
         layer's weights are needed. The results are those of the unchunked pass."""
         a, w = self.args, self.w
         x = self.ops.embed(tokens, w["embed"])
-        cos, sin = self._rope(start_pos, tokens.shape[0], x.device)
+        cos, sin = self.rope(start_pos, tokens.shape[0], x.device)
         chunked = token_chunk is not None and token_chunk < tokens.shape[0]
         if chunked:
             x = x.clone()  # updated in place below: never write into what ops.embed returned

@@ -11,7 +11,6 @@ shared expert behind a sigmoid gate.
   in_proj_ba come grouped per key head (transformers' fix_query_key_value_ordering); q and k are l2-normed, q scaled
   by 1/sqrt(key dim); the gated delta rule (kernels/linear_attention.py) runs a chunk of tokens at a time in prefill,
   one step in decode.
-This file runs on the CPU engine.
 """
 
 from __future__ import annotations
@@ -22,14 +21,16 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from ..cache import CacheLayout
 from ..format import KrsError
 from ..kernels.linear_attention import gated_delta_chunked, gated_delta_recurrent
-from .base import ConfigError, apply_rope, from_hf_fields, rms_norm, rope_cos_sin, rope_frequencies, rope_parameters
+from .base import ConfigError, Rotary, apply_rope, from_hf_fields, rms_norm, rope_frequencies, rope_parameters
 from .base import route as topk_route
 
 ARCHITECTURE = "Qwen3NextForCausalLM"
-GPU = False  # the GPU engines do not place linear attention yet: the runtime keeps this model on the CPU
 L2NORM_EPS = 1e-6
+LINEAR_TOKEN_SLICE = 8192  # prefill runs a linear-attention layer over this many tokens at a time: bounds the
+# chunked rule's [heads, chunks, C, C] temporaries on a long prompt (the state carries over between slices)
 
 
 @dataclass
@@ -103,7 +104,8 @@ def layer_tensor_names(args: ModelArgs, layer: int) -> dict[str, str]:
     """Role -> artifact tensor name for one decoder layer (the compiler writes exactly these)."""
     p = f"layers.{layer}."
     if args.is_full(layer):
-        roles = ["q_proj", "k_proj", "v_proj", "o_proj", "q_norm", "k_norm"]
+        # qkv_proj: not in the artifact, q/k/v stacked by an engine that places them so (one GEMV for three)
+        roles = ["q_proj", "k_proj", "v_proj", "qkv_proj", "o_proj", "q_norm", "k_norm"]
     else:
         roles = ["in_proj_qkvz", "in_proj_ba", "conv1d", "dt_bias", "A_log", "linear_norm", "out_proj"]
     names = {r: p + r for r in ["attn_norm", "mlp_norm", *roles]}
@@ -118,6 +120,16 @@ def layer_tensor_names(args: ModelArgs, layer: int) -> dict[str, str]:
     return names
 
 
+def cache_layout(args: ModelArgs) -> CacheLayout:
+    """K/V on the full-attention layers only; the linear-attention layers keep a conv state and a float32 recurrent
+    state [value heads, key dim, value dim] each, whatever the length."""
+    linear = sum(not args.is_full(i) for i in range(args.num_hidden_layers))
+    state = (args.linear_conv_kernel_dim - 1) * args.conv_dim + \
+        args.linear_num_value_heads * args.linear_key_head_dim * args.linear_value_head_dim
+    return CacheLayout(args.num_key_value_heads, args.head_dim, args.head_dim,
+                       tuple(args.is_full(i) for i in range(args.num_hidden_layers)), state_bytes=4 * state * linear)
+
+
 def _tensor(w) -> torch.Tensor:
     """A small float weight (norms, conv, decay parameters) whatever its placement: a tensor or an artifact view."""
     return (w if isinstance(w, torch.Tensor) else w.parts["w"]).float()
@@ -130,15 +142,11 @@ class Model:
 
     def __init__(self, args: ModelArgs, weights, ops):
         self.args, self.w, self.ops = args, weights, ops
-        self.inv_freq, self.rope_scale = rope_frequencies(args.rope, args.rotary_dim, args.max_position_embeddings)
+        self.rope = Rotary(*rope_frequencies(args.rope, args.rotary_dim, args.max_position_embeddings))
         self.layer_names = [self.tensor_names(args, i) for i in range(args.num_hidden_layers)]
         self.rms_norm = getattr(ops, "rms_norm", rms_norm)
-        self.kv_layers = [args.is_full(i) for i in range(args.num_hidden_layers)]
+        self.cache_layout = cache_layout(args)
         self._plus_one: dict[str, torch.Tensor] = {}
-
-    def cache_dims(self) -> tuple[int, int, int]:
-        """(kv heads, key dim, value dim) of the full-attention layers' KV cache (kv_layers says which layers)."""
-        return self.args.num_key_value_heads, self.args.head_dim, self.args.head_dim
 
     def norm(self, x: torch.Tensor, name: str) -> torch.Tensor:
         """Qwen3-Next's RMSNorm: x_normed * (1 + w); 1 + w is formed once per weight."""
@@ -150,10 +158,15 @@ class Model:
     def full_attention(self, i: int, x: torch.Tensor, cache, start_pos: int, cos, sin) -> torch.Tensor:
         a, n = self.args, self.layer_names[i]
         t, hd, rd = x.shape[0], a.head_dim, a.rotary_dim
-        q, gate = self.ops.linear(x, self.w[n["q_proj"]]).float().view(t, a.num_attention_heads, 2 * hd).chunk(2, -1)
+        if n["qkv_proj"] in self.w:
+            sizes = [2 * a.num_attention_heads * hd] + 2 * [a.num_key_value_heads * hd]
+            q, k, v = self.ops.linear(x, self.w[n["qkv_proj"]]).float().split(sizes, dim=-1)
+        else:
+            q, k, v = (self.ops.linear(x, self.w[n[r]]).float() for r in ("q_proj", "k_proj", "v_proj"))
+        q, gate = q.reshape(t, a.num_attention_heads, 2 * hd).chunk(2, -1)
         q = self.norm(q, n["q_norm"])
-        k = self.norm(self.ops.linear(x, self.w[n["k_proj"]]).float().view(t, a.num_key_value_heads, hd), n["k_norm"])
-        v = self.ops.linear(x, self.w[n["v_proj"]]).float().view(t, a.num_key_value_heads, hd)
+        k = self.norm(k.reshape(t, a.num_key_value_heads, hd), n["k_norm"])
+        v = v.reshape(t, a.num_key_value_heads, hd)
         q = torch.cat([apply_rope(q[..., :rd], cos, sin), q[..., rd:]], dim=-1)
         k = torch.cat([apply_rope(k[..., :rd], cos, sin), k[..., rd:]], dim=-1)
         keys, values = cache.update(i, start_pos, k.contiguous(), v.contiguous())
@@ -174,27 +187,34 @@ class Model:
         return mixed, z.reshape(t, nv, dv), b.reshape(t, nv), a_.reshape(t, nv)
 
     def linear_attention(self, i: int, x: torch.Tensor, cache) -> torch.Tensor:
+        if x.shape[0] <= LINEAR_TOKEN_SLICE:
+            return self._linear_attention(i, x, cache)
+        return torch.cat([self._linear_attention(i, x[s:s + LINEAR_TOKEN_SLICE], cache)
+                          for s in range(0, x.shape[0], LINEAR_TOKEN_SLICE)])
+
+    def _linear_attention(self, i: int, x: torch.Tensor, cache) -> torch.Tensor:
         a, n, w = self.args, self.layer_names[i], self.w
         t, nk, nv, dk, dv = x.shape[0], a.linear_num_key_heads, a.linear_num_value_heads, a.linear_key_head_dim, \
             a.linear_value_head_dim
         r = nv // nk
         mixed, z, b, a_ = self.linear_inputs(i, x)
         kernel = a.linear_conv_kernel_dim
-        conv_state, state = cache.states.get(i) or (torch.zeros(kernel - 1, a.conv_dim),
-                                                    torch.zeros(nv, dk, dv))
+        held = cache.get_state(i)
+        conv_state, state = held if held is not None else (torch.zeros(kernel - 1, a.conv_dim, device=x.device),
+                                                           torch.zeros(nv, dk, dv, device=x.device))
         seq = torch.cat([conv_state, mixed], dim=0)  # [kernel - 1 + T, conv_dim]: causal depthwise conv
         mixed = F.silu((seq.unfold(0, kernel, 1) * _tensor(w[n["conv1d"]])).sum(-1))  # [T, conv_dim]
         q, k, v = mixed.split([nk * dk, nk * dk, nv * dv], dim=-1)
-        q = q.view(t, nk, dk).repeat_interleave(r, dim=1)
-        k = k.view(t, nk, dk).repeat_interleave(r, dim=1)
+        q = q.reshape(t, nk, dk).repeat_interleave(r, dim=1)
+        k = k.reshape(t, nk, dk).repeat_interleave(r, dim=1)
         q = q * torch.rsqrt((q * q).sum(-1, keepdim=True) + L2NORM_EPS) / dk**0.5
         k = k * torch.rsqrt((k * k).sum(-1, keepdim=True) + L2NORM_EPS)
-        v = v.view(t, nv, dv)
+        v = v.reshape(t, nv, dv)
         beta = torch.sigmoid(b)
         log_decay = -_tensor(w[n["A_log"]]).exp() * F.softplus(a_ + _tensor(w[n["dt_bias"]]))
         rule = gated_delta_recurrent if t == 1 else gated_delta_chunked  # decode: one step; prefill: chunks
         out, state = rule(q, k, v, log_decay, beta, state)
-        cache.states[i] = (seq[-(kernel - 1):].clone(), state)
+        cache.set_state(i, seq[-(kernel - 1):], state)
         normed = out * torch.rsqrt(out.square().mean(-1, keepdim=True) + a.rms_norm_eps) * _tensor(w[n["linear_norm"]])
         gated = normed * F.silu(z)
         return self.ops.linear(gated.reshape(t, nv * dv), w[n["out_proj"]])
@@ -218,11 +238,10 @@ class Model:
                 token_chunk: int | None = None) -> torch.Tensor:
         """tokens [T] at positions start_pos.. -> logits [T, vocab] (or [1, vocab] for the last token)."""
         a, w = self.args, self.w
-        if cache.states and start_pos != cache.length:
+        if getattr(cache, "states", None) and isinstance(start_pos, int) and start_pos != cache.length:
             raise KrsError("a recurrent layer's state holds the tokens so far: new tokens must follow them")
         x = self.ops.embed(tokens, w["embed"]).float()
-        positions = torch.arange(start_pos, start_pos + tokens.shape[0])
-        cos, sin = rope_cos_sin(self.inv_freq, positions, self.rope_scale)
+        cos, sin = self.rope(start_pos, tokens.shape[0], x.device)
         for i, n in enumerate(self.layer_names):
             h = self.norm(x, n["attn_norm"])
             x = x + (self.full_attention(i, h, cache, start_pos, cos, sin) if a.is_full(i)

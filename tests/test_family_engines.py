@@ -1,0 +1,186 @@
+"""The GPU engines on the DeepSeek (MLA) and Qwen3-Next / Qwen3.5 (Gated DeltaNet) families: streaming prefill and
+hybrid decode against the CPU path on the same artifact. The engine code runs here on the CPU (device="cpu"); the
+CUDA tests run it on the GPU host (docs/DEVICE-RUNS.md records the command and the result)."""
+
+from __future__ import annotations
+
+import copy
+
+import numpy as np
+import pytest
+import torch
+from conftest import TinyModel
+from fixtures import build_deepseek_v2, build_deepseek_v3, build_qwen3_5_moe, build_qwen3_next, prompt_ids
+from test_hybrid_decode import assert_same_greedy, greedy
+from test_oracle import rel_l2
+
+import krasis_run
+from krasis_run.decode_hybrid import HybridDecodeEngine
+from krasis_run.models import MODELS
+from krasis_run.prefill_gpu import GpuPrefillEngine
+
+cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (run on the GPU host)")
+BUILDERS = {"deepseek-v2": build_deepseek_v2, "deepseek-v3": build_deepseek_v3, "qwen3-next": build_qwen3_next,
+            "qwen3.5-moe": build_qwen3_5_moe}
+# quantized artifacts: the engines compute in bf16 activations where the CPU path keeps float32 (these tiny random
+# models amplify rounding, see test_qwen3_next.py), so they are held to the CPU path within this
+QUANT_BOUND = 0.1
+TIE = 5e-2  # the engines' logits differ from the CPU path's by ~0.5% (bf16 activations): a wider gap than 1e-2
+
+
+@pytest.fixture(scope="module", params=list(BUILDERS))
+def family(request, tmp_path_factory) -> TinyModel:
+    folder = tmp_path_factory.mktemp("models") / request.param
+    return TinyModel(folder, BUILDERS[request.param](folder, "per_expert", seed=11), "per_expert")
+
+
+def bf16_sensitivity(model, ids: list[int]) -> float:
+    """How far transformers' own logits move when the model runs in bf16 instead of float32, on the same tokens:
+    the engines compute in bf16 activations where the CPU path keeps float32, and the tiny random Qwen3-Next models
+    amplify that rounding (~8%, against ~1% for DeepSeek)."""
+    with torch.no_grad():
+        want = model(torch.tensor([ids])).logits[0].float()
+        got = copy.deepcopy(model).to(torch.bfloat16)(torch.tensor([ids])).logits[0].float()
+    return float((got - want).norm() / want.norm())
+
+
+def arch_of(rt):
+    return MODELS[rt.artifact.header["architecture"]]
+
+
+def prefill_engine(rt, resident: set[int], section: str = "experts_gpu", device: str = "cpu") -> GpuPrefillEngine:
+    return GpuPrefillEngine(arch_of(rt), rt.args, rt.artifact, device, resident, section)
+
+
+def hybrid_engine(rt, resident: set[int], device: str = "cpu", **kwargs) -> HybridDecodeEngine:
+    return HybridDecodeEngine(arch_of(rt), rt.args, rt.artifact, prefill_engine(rt, resident, device=device), rt.ops,
+                              rt.model.w, context=96, **kwargs)
+
+
+def clear_reference(rt, n: int = 20, steps: int = 10) -> tuple[list[int], list[int], list[np.ndarray]]:
+    """A prompt whose greedy continuation on the CPU path has no near-tie (top two logits within TIE) in its first
+    `steps` tokens, so any other engine must give exactly those tokens: (prompt, tokens, logits)."""
+    for seed in range(30):
+        ids = prompt_ids(rt.args.vocab_size, n, seed=seed)
+        tokens, logits = greedy(rt, rt.engine, ids, steps)
+        if all(np.diff(np.sort(step)[-2:])[0] >= TIE for step in logits):
+            return ids, tokens, logits
+    raise AssertionError("no prompt without a near-tie in 30 seeds")
+
+
+def sparse_layers(rt) -> list[int]:
+    return [i for i in range(rt.args.num_hidden_layers) if rt.args.is_sparse(i)]
+
+
+@pytest.mark.parametrize("quant,dense", [("bf16", "bf16"), ("q4", "q8")])
+@pytest.mark.parametrize("section", ["experts_gpu", "experts_cpu"])
+def test_streaming_prefill_equals_cpu_path(family, quant, dense, section):
+    """bf16 artifacts: the CPU path's logits within 1e-2, or within twice the model's own bf16 sensitivity where that is
+    larger (the experts' grouped GEMM takes bf16 activations)."""
+    rt = krasis_run.load(family.artifact(quant, dense), threads=1, kernel="reference")
+    ids = prompt_ids(rt.args.vocab_size, 40, seed=11)
+    engine = prefill_engine(rt, set(sparse_layers(rt)[:1]), section)  # one layer resident, the others streamed
+    got = engine.prefill(ids, rt.engine.new_cache(), all_logits=True).numpy()
+    err = rel_l2(got, rt.logits(ids))
+    print(f"{rt.artifact.header['architecture']} {quant}/{dense} {section}: vs CPU path {err:.4g}")
+    assert err <= (max(1e-2, 2 * bf16_sensitivity(family.model, ids)) if quant == "bf16" else QUANT_BOUND)
+
+
+@pytest.mark.parametrize("mode", ["experts_in_ram", "budget", "all_gpu"])
+def test_hybrid_decode_equals_cpu_path(family, mode):
+    """Prefill on the streaming engine, then one token at a time with the model's state (KV, latent cache or
+    recurrent states) where the prefill left it: the CPU path's tokens, for each placement of the experts."""
+    rt = krasis_run.load(family.artifact("bf16", "bf16"), threads=1, kernel="reference")
+    ids, want_tokens, want_logits = clear_reference(rt)
+    layers = sparse_layers(rt)
+    resident = {"experts_in_ram": set(), "budget": set(layers[:1]), "all_gpu": set(layers)}[mode]
+    engine = hybrid_engine(rt, resident)
+    assert engine.mode == mode
+    got_tokens, got_logits = greedy(rt, engine, ids, 10)
+    assert_same_greedy(got_tokens, want_tokens, want_logits, tie=TIE)
+    bound = max(1e-2, 2 * bf16_sensitivity(family.model, ids))
+    for got, want in zip(got_logits, want_logits, strict=True):
+        assert rel_l2(got, want) < bound
+
+
+def test_streaming_prefill_then_cpu_decode(family):
+    """The GPU prefill hands the CPU engine its cache (a recurrent model's conv and delta-rule states too): decode
+    after it equals decode after the CPU's own prefill."""
+    rt = krasis_run.load(family.artifact("bf16", "bf16"), threads=1, kernel="reference")
+    ids = prompt_ids(rt.args.vocab_size, 24, seed=3)
+    want, _ = greedy(rt, rt.engine, ids, 8)
+    engine = prefill_engine(rt, set())
+    cache = rt.engine.new_cache(40)
+    logits = engine.prefill(ids, cache)
+    got = []
+    for _ in range(8):
+        got.append(int(torch.argmax(logits)))
+        logits = rt.engine.decode(got[-1], cache)
+    assert got == want
+    if rt.artifact.header["architecture"].startswith("Qwen3"):
+        assert all(t.device.type == "cpu" for pair in cache.states.values() for t in pair)
+
+
+def test_mla_expanded_prefill_equals_absorbed(tmp_path):
+    """A prompt on the GPU attends through per-head keys and values expanded from the latent (flash attention in
+    bf16); decode and the CPU keep the absorbed form. Forced here on the CPU: the two agree."""
+    folder = tmp_path / "ds"
+    tiny = TinyModel(folder, build_deepseek_v2(folder, "per_expert", seed=2), "per_expert")
+    rt = krasis_run.load(tiny.artifact("bf16", "bf16"), threads=1, kernel="reference")
+    ids = prompt_ids(rt.args.vocab_size, 33, seed=4)
+    engine = prefill_engine(rt, set())
+    absorbed = engine.prefill(ids, rt.engine.new_cache(), all_logits=True).numpy()
+    engine.model.expand_prefill = True
+    cache = rt.engine.new_cache()
+    expanded = engine.prefill(ids[:20], cache, all_logits=True).numpy()  # then a second prefill over the cache
+    expanded = np.concatenate([expanded, engine.prefill(ids[20:], cache, all_logits=True).numpy()])
+    err = rel_l2(expanded, absorbed)
+    print(f"expanded vs absorbed MLA: {err:.4g}")
+    assert err < 2e-2
+
+
+@cuda
+@pytest.mark.parametrize("quant,dense", [("bf16", "bf16"), ("q4", "q8")])
+def test_cuda_prefill_equals_cpu_path(family, quant, dense):
+    rt = krasis_run.load(family.artifact(quant, dense), threads=1, kernel="reference")
+    ids = prompt_ids(rt.args.vocab_size, 300, seed=11)
+    for resident in (set(), set(sparse_layers(rt))):
+        got = prefill_engine(rt, resident, device="cuda").prefill(ids, rt.engine.new_cache(), all_logits=True)
+        err = rel_l2(got.numpy(), rt.logits(ids))
+        print(f"cuda {rt.artifact.header['architecture']} {quant}/{dense} resident={len(resident)}: vs CPU {err:.4g}")
+        # bf16 attention on CUDA, float32 on the CPU
+        assert err <= (max(2e-2, 2 * bf16_sensitivity(family.model, ids)) if quant == "bf16" else QUANT_BOUND)
+
+
+@cuda
+@pytest.mark.parametrize("mode", ["experts_in_ram", "budget", "all_gpu"])
+@pytest.mark.parametrize("graphs", [False, True])
+def test_cuda_hybrid_decode_equals_cpu_path(family, mode, graphs):
+    rt = krasis_run.load(family.artifact("bf16", "bf16"), threads=1, kernel="reference")
+    ids, want_tokens, want_logits = clear_reference(rt)
+    layers = sparse_layers(rt)
+    resident = {"experts_in_ram": set(), "budget": set(layers[:1]), "all_gpu": set(layers)}[mode]
+    engine = hybrid_engine(rt, resident, "cuda", graphs=graphs)
+    assert engine.mode == mode
+    got_tokens, got_logits = greedy(rt, engine, ids, 10)
+    print(f"cuda hybrid {rt.artifact.header['architecture']} {mode} graphs={graphs}: {got_tokens} vs {want_tokens}")
+    assert_same_greedy(got_tokens, want_tokens, want_logits, tie=TIE)
+    bound = max(2e-2, 2 * bf16_sensitivity(family.model, ids))
+    for got, want in zip(got_logits, want_logits, strict=True):
+        assert rel_l2(got, want) < bound
+
+
+@cuda
+def test_cuda_runtime_generates_like_the_cpu_runtime(family):
+    """`load(device="cuda")` plans, prefills on the GPU and decodes with graphs: the CPU runtime's greedy tokens."""
+    path = family.artifact("q4", "q8")
+    cpu = krasis_run.load(path, threads=2)
+    ids = prompt_ids(cpu.args.vocab_size, 30, seed=8)
+    want = list(cpu.generate(ids, max_new_tokens=12, stop_token_ids=set()))
+    want_logits = [cpu.logits(ids + want[:i])[-1] for i in range(12)]
+    for layers in (0, None):
+        gpu = krasis_run.load(path, device="cuda", threads=2, context=256, max_resident_layers=layers)
+        got = list(gpu.generate(ids, max_new_tokens=12, stop_token_ids=set()))
+        print(f"cuda runtime {cpu.artifact.header['architecture']} resident={layers}: {got} vs {want}")
+        assert_same_greedy(got, want, want_logits, tie=5e-2)
+        gpu.close()
