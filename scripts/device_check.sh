@@ -10,7 +10,10 @@ for step in "$@"; do
     tests)
       # the interpreter tests are CI's (Triton 3.9 on the CPU); here the kernels run compiled
       python3 -m pytest -q tests/test_hybrid_decode.py tests/test_gpu_prefill.py tests/test_decode_kernels.py \
-        tests/test_prefill_kernels.py -k "not interpreter" 2>&1 | tail -25 | tee "$OUT/tests.log" ;;
+        tests/test_prefill_kernels.py tests/test_family_engines.py -k "not interpreter" 2>&1 | tail -25 | tee "$OUT/tests.log" ;;
+    family)
+      python3 -m pytest -q tests/test_family_engines.py -k cuda 2>&1 | tail -25 | tee "$OUT/family.log"
+      python3 scripts/bench_linear_attention.py 2>&1 | tee "$OUT/linear_attention.log" ;;
     kernels)
       [ -f scripts/bench_decode_kernels.py ] && python3 scripts/bench_decode_kernels.py --sweep 2>&1 | tee "$OUT/kernels.log" ;;
     bench)
