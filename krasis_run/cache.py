@@ -82,9 +82,10 @@ class KVCache:
         cache = cls.__new__(cls)
         cache.__dict__.update(storage.__dict__)
         cache.keys, cache.values, cache.pin_memory, cache.length = list(storage.keys), list(storage.values), False, 0
-        for conv, state in storage.states.values():
-            conv.zero_()
-            state.zero_()
+        with torch.inference_mode():  # the states were made by a prefill, in inference mode
+            for conv, state in storage.states.values():
+                conv.zero_()
+                state.zero_()
         return cache
 
     @property
