@@ -1,7 +1,11 @@
-"""GPU streaming prefill and hybrid decode on the full Qwen3-30B-A3B shape. Run on the GPU host.
+"""GPU streaming prefill and hybrid decode on a full model shape (Qwen3-30B-A3B by default; --shape
+qwen3-coder-next or deepseek-v2-lite). Run on the GPU host.
 
-    python3 scripts/bench.py [--layers 48] [--prompts 4096,16384,32768] [--budgets 16,whole] [--sections gpu,cpu]
-                             [--decode-budgets 16,whole]
+    python3 scripts/bench.py [--shape S] [--layers 48] [--prompts 4096,16384,32768] [--budgets 16,whole]
+                             [--sections gpu,cpu] [--decode-budgets 16,whole] [--scale-to N]
+
+--layers below the shape's count writes a contiguous block of its first layers (where the whole model would not fit
+the host's disk); --scale-to N then also reports each time scaled to N layers (time per layer constant).
 
 Writes a synthetic artifact straight from random quantized tiles (no BF16 checkpoint: it would not
 fit the host's disk), then for every prompt length and GPU budget measures prefill tok/s, TTFT,
@@ -31,7 +35,7 @@ import torch.nn.functional as F
 import krasis_run
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # scripts/ as a package, from a checkout
-from scripts.synthetic_artifact import SHAPE, write_synthetic  # noqa: E402
+from scripts.synthetic_artifact import family_shape, write_synthetic  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 def median_ms(fn, repeat: int = 10) -> float:
@@ -65,17 +69,28 @@ def measure_ceilings(rt) -> dict:
                 attention_tflops=2 * t * t * 32 * 128 / attn_ms / 1e9)
 
 
-def floors(prompt: int, layers: int, bytes_streamed: int, ceil: dict) -> dict:
-    h, i, k = SHAPE["hidden_size"], SHAPE["moe_intermediate_size"], SHAPE["num_experts_per_tok"]
-    dense = 32 * 128 * h * 2 + 4 * 128 * h * 2 + SHAPE["num_experts"] * h
-    flops = 2 * prompt * layers * (dense + k * 3 * i * h)
-    attn = 2 * prompt * prompt * 32 * 128 * layers  # causal: half of 4*T^2*heads*dim
+def floors(rt, prompt: int, bytes_streamed: int, ceil: dict) -> dict:
+    """Copy, GEMM and attention floors of one prefill: the dense matrices (all but the embeddings and lm_head) and
+    k routed experts per MoE layer per token; causal attention on the layers that attend over a cache (the
+    linear-attention layers' delta rule is not counted)."""
+    a, header = rt.args, rt.artifact.header
+    dense = 0
+    for name, spec in header["tensors"].items():
+        section = rt.artifact.chunks[spec["chunk"]].section
+        if section in ("experts_gpu", "experts_cpu") or name in ("embed", "lm_head") or len(spec["shape"]) != 2:
+            continue
+        dense += spec["shape"][0] * spec["shape"][1]
+    moe_layers = sum(a.is_sparse(i) for i in range(a.num_hidden_layers))
+    flops = 2 * prompt * (dense + moe_layers * a.num_experts_per_tok * 3 * a.moe_intermediate_size * a.hidden_size)
+    qk = getattr(a, "qk_nope_head_dim", 0) + getattr(a, "qk_rope_head_dim", 0) or a.head_dim
+    v = getattr(a, "v_head_dim", 0) or a.head_dim
+    attn = prompt * prompt * a.num_attention_heads * (qk + v) * sum(rt.model.cache_layout.kv_layers)  # causal half
     return dict(copy_s=bytes_streamed / ceil["pcie_gb_s"] / 1e9, gemm_s=flops / ceil["gemm_tflops"] / 1e12,
                 attention_s=attn / ceil["attention_tflops"] / 1e12)
 
 
 def run_prefill(rt, prompt: int, repeat: int = 2) -> dict:
-    ids = torch.randint(0, SHAPE["vocab_size"], (prompt,), generator=torch.Generator().manual_seed(prompt)).tolist()
+    ids = torch.randint(0, rt.args.vocab_size, (prompt,), generator=torch.Generator().manual_seed(prompt)).tolist()
     engine = rt.prefill_engine
     best = None
     for _ in range(repeat):
@@ -104,7 +119,7 @@ def profile(rt, prompt: int) -> None:
     from torch.profiler import ProfilerActivity
     from torch.profiler import profile as torch_profile
 
-    ids = torch.randint(0, SHAPE["vocab_size"], (prompt,), generator=torch.Generator().manual_seed(7)).tolist()
+    ids = torch.randint(0, rt.args.vocab_size, (prompt,), generator=torch.Generator().manual_seed(7)).tolist()
     with torch_profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
         rt.prefill_engine.prefill(ids, rt.engine.new_cache(prompt + 1))
     print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=22, max_name_column_width=60), flush=True)
@@ -115,7 +130,7 @@ DECODE_PROMPT = 4096
 
 def decode_speed(rt, runs: int = 3, tokens: int = 64) -> list[float]:
     """Decode tok/s of `tokens` greedy tokens after a DECODE_PROMPT-token GPU prefill, `runs` times."""
-    ids = torch.randint(0, SHAPE["vocab_size"], (DECODE_PROMPT,), generator=torch.Generator().manual_seed(1)).tolist()
+    ids = torch.randint(0, rt.args.vocab_size, (DECODE_PROMPT,), generator=torch.Generator().manual_seed(1)).tolist()
     speeds = []
     for _ in range(runs):
         list(rt.generate(ids, max_new_tokens=tokens + 1, stop_token_ids=set()))
@@ -140,7 +155,7 @@ def profile_decode(rt, steps: int = 8) -> None:
     from torch.profiler import ProfilerActivity
     from torch.profiler import profile as torch_profile
 
-    ids = torch.randint(0, SHAPE["vocab_size"], (DECODE_PROMPT,), generator=torch.Generator().manual_seed(3)).tolist()
+    ids = torch.randint(0, rt.args.vocab_size, (DECODE_PROMPT,), generator=torch.Generator().manual_seed(3)).tolist()
     cache = rt.engine.new_cache(DECODE_PROMPT + steps + 8)
     token = int(torch.argmax(rt.engine.prefill(ids, cache)))
     for _ in range(3):
@@ -169,11 +184,10 @@ def host_read_gb_s() -> float:
 
 def decode_bytes(rt, mode: str) -> dict[str, float]:
     """Bytes one decode step reads on each side: weights, plus the K/V of the DECODE_PROMPT context."""
-    from krasis_run.planner import _dense_vram, kv_cache_bytes
+    from krasis_run.planner import _dense_vram
     from scripts.bench_decode import bytes_per_token
 
-    config = rt.artifact.header["config"]
-    kv = kv_cache_bytes(config, DECODE_PROMPT)  # K and V of the prompt, read once per step
+    kv = rt.model.cache_layout.bytes(DECODE_PROMPT)  # K and V of the prompt (or states), read once per step
     if mode == "cpu":
         return dict(cpu=bytes_per_token(rt.artifact) + kv, gpu=0.0)
     experts = rt.engine.expert_bytes_per_token(measured=True)
@@ -244,7 +258,11 @@ def run_decode(path: Path, budgets: list[str], runs: int, bandwidth: dict, modes
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--layers", type=int, default=48)
+    ap.add_argument("--shape", default="qwen3-30b-a3b", choices=["qwen3-30b-a3b", "qwen3-coder-next",
+                                                                  "deepseek-v2-lite"])
+    ap.add_argument("--layers", type=int, default=0, help="the first N layers of the shape (default: all)")
+    ap.add_argument("--scale-to", type=int, default=0, help="also report times scaled to this many layers")
+    ap.add_argument("--max-resident", type=int, default=None, help="cap on the expert layers kept in VRAM")
     ap.add_argument("--quant", default="q4")
     ap.add_argument("--dense-quant", default="q8", help="the CPU copy's dense codec in the synthetic artifact")
     ap.add_argument("--routers", choices=["per_layer", "shared"], default="per_layer",
@@ -266,14 +284,18 @@ def main() -> None:
     args = ap.parse_args()
 
     sections = tuple(args.sections.split(","))
+    full_layers = 48 if args.shape == "qwen3-30b-a3b" else family_shape(args.shape, 1)[0]["num_hidden_layers"]
+    args.layers = args.layers or full_layers
+    scale = (args.scale_to or args.layers) / args.layers  # time of the whole model over the time measured
     if not args.artifact.exists():
         start = time.perf_counter()
-        write_synthetic(args.artifact, args.layers, args.quant, sections, args.dense_quant, args.routers)
+        write_synthetic(args.artifact, args.layers, args.quant, sections, args.dense_quant, args.routers, args.shape)
         print(f"wrote {args.artifact} ({args.artifact.stat().st_size / 1e9:.1f} GB) in "
               f"{time.perf_counter() - start:.0f} s", flush=True)
     device = torch.cuda.get_device_name()
     record = dict(device=device, date=datetime.date.today().isoformat(),
-                  model_shape=dict(SHAPE, num_hidden_layers=args.layers), quant=args.quant, routers=args.routers,
+                  shape=args.shape, layers_measured=args.layers, scaled_to_layers=args.scale_to or args.layers,
+                  quant=args.quant, routers=args.routers,
                   sections=list(sections), torch=torch.__version__, results=[])
     record["commit"] = os.environ.get("KRASIS_COMMIT")  # the GPU host gets a tree without git history
     if not record["commit"]:
@@ -295,7 +317,8 @@ def main() -> None:
                     gc.collect()
                     torch.cuda.empty_cache()
                 rt = krasis_run.load(args.artifact, device="cuda", gpu_budget=None if gib is None else f"{gib}GiB",
-                                     context=context)
+                                     context=context, max_resident_layers=args.max_resident)
+                record.setdefault("model_shape", rt.artifact.header["config"])
                 plan = rt.placement
                 print(f"budget {budget}, context {context}: {len(plan.resident_layers)}/{args.layers} expert layers "
                       f"resident, plan {({k: round(v / 2**30, 2) for k, v in plan.vram_plan.items()})} GiB", flush=True)
@@ -306,8 +329,9 @@ def main() -> None:
                 run_prefill(rt, 1024, repeat=1)  # warm-up: Triton compile, allocator
             row = run_prefill(rt, prompt)
             row.update(gpu_budget_gib=gib if gib is not None else round(plan.gpu_budget / 2**30, 1), context=context,
-                       resident_layers=len(plan.resident_layers), floors=floors(prompt, args.layers,
-                                                                                 row["bytes_streamed"], ceil))
+                       resident_layers=len(plan.resident_layers), expert_layers=len(rt.prefill_engine.streamer.layers),
+                       floors=floors(rt, prompt, row["bytes_streamed"], ceil),
+                       prefill_tok_s_scaled=row["prefill_tok_s"] / scale)
             record["results"].append(row)
             f = row["floors"]
             floor_s = max(f["copy_s"], f["gemm_s"] + f["attention_s"])
@@ -315,7 +339,10 @@ def main() -> None:
                   f"(floor {floor_s:.3f} s = {floor_s / row['ttft_s']:.0%}: copy {f['copy_s']:.3f}, "
                   f"gemm {f['gemm_s']:.3f}, attention {f['attention_s']:.3f}), "
                   f"streamed {row['bytes_streamed'] / 1e9:.1f} GB at {row['pcie_gbps']:.1f} GB/s, "
-                  f"peak VRAM {row['peak_vram_gib']:.1f} GiB", flush=True)
+                  f"peak VRAM {row['peak_vram_gib']:.1f} GiB (workspace used {row['workspace_used_gib']:.2f} of "
+                  f"{row['workspace_planned_gib']:.2f} planned)"
+                  + (f"; scaled to {args.scale_to} layers: {row['prefill_tok_s_scaled']:.0f} tok/s"
+                     if scale != 1 else ""), flush=True)
         if args.profile and budget == args.budgets.split(",")[-1]:
             profile(rt, args.profile)
         rt.close()
@@ -330,10 +357,14 @@ def main() -> None:
         shares = tuple(float(v) for v in args.remote_shares.split(","))
         record["decode"] = run_decode(args.artifact, args.decode_budgets.split(","), args.decode_runs, bandwidth, modes,
                                       shares, tuple(args.profile_decode.split(",")) if args.profile_decode else ())
+        for row in record["decode"]:
+            row["decode_tok_s_scaled"] = row["decode_tok_s"] / scale
+            if scale != 1:
+                print(f"decode {row['mode']} scaled to {args.scale_to} layers: {row['decode_tok_s_scaled']:.1f} tok/s")
         cpu = [r for r in record["decode"] if r["mode"] == "cpu"]
         if cpu:
             record["decode_tok_s"], record["decode_runs"] = cpu[0]["decode_tok_s"], cpu[0]["runs"]
-    whole = {r["prompt_tokens"]: r["ttft_s"] for r in record["results"] if r["resident_layers"] == args.layers}
+    whole = {r["prompt_tokens"]: r["ttft_s"] for r in record["results"] if r["resident_layers"] == r["expert_layers"]}
     for r in record["results"]:
         if r["prompt_tokens"] in whole and r["copy_s"]:
             hidden = (r["copy_s"] + whole[r["prompt_tokens"]] - r["ttft_s"]) / r["copy_s"]

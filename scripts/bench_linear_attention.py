@@ -5,10 +5,12 @@ floor of its reads and writes at the measured HBM copy rate."""
 from __future__ import annotations
 
 import argparse
+import functools
 import time
 
 import torch
 
+from krasis_run.kernels import linear_attention
 from krasis_run.kernels.linear_attention import gated_delta_chunked
 
 
@@ -37,7 +39,8 @@ def timed(fn, repeat: int = 3) -> float:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--tokens", default="4096,8192")
-    ap.add_argument("--chunks", default="64,128")
+    ap.add_argument("--variants", default="torch:64,triton:64:64,triton:64:32,triton:128:32",
+                    help="path:chunk[:value block] to time")
     ap.add_argument("--layers", type=int, default=36)
     args = ap.parse_args()
     x = torch.empty(1 << 28, dtype=torch.uint8, device="cuda")
@@ -46,9 +49,12 @@ def main() -> None:
     for t in map(int, args.tokens.split(",")):
         inputs = case(t, 32, 128, 128, "cuda")
         floor = sum(a.numel() * a.element_size() for a in inputs) * 2 / (hbm * 1e9)  # read inputs, write out
-        for chunk in map(int, args.chunks.split(",")):
-            s = timed(lambda: gated_delta_chunked(*inputs, chunk=chunk))
-            print(f"T={t} chunk={chunk}: {s * 1e3:.2f} ms/layer, {args.layers} layers {s * args.layers:.3f} s "
+        for variant in args.variants.split(","):
+            path, chunk, *block = variant.split(":")
+            chunk = int(chunk)
+            linear_attention.BLOCK_V = int(block[0]) if block else linear_attention.BLOCK_V
+            s = timed(functools.partial(gated_delta_chunked, *inputs, chunk=chunk, use_triton=path == "triton"))
+            print(f"T={t} {variant}: {s * 1e3:.2f} ms/layer, {args.layers} layers {s * args.layers:.3f} s "
                   f"({t / (s * args.layers):.0f} tok/s for linear attention alone); floor {floor * 1e3:.3f} ms/layer "
                   f"at {hbm:.0f} GB/s")
 

@@ -1,9 +1,13 @@
-"""A synthetic artifact of the full Qwen3-30B-A3B shape, written straight from random quantized parts (no BF16
-checkpoint: 48 layers of one would not fit the GPU host's disk). Used by scripts/bench.py (GPU prefill and hybrid
-decode) and scripts/bench_decode.py --synthetic (CPU decode)."""
+"""A synthetic artifact of a full model shape, written straight from random quantized parts (no BF16 checkpoint: 48
+layers of one would not fit the GPU host's disk). Qwen3-30B-A3B by default; with `shape`, one of the shapes in
+scripts/shapes/ (Qwen3-Coder-Next, DeepSeek-V2-Lite): their tensor names and shapes as transformers' classes hold them
+(recorded once from a meta-device model: the GPU host has no transformers), laid out by the compiler's own family
+module. Used by scripts/bench.py (GPU prefill and hybrid decode) and scripts/bench_decode.py --synthetic (CPU)."""
 
 from __future__ import annotations
 
+import json
+import re
 from pathlib import Path
 
 import torch
@@ -11,6 +15,8 @@ import torch
 from krasis_compile.layout import ExpertSource, Group, TensorSpec, plan_chunks
 from krasis_compile.writer import ArtifactWriter
 from krasis_run.models.qwen3_moe import ModelArgs, layer_tensor_names
+
+SHAPES = Path(__file__).resolve().parent / "shapes"
 
 SHAPE = dict(architectures=["Qwen3MoeForCausalLM"], model_type="qwen3_moe", vocab_size=151936, hidden_size=2048,
              num_attention_heads=32, num_key_value_heads=4, head_dim=128, num_experts=128, num_experts_per_tok=8,
@@ -21,14 +27,45 @@ SHAPE = dict(architectures=["Qwen3MoeForCausalLM"], model_type="qwen3_moe", voca
 EMBED_SCALE = 1e5  # with per-layer routers: every layer then routes each token its own way, near uniformly
 
 
-def write_synthetic(out: Path, layers: int, quant: str, sections: tuple[str, ...], dense_codec: str = "q8",
-                    routers: str = "per_layer") -> None:
-    """Random but well-scaled quantized parts: weights ~ +-0.04, norms 1, so activations stay finite. Every layer
-    shares one random tensor per part (writing 48 distinct layers would take minutes), except the routers with
-    routers="per_layer": one random router per layer, so each layer routes its own way (with one shared router
-    a 4K prompt picked only ~31 of the 128 experts of a layer, which flatters hot experts)."""
-    from tokenizers import Tokenizer, models
+class ShapeCheckpoint:
+    """A checkpoint of names and shapes only (what a family's compile module checks while it lists the tensors):
+    layer i's tensors are those of the recorded layer of the same role (`template(i)`); nothing is ever read."""
 
+    def __init__(self, tensors: dict[str, list[int]], template):
+        self.tensors, self.template = tensors, template
+
+    def _recorded(self, name: str) -> str:
+        return re.sub(r"layers\.(\d+)\.", lambda m: f"layers.{self.template(int(m.group(1)))}.", name, count=1)
+
+    def __contains__(self, name: str) -> bool:
+        return self._recorded(name) in self.tensors
+
+    def shape(self, name: str) -> list[int]:
+        return list(self.tensors[self._recorded(name)])
+
+
+def family_shape(shape: str, layers: int) -> tuple[dict, object, dict]:
+    """(config cut to `layers`, the compiler's module, recorded tensor shapes) for a shape in scripts/shapes/."""
+    from krasis_compile.compile import ARCHITECTURES
+
+    recorded = json.loads((SHAPES / f"{shape}.json").read_text())
+    config = dict(recorded["config"], num_hidden_layers=layers)
+    return config, ARCHITECTURES[config["architectures"][0]], recorded["tensors"]
+
+
+def family_groups(shape: str, layers: int) -> tuple[dict, list[Group]]:
+    config, arch, tensors = family_shape(shape, layers)
+    args = arch.ModelArgs.from_hf(config)
+    if config["model_type"] == "qwen3_next":  # the recorded layers 0-3: three linear-attention, one full
+        def template(i: int) -> int:
+            return i % config["full_attention_interval"]
+    else:  # DeepSeek: the recorded dense layer 0 and MoE layer 1
+        def template(i: int) -> int:
+            return 0 if i < config["first_k_dense_replace"] else 1
+    return config, arch.groups(ShapeCheckpoint(tensors, template), args)
+
+
+def qwen3_30b_groups(layers: int) -> list[Group]:
     config = dict(SHAPE, num_hidden_layers=layers)
     args = ModelArgs.from_hf(config)
     h, hd, e, i = args.hidden_size, args.head_dim, args.num_experts, args.moe_intermediate_size
@@ -46,9 +83,24 @@ def write_synthetic(out: Path, layers: int, quant: str, sections: tuple[str, ...
                             n["experts_gpu_gate_up"], n["experts_gpu_down"], n["experts_cpu"]))
     groups.append(Group("head", None, [TensorSpec("norm", "norm", [h], None),
                                        TensorSpec("lm_head", "matrix", [args.vocab_size, h], None)]))
+    return groups
+
+
+def write_synthetic(out: Path, layers: int, quant: str, sections: tuple[str, ...], dense_codec: str = "q8",
+                    routers: str = "per_layer", shape: str = "qwen3-30b-a3b") -> None:
+    """Random but well-scaled quantized parts: weights ~ +-0.04, norms 1, so activations stay finite. Every layer
+    shares one random tensor per part (writing 48 distinct layers would take minutes), except the routers with
+    routers="per_layer": one random router per layer, so each layer routes its own way (with one shared router
+    a 4K prompt picked only ~31 of the 128 experts of a layer, which flatters hot experts)."""
+    from tokenizers import Tokenizer, models
+
+    if shape == "qwen3-30b-a3b":
+        config, groups = dict(SHAPE, num_hidden_layers=layers), qwen3_30b_groups(layers)
+    else:
+        config, groups = family_groups(shape, layers)
     tokenizer = Tokenizer(models.WordLevel({"<unk>": 0}, unk_token="<unk>")).to_str().encode()
     chunks = plan_chunks(groups, quant, dense_codec, sections, {"tokenizer.json": len(tokenizer)})
-    header = {"architecture": SHAPE["architectures"][0], "config": config, "generation_config": {},
+    header = {"architecture": config["architectures"][0], "config": config, "generation_config": {},
               "tokenizer": {"blob": "tokenizer.json", "config": {}, "chat_template": None},
               "quant": {"experts": quant, "dense": dense_codec, "rounding": "synthetic", "rel_l2_error": {}},
               "sections": list(sections), "source": {"kind": "synthetic"}, "compiler": {"name": "scripts/bench.py"},
