@@ -509,13 +509,15 @@ class HybridDecodeEngine:
         with torch.cuda.stream(self.stream):
             # the warm-up steps run for real: a recurrent layer's state would advance twice, so it is put back after
             # (K/V written at `pos` are overwritten by the replay)
-            saved = [(c.clone(), s.clone()) for c, s in self.kv.states.values()] if self.captures == 0 else []
-            for _ in range(2 if self.captures == 0 else 0):  # warm-up outside capture: compilation, cuBLAS
+            warmups = 2 if self.captures == 0 else 0  # outside capture: compilation, cuBLAS
+            saved = [(c.clone(), s.clone()) for c, s in self.kv.states.values()] if warmups else None
+            for _ in range(warmups):
                 self.pos_dev.copy_(self.pos_host, non_blocking=True)
                 self._step()
-            for (conv, state), (conv0, state0) in zip(self.kv.states.values(), saved, strict=True):
-                conv.copy_(conv0)
-                state.copy_(state0)
+            if saved is not None:
+                for (conv, state), (conv0, state0) in zip(self.kv.states.values(), saved, strict=True):
+                    conv.copy_(conv0)
+                    state.copy_(state0)
             self.stream.synchronize()
             self.capturing = True
             self.serve_layers = []

@@ -35,7 +35,7 @@ import torch.nn.functional as F
 import krasis_run
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # scripts/ as a package, from a checkout
-from scripts.synthetic_artifact import family_shape, write_synthetic  # noqa: E402
+from scripts.synthetic_artifact import recorded_layers, write_synthetic  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 def median_ms(fn, repeat: int = 10) -> float:
@@ -284,7 +284,7 @@ def main() -> None:
     args = ap.parse_args()
 
     sections = tuple(args.sections.split(","))
-    full_layers = 48 if args.shape == "qwen3-30b-a3b" else family_shape(args.shape, 1)[0]["num_hidden_layers"]
+    full_layers = 48 if args.shape == "qwen3-30b-a3b" else recorded_layers(args.shape)
     args.layers = args.layers or full_layers
     scale = (args.scale_to or args.layers) / args.layers  # time of the whole model over the time measured
     if not args.artifact.exists():

@@ -54,6 +54,11 @@ def main() -> None:
             chunk = int(chunk)
             linear_attention.BLOCK_V = int(block[0]) if block else linear_attention.BLOCK_V
             s = timed(functools.partial(gated_delta_chunked, *inputs, chunk=chunk, use_triton=path == "triton"))
+            carry = linear_attention.delta_chunks
+            linear_attention.delta_chunks = lambda *a, **k: None  # what is left: the batched, state-free part
+            batched = timed(functools.partial(gated_delta_chunked, *inputs, chunk=chunk))
+            linear_attention.delta_chunks = carry
+            print(f"  of which batched (state-free) work {batched * 1e3:.2f} ms")
             print(f"T={t} {variant}: {s * 1e3:.2f} ms/layer, {args.layers} layers {s * args.layers:.3f} s "
                   f"({t / (s * args.layers):.0f} tok/s for linear attention alone); floor {floor * 1e3:.3f} ms/layer "
                   f"at {hbm:.0f} GB/s")

@@ -44,6 +44,10 @@ class ShapeCheckpoint:
         return list(self.tensors[self._recorded(name)])
 
 
+def recorded_layers(shape: str) -> int:
+    return json.loads((SHAPES / f"{shape}.json").read_text())["config"]["num_hidden_layers"]
+
+
 def family_shape(shape: str, layers: int) -> tuple[dict, object, dict]:
     """(config cut to `layers`, the compiler's module, recorded tensor shapes) for a shape in scripts/shapes/."""
     from krasis_compile.compile import ARCHITECTURES
