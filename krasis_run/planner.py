@@ -12,6 +12,7 @@ from __future__ import annotations
 import importlib.util
 import os
 import re
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -151,11 +152,13 @@ def model_config(config: dict) -> dict:
 
 
 def plan(artifact: Artifact, device: str = "auto", gpu_budget: str | int | None = None, context: int | None = None,
-         max_resident_layers: int | None = None, cache_layout: CacheLayout | None = None) -> Placement:
+         max_resident_layers: int | None = None, cache_layout: CacheLayout | None = None,
+         prefill_extra: Callable[[int], int] | None = None) -> Placement:
     """`context`: tokens of KV cache to hold in VRAM (default: the model's, at most DEFAULT_CONTEXT);
     `max_resident_layers` caps the expert layers kept in VRAM (0 = every expert in RAM); `cache_layout` (the
     architecture's) sizes the KV cache and recurrent states, else K/V of every layer as num_key_value_heads x
-    head_dim."""
+    head_dim; `prefill_extra(tokens)` (the architecture's, where its attention needs more than the generic count)
+    adds to the prefill workspace."""
     if device not in ("cpu", "cuda", "auto"):
         raise KrsError(f"unknown device {device!r}: use cpu, cuda or auto")
     requested = parse_size(gpu_budget) if gpu_budget is not None else None
@@ -180,7 +183,9 @@ def plan(artifact: Artifact, device: str = "auto", gpu_budget: str | int | None 
     if context < 1:
         raise KrsError("--context must be at least 1 token")
     kv = cache_layout.bytes(context) if cache_layout is not None else kv_cache_bytes(config, context)
-    workspace = _workspace(config, min(context, WORKSPACE_TOKENS), artifact.header["quant"]["experts"])
+    workspace_tokens = min(context, WORKSPACE_TOKENS)
+    workspace = _workspace(config, workspace_tokens, artifact.header["quant"]["experts"])
+    workspace += prefill_extra(workspace_tokens) if prefill_extra is not None else 0
     room = budget - dense - workspace - kv
     if room < 0:
         raise KrsError(f"--gpu-budget {budget / GIB:.1f} GiB is too small: dense weights, the KV cache for {context} "

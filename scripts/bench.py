@@ -56,7 +56,7 @@ def measure_ceilings(rt) -> dict:
     """Pinned (registered mapping) host->device GB/s on a real layer, bf16 GEMM TFLOP/s, attention TFLOP/s."""
     streamer = rt.prefill_engine.streamer
     layer = streamer.streamed[0] if streamer.streamed else streamer.layers[0]
-    host = streamer.host[layer]
+    host = torch.empty_like(streamer.host[layer]).pin_memory()  # pinned, as the streamed (registered) layers are
     dev = torch.empty_like(host, device="cuda")
     copy_ms = median_ms(lambda: dev.copy_(host, non_blocking=True))
     a = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)

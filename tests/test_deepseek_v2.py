@@ -39,8 +39,10 @@ def test_greedy_tokens_match_transformers(deepseek):
 
 def test_latent_cache_decode_equals_full_recompute(deepseek):
     """Decode reads the compressed cache (latent + rotary key per token, no per-head K/V) and gives what a full
-    recompute of the same positions gives."""
-    rt = krasis_run.load(deepseek.artifact("q4", "q8"), threads=1)
+    recompute of the same positions gives. The reference kernels (float32 activations): the native ones round
+    activations to int8, where a last-bit difference between the decode and prefill attention kernels can flip a
+    rounding and move these tiny models' logits by ~1%."""
+    rt = krasis_run.load(deepseek.artifact("q4", "q8"), threads=1, kernel="reference")
     a = rt.args
     cache = rt.engine.new_cache(64)
     assert cache.keys[0].shape[1:] == (1, a.kv_lora_rank + a.qk_rope_head_dim) and cache.values[0].shape[1:] == (1, 0)

@@ -111,6 +111,13 @@ def cache_layout(args: ModelArgs) -> CacheLayout:
                        torch.float32)
 
 
+def prefill_extra_bytes(args: ModelArgs, tokens: int) -> int:
+    """GPU prefill memory beyond the planner's generic count: the expanded attention's per-head keys and values
+    through kv_b, keys, zero-padded values, queries and output (bf16, the key width), per prompt token."""
+    qk = args.qk_nope_head_dim + args.qk_rope_head_dim
+    return tokens * args.num_attention_heads * (2 * (args.qk_nope_head_dim + args.v_head_dim) + 4 * 2 * qk)
+
+
 def rope_interleaved(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """x [T, heads, d]: pairs (x[2i], x[2i+1]) rotated by angle i (transformers' complex-number form); cos/sin
     [T, d/2] (already times the rope scale)."""
@@ -181,14 +188,18 @@ class Model:
         query = torch.cat([q_latent, q_rot], dim=-1).transpose(0, 1)[None]  # [1, heads, T, r + rope]
         keys = keys.float()
         valid = getattr(cache, "valid_keys", None)  # a captured decode step: the whole storage, masked by length
-        if valid is not None:
-            mask = valid(keys.shape[0])
-        else:
-            mask = None if keys.shape[0] == t else causal_lower_right(t, keys.shape[0])
-        # as attention with one KV head whose values are the latent: SDPA never holds [heads, T, S] scores whole
-        out_latent = F.scaled_dot_product_attention(query, keys[None, None], keys[None, None, :, :r], attn_mask=mask,
-                                                    is_causal=mask is None, scale=self.scaling, enable_gqa=True)
-        return torch.einsum("thr,hvr->thv", out_latent[0].transpose(0, 1), w_v).reshape(t, -1)
+        valid = valid(keys.shape[0]) if valid is not None else None
+        if t == 1:  # one query (decode): two products over the cache; SDPA would copy the one key head per head
+            scores = (query[0, :, 0] @ keys.T) * self.scaling  # [heads, S]
+            if valid is not None:
+                scores = scores.masked_fill(~valid, float("-inf"))
+            out_latent = (torch.softmax(scores, dim=-1) @ keys[:, :r])[None, :, None]
+        else:  # as attention with one KV head whose values are the latent: never [heads, T, S] scores whole
+            mask = valid if valid is not None else None if keys.shape[0] == t else causal_lower_right(t, keys.shape[0])
+            out_latent = F.scaled_dot_product_attention(query, keys[None, None], keys[None, None, :, :r],
+                                                        attn_mask=mask, is_causal=mask is None, scale=self.scaling,
+                                                        enable_gqa=True)
+        return torch.einsum("thr,hvr->thv", out_latent[0].transpose(0, 1), w_v).reshape(t, -1).contiguous()
 
     def _attend_expanded(self, i: int, q_nope, q_rot, keys: torch.Tensor) -> torch.Tensor:
         """Per-head keys and values of every position from the latent (one GEMM through kv_b), then causal attention

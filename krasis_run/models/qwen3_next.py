@@ -130,6 +130,14 @@ def cache_layout(args: ModelArgs) -> CacheLayout:
                        tuple(args.is_full(i) for i in range(args.num_hidden_layers)), state_bytes=4 * state * linear)
 
 
+def prefill_extra_bytes(args: ModelArgs, tokens: int) -> int:
+    """GPU prefill memory beyond the planner's generic count: a linear-attention layer's temporaries over one slice
+    of the prompt (projections, conv, per-head q/k/v and the chunked rule's [chunk, chunk] and [chunk, d] terms, all
+    float32), about 96 bytes per value head x (key + value dim) per token (measured in docs/BENCHMARKS.md)."""
+    per_token = 96 * args.linear_num_value_heads * (args.linear_key_head_dim + args.linear_value_head_dim)
+    return min(tokens, LINEAR_TOKEN_SLICE) * per_token
+
+
 def _tensor(w) -> torch.Tensor:
     """A small float weight (norms, conv, decay parameters) whatever its placement: a tensor or an artifact view."""
     return (w if isinstance(w, torch.Tensor) else w.parts["w"]).float()
@@ -203,7 +211,8 @@ class Model:
         conv_state, state = held if held is not None else (torch.zeros(kernel - 1, a.conv_dim, device=x.device),
                                                            torch.zeros(nv, dk, dv, device=x.device))
         seq = torch.cat([conv_state, mixed], dim=0)  # [kernel - 1 + T, conv_dim]: causal depthwise conv
-        mixed = F.silu((seq.unfold(0, kernel, 1) * _tensor(w[n["conv1d"]])).sum(-1))  # [T, conv_dim]
+        conv = F.conv1d(seq.T[None], _tensor(w[n["conv1d"]])[:, None, :], groups=a.conv_dim)  # depthwise, causal
+        mixed = F.silu(conv[0].T)  # [T, conv_dim]
         q, k, v = mixed.split([nk * dk, nk * dk, nv * dv], dim=-1)
         q = q.reshape(t, nk, dk).repeat_interleave(r, dim=1)
         k = k.reshape(t, nk, dk).repeat_interleave(r, dim=1)
