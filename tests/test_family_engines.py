@@ -189,6 +189,6 @@ def test_cuda_runtime_generates_like_the_cpu_runtime(family):
         got = list(gpu.generate(ids, max_new_tokens=12, stop_token_ids=set()))
         print(f"cuda runtime {cpu.artifact.header['architecture']} resident={layers} {gpu.engine.mode}: "
               f"errors {np.round(errors, 4).tolist()}, {got} vs {want}")
-        assert max(errors) < QUANT_BOUND
+        assert max(errors) < 0.2  # q4 vs transformers' bound: the CPU side rounds activations to int8, the GPU to bf16
         assert_same_greedy(got, want, want_logits, tie=TIE)
         gpu.close()

@@ -133,8 +133,8 @@ def cache_layout(args: ModelArgs) -> CacheLayout:
 def prefill_extra_bytes(args: ModelArgs, tokens: int) -> int:
     """GPU prefill memory beyond the planner's generic count: a linear-attention layer's temporaries over one slice
     of the prompt (projections, conv, per-head q/k/v and the chunked rule's [chunk, chunk] and [chunk, d] terms, all
-    float32), about 96 bytes per value head x (key + value dim) per token (measured in docs/BENCHMARKS.md)."""
-    per_token = 96 * args.linear_num_value_heads * (args.linear_key_head_dim + args.linear_value_head_dim)
+    float32), about 24 bytes per value head x (key + value dim) per token (peak use measured in docs/BENCHMARKS.md)."""
+    per_token = 24 * args.linear_num_value_heads * (args.linear_key_head_dim + args.linear_value_head_dim)
     return min(tokens, LINEAR_TOKEN_SLICE) * per_token
 
 
