@@ -59,7 +59,7 @@ def chunk_case(heads=3, n=4, c=16, dk=32, dv=128, seed=0):
     def r(*shape, scale=0.2):
         return scale * torch.randn(*shape, generator=g)
 
-    return (r(heads, n, c, dv), r(heads, n, c, dk), r(heads, n, c, dk), r(heads, n, c, c), r(heads, n, dk, c),
+    return (r(heads, n, c, dv), r(heads, n, c, dk), r(heads, n, c, dk), r(heads, n, c, c), r(heads, n, c, dk),
             torch.rand(heads, n, generator=g), torch.randn(heads, dk, dv, generator=g))
 
 
