@@ -173,11 +173,13 @@ def test_cuda_hybrid_decode_equals_cpu_path(family, mode, graphs):
 @cuda
 def test_cuda_runtime_generates_like_the_cpu_runtime(family):
     """`load(device="cuda")` plans, prefills on the GPU and decodes with graphs (hot experts and the native CPU
-    experts included): teacher-forced logits within the quantized bound of the CPU runtime's, and its greedy
-    tokens on a prompt without near-ties."""
-    path = family.artifact("q4", "q8")
+    experts included): teacher-forced logits within twice the model's own bf16 sensitivity of the CPU runtime's
+    (bf16 weights, so that the comparison is not one of two roundings to int8: the tiny Qwen3.5 model moves ~20%
+    under those), and its greedy tokens on a prompt without near-ties."""
+    path = family.artifact("bf16", "bf16")
     cpu = krasis_run.load(path, threads=2)
     ids, want, want_logits = clear_reference(cpu, 30, 12)
+    bound = max(2e-2, 2 * bf16_sensitivity(family.model, ids))
     for layers in (0, None):
         gpu = krasis_run.load(path, device="cuda", threads=2, context=256, max_resident_layers=layers)
         cache = gpu.engine.new_cache(64)
@@ -188,7 +190,7 @@ def test_cuda_runtime_generates_like_the_cpu_runtime(family):
             logits = gpu.engine.decode(token, cache)
         got = list(gpu.generate(ids, max_new_tokens=12, stop_token_ids=set()))
         print(f"cuda runtime {cpu.artifact.header['architecture']} resident={layers} {gpu.engine.mode}: "
-              f"errors {np.round(errors, 4).tolist()}, {got} vs {want}")
-        assert max(errors) < 0.2  # q4 vs transformers' bound: the CPU side rounds activations to int8, the GPU to bf16
+              f"errors {np.round(errors, 4).tolist()} (bound {bound:.3g}), {got} vs {want}")
+        assert max(errors) < bound
         assert_same_greedy(got, want, want_logits, tie=TIE)
         gpu.close()
