@@ -68,13 +68,16 @@ def _dense_vram(artifact: Artifact) -> int:
     return total
 
 
-def _workspace(config: dict, tokens: int, codec: str = "q4", attention_chunk: int | None = None) -> int:
+def _workspace(config: dict, tokens: int, codec: str = "q4", attention_chunk: int | None = None,
+               per_token: Callable[[int], int] | None = None) -> int:
     """Peak GPU prefill memory beyond the weights at `tokens` prompt tokens, for the engine as configured:
     attention over the whole prompt at once (the default: flash attention runs causal only for square
     blocks, and chunks ran through a slower kernel, 16.7K against 20.2K tok/s at 32K on the H200) or in
     `attention_chunk`-token slices. Whole-prompt attention keeps the per-token constant calibrated against
     torch.cuda.max_memory_allocated on the 30B-A3B shape (docs/BENCHMARKS.md); the chunked estimate below
-    was exceeded by 2.1 GiB at 32K (measured 5.65 GiB) and is kept only as the lower of the two bounds."""
+    was exceeded by 2.1 GiB at 32K (measured 5.65 GiB) and is kept only as the lower of the two bounds.
+    `per_token(generic)`: the architecture's bytes per prompt token in place of the generic count (its own attention's
+    temporaries differ: MLA's expanded keys, a hybrid's few full-attention layers)."""
     chunked = _workspace_chunked(config, tokens, codec, attention_chunk or ATTENTION_TOKEN_CHUNK)
     if attention_chunk is not None:
         return chunked + (chunked >> 1)  # the measured overshoot (+60%) covered until it is explained
@@ -83,7 +86,8 @@ def _workspace(config: dict, tokens: int, codec: str = "q4", attention_chunk: in
     hd = config.get("head_dim") or h // heads
     e = config.get("num_experts") or config.get("num_local_experts") or 0
     inter = config.get("moe_intermediate_size", 0)
-    per_token = h * 4 * 6 + (heads + 2 * kv) * hd * 4 * 5 + heads * hd * 6  # fp32 residual/norm/rope temporaries
+    generic = h * 4 * 6 + (heads + 2 * kv) * hd * 4 * 5 + heads * hd * 6  # fp32 residual/norm/rope temporaries
+    per_token = per_token(generic) if per_token is not None else generic
     expert_chunk = min(tokens, EXPERT_TOKEN_CHUNK) * config.get("num_experts_per_tok", 1) * (3 * inter + 3 * h) * 2
     return max(chunked, e * 3 * inter * h * 2 + tokens * per_token + expert_chunk)
 
@@ -153,12 +157,11 @@ def model_config(config: dict) -> dict:
 
 def plan(artifact: Artifact, device: str = "auto", gpu_budget: str | int | None = None, context: int | None = None,
          max_resident_layers: int | None = None, cache_layout: CacheLayout | None = None,
-         prefill_extra: Callable[[int], int] | None = None) -> Placement:
+         prefill_per_token: Callable[[int], int] | None = None) -> Placement:
     """`context`: tokens of KV cache to hold in VRAM (default: the model's, at most DEFAULT_CONTEXT);
     `max_resident_layers` caps the expert layers kept in VRAM (0 = every expert in RAM); `cache_layout` (the
     architecture's) sizes the KV cache and recurrent states, else K/V of every layer as num_key_value_heads x
-    head_dim; `prefill_extra(tokens)` (the architecture's, where its attention needs more than the generic count)
-    adds to the prefill workspace."""
+    head_dim; `prefill_per_token(generic)` (the architecture's) sizes the prefill workspace per prompt token."""
     if device not in ("cpu", "cuda", "auto"):
         raise KrsError(f"unknown device {device!r}: use cpu, cuda or auto")
     requested = parse_size(gpu_budget) if gpu_budget is not None else None
@@ -183,9 +186,8 @@ def plan(artifact: Artifact, device: str = "auto", gpu_budget: str | int | None 
     if context < 1:
         raise KrsError("--context must be at least 1 token")
     kv = cache_layout.bytes(context) if cache_layout is not None else kv_cache_bytes(config, context)
-    workspace_tokens = min(context, WORKSPACE_TOKENS)
-    workspace = _workspace(config, workspace_tokens, artifact.header["quant"]["experts"])
-    workspace += prefill_extra(workspace_tokens) if prefill_extra is not None else 0
+    workspace = _workspace(config, min(context, WORKSPACE_TOKENS), artifact.header["quant"]["experts"],
+                           per_token=prefill_per_token)
     room = budget - dense - workspace - kv
     if room < 0:
         raise KrsError(f"--gpu-budget {budget / GIB:.1f} GiB is too small: dense weights, the KV cache for {context} "

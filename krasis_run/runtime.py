@@ -69,10 +69,10 @@ class Runtime:
             )
         self.threads = set_threads(threads)
         self.args = arch.ModelArgs.from_hf(header["config"])
-        extra = getattr(arch, "prefill_extra_bytes", None)
+        per_token = getattr(arch, "prefill_bytes_per_token", None)
         self.placement = plan(self.artifact, device, gpu_budget, context, max_resident_layers,
                               arch.cache_layout(self.args),
-                              None if extra is None else lambda tokens: extra(self.args, tokens))
+                              None if per_token is None else lambda generic: per_token(self.args, generic))
         self.ops = CpuOps(kernel)
         self.model = arch.Model(self.args, place_weights(self.artifact, self.placement), self.ops)
         self.engine = CpuEngine(self.model)  # decode (and prefill without a GPU)

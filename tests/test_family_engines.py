@@ -197,8 +197,8 @@ def test_cuda_runtime_generates_like_the_cpu_runtime(family):
 
 
 def test_planner_sizes_the_cache_from_the_architecture(family, monkeypatch):
-    """The runtime hands the planner the architecture's cache layout (and its extra prefill memory): MLA's latent +
-    rotary key in float32 per layer, or K/V on Qwen3-Next's full-attention layers only plus the fixed recurrent
+    """The runtime hands the planner the architecture's cache layout (and its prefill memory per token): MLA's latent
+    + rotary key in float32 per layer, or K/V on Qwen3-Next's full-attention layers only plus the fixed recurrent
     states; not K/V of num_key_value_heads x head_dim on every layer."""
     import krasis_run.runtime as runtime
     from krasis_run.planner import GIB, plan
@@ -206,7 +206,7 @@ def test_planner_sizes_the_cache_from_the_architecture(family, monkeypatch):
     seen = {}
 
     def spy(*args, **kwargs):
-        seen["layout"], seen["extra"] = args[5], args[6]
+        seen["layout"], seen["per_token"] = args[5], args[6]
         return plan(*args, **kwargs)
 
     monkeypatch.setattr(runtime, "plan", spy)
@@ -214,17 +214,22 @@ def test_planner_sizes_the_cache_from_the_architecture(family, monkeypatch):
     a, layout = rt.args, seen["layout"]
     if hasattr(a, "kv_lora_rank"):
         want = a.num_hidden_layers * (a.kv_lora_rank + a.qk_rope_head_dim) * 4 * 1000
+        assert seen["per_token"](1000) > 1000  # the generic count and MLA's expanded attention
     else:
         full = sum(a.is_full(i) for i in range(a.num_hidden_layers))
         state = (a.linear_conv_kernel_dim - 1) * a.conv_dim + \
             a.linear_num_value_heads * a.linear_key_head_dim * a.linear_value_head_dim
         states = (a.num_hidden_layers - full) * 4 * state
         want = full * 2 * a.num_key_value_heads * a.head_dim * 2 * 1000 + states
+        assert seen["per_token"](1000) == 40 * a.hidden_size  # measured, in place of the generic count
     assert layout.bytes(1000) == want
-    assert seen["extra"](1000) > 0
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "mem_get_info", lambda: (80 * GIB, 80 * GIB))
-    with_extra = plan(rt.artifact, "cuda", "8GiB", context=250, cache_layout=layout, prefill_extra=seen["extra"])
-    without = plan(rt.artifact, "cuda", "8GiB", context=250, cache_layout=layout)
-    assert with_extra.vram_plan["kv_cache"] == layout.bytes(250) < want
-    assert with_extra.vram_plan["workspace"] == without.vram_plan["workspace"] + seen["extra"](250)
+    import krasis_run.planner as planner
+
+    workspace = planner._workspace
+    monkeypatch.setattr(planner, "_workspace", lambda *args, **kwargs: seen.setdefault("sized", kwargs["per_token"])
+                        and workspace(*args, **kwargs))
+    placed = plan(rt.artifact, "cuda", "8GiB", context=250, cache_layout=layout, prefill_per_token=seen["per_token"])
+    assert placed.vram_plan["kv_cache"] == layout.bytes(250) < want
+    assert seen["sized"] is seen["per_token"]  # the workspace is sized per token by the architecture's count

@@ -41,7 +41,7 @@ class ModelArgs(v2.ModelArgs):
 
 
 cache_layout = v2.cache_layout
-prefill_extra_bytes = v2.prefill_extra_bytes
+prefill_bytes_per_token = v2.prefill_bytes_per_token
 
 
 def layer_tensor_names(args: ModelArgs, layer: int) -> dict[str, str]:

@@ -17,7 +17,7 @@ ARCHITECTURE = "Qwen3_5MoeForCausalLM"
 ARCHITECTURES = (ARCHITECTURE, "Qwen3_5MoeForConditionalGeneration")  # the hub's, with a vision tower skipped
 
 cache_layout = qwen3_next.cache_layout
-prefill_extra_bytes = qwen3_next.prefill_extra_bytes
+prefill_bytes_per_token = qwen3_next.prefill_bytes_per_token
 
 
 @dataclass
