@@ -10,6 +10,7 @@ CPU expert blocks, in place in the mapping) during decode.
 from __future__ import annotations
 
 import importlib.util
+import math
 import os
 import re
 from collections.abc import Callable
@@ -27,7 +28,16 @@ WORKSPACE_TOKENS = 32768  # the prefill workspace is sized for a prompt this lon
 DEFAULT_CONTEXT = 32768  # tokens of KV cache reserved in VRAM unless --context says otherwise
 STREAM_DEPTH = 2
 ATTENTION_TOKEN_CHUNK = 4096  # GPU prefill runs each layer's attention half over this many tokens at a time
-EXPERT_TOKEN_CHUNK = 4096  # ... and its expert step (prefill_gpu.py)
+EXPERT_TOKEN_CHUNK = 4096  # ... and its expert step (prefill_gpu.py) at least this many tokens at a time,
+EXPERT_ROWS = 256  # or as many as give each expert about this many rows per grouped GEMM pass
+
+
+def expert_token_chunk(experts: int, top_k: int) -> int:
+    """Tokens per grouped-GEMM pass of the prefill's expert step: 4096 on the 30B-A3B shape (128 experts, top 8: 256
+    rows an expert); 16384 for Qwen3-Coder-Next's 512 experts, top 10, where 4096 tokens gave each expert 80 rows and
+    the 32K prefill ran 10% slower (41.3K against 45.7K tok/s on its 16-layer block, docs/BENCHMARKS.md)."""
+    want = EXPERT_ROWS * max(experts, 1) / max(top_k, 1)
+    return max(EXPERT_TOKEN_CHUNK, 1 << math.ceil(math.log2(want)))
 
 
 @dataclass(frozen=True)
@@ -88,7 +98,8 @@ def _workspace(config: dict, tokens: int, codec: str = "q4", attention_chunk: in
     inter = config.get("moe_intermediate_size", 0)
     generic = h * 4 * 6 + (heads + 2 * kv) * hd * 4 * 5 + heads * hd * 6  # fp32 residual/norm/rope temporaries
     per_token = per_token(generic) if per_token is not None else generic
-    expert_chunk = min(tokens, EXPERT_TOKEN_CHUNK) * config.get("num_experts_per_tok", 1) * (3 * inter + 3 * h) * 2
+    top_k = config.get("num_experts_per_tok", 1)
+    expert_chunk = min(tokens, expert_token_chunk(e, top_k)) * top_k * (3 * inter + 3 * h) * 2
     return max(chunked, e * 3 * inter * h * 2 + tokens * per_token + expert_chunk)
 
 
@@ -103,7 +114,7 @@ def _workspace_chunked(config: dict, tokens: int, codec: str, attention_chunk: i
       fp32 2*4*head_dim; K/V bf16 of this layer held whole on the device (2*2*kv*hd) and the K/V of this and the
       previous layer kept for their copy to the host (2 * 2*2*kv*hd), bounded by CacheWriter; top-k ids int64 +
       weights fp32 12k;
-    - per routed row of one EXPERT_TOKEN_CHUNK (chunk tokens * k rows): int64 ids/order/inverse/arange/index
+    - per routed row of one expert_token_chunk (chunk tokens * k rows): int64 ids/order/inverse/arange/index
       40, gathered x bf16 2H, gate_up output bf16 4I, silu(gate) and its product with up 2I + 2I, y bf16 2H,
       and for the torch combine (no Triton) the rows gathered back to token order 2H;
     - the layer's experts dequantized to bf16 (E*3*I*H*2), plus what dequant allocates besides its output:
@@ -130,7 +141,7 @@ def _workspace_chunked(config: dict, tokens: int, codec: str, attention_chunk: i
     kv_token = 2 * kv * hd * 2  # K and V of one token of one layer, bf16
     whole = tokens * (4 * h + 8 * hd + 4 * kv_token)  # residual, cos/sin, this layer's K/V (+ cat), 2 layers pending
     expert_step = (tokens * (4 * h + 2 * h + 4 * h + 12 * top_k)
-                   + min(tokens, EXPERT_TOKEN_CHUNK) * top_k * (40 + 6 * h + 8 * inter) + experts_bf16)
+                   + min(tokens, expert_token_chunk(e, top_k)) * top_k * (40 + 6 * h + 8 * inter) + experts_bf16)
     dense_inter = config.get("intermediate_size", 0) if (config.get("mlp_only_layers") or
                                                          config.get("decoder_sparse_step", 1) > 1 or not e) else 0
     dense_step = tokens * (4 * h + 2 * h + 8 * dense_inter + 2 * h)

@@ -3,7 +3,7 @@ experts stream from the mapped artifact into VRAM, the copy hidden under the cur
 
 Each expert layer crosses PCIe at most once per prefill, however long the prompt: all prompt tokens
 pass through a layer before the next layer's weights are needed (tokens are chunked inside a layer only
-to bound activation memory: the expert step in EXPERT_TOKEN_CHUNK slices, and optionally the attention half,
+to bound activation memory: the expert step in planner.expert_token_chunk slices, and optionally the attention half,
 `token_chunk`). Dense weights and as many whole expert layers as the budget allows stay resident. K/V go into
 the cache the caller hands in: the hybrid decode engine's, in VRAM, or a pinned CPU cache (copied as each
 layer finishes) when the CPU engine decodes.
@@ -30,9 +30,7 @@ from .kernels.dequant import dequant_experts
 from .kernels.moe_combine import moe_combine
 from .kernels.norm_rope import fused_norm_rope
 from .models.base import norm_rope, rms_norm
-from .planner import EXPERT_TOKEN_CHUNK
-
-# EXPERT_TOKEN_CHUNK: tokens per grouped-GEMM pass, bounds the [T*k, 2I] intermediate (planner.py sizes it)
+from .planner import EXPERT_TOKEN_CHUNK, expert_token_chunk
 
 HOST_REGISTER_READ_ONLY = 8  # cudaHostRegisterReadOnly
 
@@ -224,6 +222,9 @@ class GpuOps:
         self.grouped_mm = device.type == "cuda" and hasattr(torch, "_grouped_mm")
         self._embed_rows: torch.Tensor | None = None  # pinned host rows of the last prompt's embeddings
         self.routing_counts: dict[int, torch.Tensor] = {}  # layer -> picks per expert in the last prefill
+        # tokens per grouped-GEMM pass: bounds the [T*k, 2I] intermediate (planner.py sizes it); the engine sets it
+        # from the model's experts and top k
+        self.expert_chunk = EXPERT_TOKEN_CHUNK
         self._bf16_memo: tuple | None = None  # (x, bf16 copy) of the last activation converted (x kept alive)
 
     def _bf16(self, x: torch.Tensor) -> torch.Tensor:
@@ -302,9 +303,10 @@ class GpuOps:
         out = torch.empty(x.shape, dtype=torch.float32, device=x.device)  # x may come in bf16 from the norm
         x_bf16 = self._bf16(x)  # once per layer, shared by every token chunk
         k = topk_ids.shape[1]
-        for start in range(0, x.shape[0], EXPERT_TOKEN_CHUNK):
-            ids = topk_ids[start:start + EXPERT_TOKEN_CHUNK]
-            weights = topk_weights[start:start + EXPERT_TOKEN_CHUNK]
+        chunk = self.expert_chunk
+        for start in range(0, x.shape[0], chunk):
+            ids = topk_ids[start:start + chunk]
+            weights = topk_weights[start:start + chunk]
             flat = ids.flatten()
             order = torch.argsort(flat, stable=True)
             inv = torch.empty_like(order)  # inverse permutation: row of the sorted y for each (token, slot)
@@ -461,6 +463,7 @@ class GpuPrefillEngine:
         layout = "rows" if section == SECTION_EXPERTS_GPU else "cpu_blocks"
         exact = codec == "bf16" and artifact.header["quant"]["dense"] == "bf16"
         self.ops = GpuOps(self.device, codec, layout, exact)
+        self.ops.expert_chunk = expert_token_chunk(args.num_experts, args.num_experts_per_tok)
         self.model = arch.Model(args, place_gpu_weights(artifact, self.device, self.streamer), self.ops)
         self.stats = PrefillStats()
         self.listeners: list = []  # objects with before_prefill() / after_prefill(): the decode engine's hot experts

@@ -1,6 +1,6 @@
 """Prefill of the Qwen3-Coder-Next 16-layer block at 32K tokens, every expert layer streamed, for several token
-chunkings of the expert step (EXPERT_TOKEN_CHUNK: rows per grouped GEMM pass) and of the linear-attention layers
-(LINEAR_TOKEN_SLICE). Run on the GPU host: python3 scripts/tune_prefill_chunks.py [artifact]."""
+chunkings of the expert step (planner.expert_token_chunk: tokens per grouped GEMM pass) and of the linear-attention
+layers (LINEAR_TOKEN_SLICE). Run on the GPU host: python3 scripts/tune_prefill_chunks.py [artifact]."""
 
 from __future__ import annotations
 
@@ -23,7 +23,10 @@ def main() -> None:
     if not path.exists():
         write_synthetic(path, 16, "q4", ("gpu", "cpu"), "q8", shape="qwen3-coder-next")
     for expert_chunk, linear_slice in ((4096, 8192), (16384, 8192), (4096, 32768), (16384, 32768)):
-        prefill_gpu.EXPERT_TOKEN_CHUNK = planner.EXPERT_TOKEN_CHUNK = expert_chunk
+        def fixed(experts: int, top_k: int, chunk: int = expert_chunk) -> int:
+            return chunk
+
+        prefill_gpu.expert_token_chunk = planner.expert_token_chunk = fixed
         qwen3_next.LINEAR_TOKEN_SLICE = linear_slice
         rt = krasis_run.load(path, device="cuda", gpu_budget="40GiB", context=32832, max_resident_layers=0)
         run_prefill(rt, 1024, repeat=1)

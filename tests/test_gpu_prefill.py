@@ -61,6 +61,16 @@ def test_dequant_layouts_agree(tiny_per_expert):
     assert torch.equal(out[0][0], out[1][0]) and torch.equal(out[0][1], out[1][1])
 
 
+def test_expert_token_chunk_gives_each_expert_enough_rows():
+    """4096 tokens a grouped-GEMM pass where that gives each expert ~256 rows (30B-A3B: 128 experts, top 8), more
+    where experts are many and picks few (Qwen3-Coder-Next: 512, top 10), never fewer (DeepSeek-V2-Lite: 64, top 6)."""
+    from krasis_run.planner import expert_token_chunk
+
+    assert expert_token_chunk(128, 8) == 4096
+    assert expert_token_chunk(512, 10) == 16384
+    assert expert_token_chunk(64, 6) == 4096
+
+
 def test_parse_size():
     assert parse_size("16GiB") == 16 << 30
     assert parse_size("16G") == 16 * 10**9
