@@ -503,6 +503,9 @@ class HybridDecodeEngine:
         self.logits_host.copy_(logits.view(-1), non_blocking=True)
 
     def _capture(self) -> None:
+        linear_layers = sum(not kv for kv in self.kv.kv_layers)
+        if len(self.kv.states) != linear_layers:  # a state first made during capture would restart from zero at every
+            raise KrsError("decode needs a prefill first: the recurrent layers have no state to carry")  # replay
         self.pool = torch.cuda.graph_pool_handle()
         self.plan = []
         self.stream.wait_stream(torch.cuda.current_stream(self.device))

@@ -104,3 +104,16 @@ def test_cuda_chunked_rule_equals_recurrent():
     print(f"cuda chunked vs recurrent: rel L2 {err:.3g}")
     assert err < 5e-3
     assert float((got_state - want_state).norm() / want_state.norm()) < 5e-3
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (run on the GPU host)")
+def test_cuda_triton_carry_equals_float32_loop_over_a_long_prompt():
+    """The Triton carry's tf32 products over 128 chunks (8K tokens, one prefill slice) against the same rule with the
+    carry in float32 torch: the state, which every later token reads, and the outputs."""
+    q, k, v, log_decay, beta, state = (t.cuda() for t in inputs(8192, 8, 128, 128, seed=6))
+    want, want_state = gated_delta_chunked(q, k, v, log_decay, beta, state, use_triton=False)
+    got, got_state = gated_delta_chunked(q, k, v, log_decay, beta, state, use_triton=True)
+    out_err = float((got - want).norm() / want.norm())
+    state_err = float((got_state - want_state).norm() / want_state.norm())
+    print(f"cuda triton carry vs float32 loop, 8K tokens: out {out_err:.3g}, state {state_err:.3g}")
+    assert out_err < 5e-3 and state_err < 5e-3

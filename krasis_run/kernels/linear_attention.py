@@ -85,6 +85,8 @@ def delta_chunks(u_v, w, q_decayed, p, k_decayed, decay_last, state, out, use_tr
     kernel = _triton_chunks() if (state.is_cuda if use_triton is None else use_triton) and fits else None
     if kernel is None:
         return _chunks_torch(u_v, w, q_decayed, p, k_decayed, decay_last, state, out)
+    if not (state.is_contiguous() and out.is_contiguous()):
+        raise ValueError("delta_chunks writes state and out in place: both must be contiguous")
     tensors = [t.contiguous() for t in (u_v, w, q_decayed, p, k_decayed, decay_last)]
     kernel(*tensors, state, out)
 

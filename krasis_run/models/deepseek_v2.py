@@ -148,14 +148,16 @@ class Model:
         self._absorbed: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
 
     def _kv_b(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """kv_b_proj split per head into its key half [heads, nope, r] and value half [heads, v, r], float32,
-        dequantized once per layer (MLA's absorbed form multiplies by them directly)."""
+        """kv_b_proj split per head into its key half [heads, nope, r] and value half [heads, v, r]: on the GPU views
+        of the bf16 weight in VRAM (no second copy, which for V3 would be ~3.8 GiB the plan does not hold); on the
+        CPU dequantized once per layer to float32."""
         if i not in self._absorbed:
             a, w = self.args, self.w[self.layer_names[i]["kv_b_proj"]]
             dense = w if isinstance(w, torch.Tensor) else dequant_parts(w.codec, w.layout, w.parts)
-            per_head = dense.float().view(a.num_attention_heads, a.qk_nope_head_dim + a.v_head_dim, a.kv_lora_rank)
-            self._absorbed[i] = (per_head[:, :a.qk_nope_head_dim].contiguous(),
-                                 per_head[:, a.qk_nope_head_dim:].contiguous())
+            dense = dense if dense.is_cuda else dense.float()
+            per_head = dense.view(a.num_attention_heads, a.qk_nope_head_dim + a.v_head_dim, a.kv_lora_rank)
+            w_k, w_v = per_head[:, :a.qk_nope_head_dim], per_head[:, a.qk_nope_head_dim:]
+            self._absorbed[i] = (w_k, w_v) if dense.is_cuda else (w_k.contiguous(), w_v.contiguous())
         return self._absorbed[i]
 
     def attention(self, i: int, x: torch.Tensor, cache, start_pos: int, cos, sin) -> torch.Tensor:
@@ -185,7 +187,7 @@ class Model:
     def _attend_absorbed(self, i: int, q_nope, q_rot, keys: torch.Tensor, cache) -> torch.Tensor:
         t, r = q_nope.shape[0], self.args.kv_lora_rank
         w_k, w_v = self._kv_b(i)
-        q_latent = torch.einsum("thd,hdr->thr", q_nope, w_k)  # the key half of kv_b folded into the queries
+        q_latent = torch.einsum("thd,hdr->thr", q_nope.to(w_k.dtype), w_k).float()  # kv_b's key half into the queries
         query = torch.cat([q_latent, q_rot], dim=-1).transpose(0, 1)[None]  # [1, heads, T, r + rope]
         keys = keys.float()
         valid = getattr(cache, "valid_keys", None)  # a captured decode step: the whole storage, masked by length
@@ -200,7 +202,8 @@ class Model:
             out_latent = F.scaled_dot_product_attention(query, keys[None, None], keys[None, None, :, :r],
                                                         attn_mask=mask, is_causal=mask is None, scale=self.scaling,
                                                         enable_gqa=True)
-        return torch.einsum("thr,hvr->thv", out_latent[0].transpose(0, 1), w_v).reshape(t, -1).contiguous()
+        out = torch.einsum("thr,hvr->thv", out_latent[0].transpose(0, 1).to(w_v.dtype), w_v)
+        return out.float().reshape(t, -1).contiguous()
 
     def _attend_expanded(self, i: int, q_nope, q_rot, keys: torch.Tensor) -> torch.Tensor:
         """Per-head keys and values of every position from the latent (one GEMM through kv_b), then causal attention
