@@ -29,7 +29,7 @@ from .kernels.decode_glue import add_rms_norm, rms_norm_decode
 from .kernels.dequant import dequant_experts
 from .kernels.moe_combine import moe_combine
 from .kernels.norm_rope import fused_norm_rope
-from .models.base import norm_rope, rms_norm
+from .kernels.reference import norm_rope, rms_norm
 from .planner import EXPERT_TOKEN_CHUNK, expert_token_chunk
 
 HOST_REGISTER_READ_ONLY = 8  # cudaHostRegisterReadOnly

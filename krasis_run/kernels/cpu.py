@@ -21,8 +21,8 @@ import torch.nn.functional as F
 
 from ..codecs import dequant_parts, pack_q4_blocks, split_gate_up_output
 from ..format import Q4_GROUP
-from ..models.base import norm_rope, rms_norm, route
 from .attention import causal_attention
+from .reference import norm_rope, rms_norm, route
 
 KERNEL_ENV = "KRASIS_KERNEL"  # "native" (default; "torch" if it cannot be built), "torch" or "reference"
 NATIVE_MAX_ROWS = int(os.environ.get("KRASIS_NATIVE_MAX_ROWS", "16"))  # longer queries: torch's attention

@@ -18,8 +18,8 @@ import functools
 import torch
 import torch.nn.functional as F
 
-from ..models.base import norm_rope, rms_norm, route
 from .decode_gpu import next_pow2
+from .reference import norm_rope, rms_norm, route
 
 # Rows up to this many columns are held in registers in one pass (x read once); wider rows loop over blocks
 # of this size twice (sum of squares, then scale and store). 8192 covers every hidden size we run.

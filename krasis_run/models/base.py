@@ -1,4 +1,5 @@
-"""Pieces every architecture shares: config parsing helpers, RMSNorm, rotary embedding, attention."""
+"""Pieces every architecture shares: config parsing helpers, rotary frequencies and tables; the torch reference math
+(RMSNorm, rotary, routing) lives in kernels/reference.py beside the fused kernels it checks."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ from typing import Any
 import torch
 
 from ..format import KrsError
+from ..kernels.reference import apply_rope, norm_rope, rms_norm, rope_cos_sin, route  # noqa: F401 (the models' names)
 
 
 class ConfigError(KrsError):
@@ -83,18 +85,6 @@ def rope_frequencies(params: dict[str, Any], head_dim: int, max_positions: int) 
     return inv_freq / factor * (1 - extrapolation) + inv_freq * extrapolation, float(attention)
 
 
-def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    x = x.float()
-    return x * torch.rsqrt(x.square().mean(-1, keepdim=True) + eps) * weight
-
-
-def rope_cos_sin(inv_freq: torch.Tensor, positions: torch.Tensor,
-                 scale: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
-    freqs = positions.float()[:, None] * inv_freq[None, :]
-    emb = torch.cat([freqs, freqs], dim=-1)
-    return emb.cos() * scale, emb.sin() * scale
-
-
 class Rotary:
     """cos/sin of positions start_pos.. for one rotary width: rows of a table kept per device (grown by doubling) for
     an int start, so a decode step costs a slice instead of ~8 small ops; computed for a device-tensor start (a
@@ -121,22 +111,3 @@ class Rotary:
         return self.inv_freq
 
 
-def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x [T, heads, head_dim]; rotate-half (NeoX) convention as in the HF Qwen/Llama code."""
-    half = x.shape[-1] // 2
-    rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
-    return x * cos[:, None, :] + rotated * sin[:, None, :]
-
-
-def norm_rope(x: torch.Tensor, weight: torch.Tensor, eps: float, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Per-head RMSNorm then rotary embedding (Qwen3's q_norm / k_norm), x [T, heads, head_dim]."""
-    return apply_rope(rms_norm(x, weight, eps), cos, sin)
-
-
-def route(logits: torch.Tensor, k: int, renormalize: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """MoE router: softmax over the experts, the top k -> (ids [T, k], weights [T, k]), optionally renormalized."""
-    probs = torch.softmax(logits.float(), dim=-1)
-    weights, ids = torch.topk(probs, k, dim=-1)
-    if renormalize:
-        weights = weights / weights.sum(-1, keepdim=True)
-    return ids, weights
