@@ -91,6 +91,7 @@ class DecodeCache:
 
     def __init__(self, cache: KVCache, length: torch.Tensor):
         self.cache, self.length = cache, length
+        self._valid: torch.Tensor | None = None  # the step's mask, made once for all its layers
 
     def update(self, layer: int, start, k: torch.Tensor, v: torch.Tensor):
         keys, values = self.cache.keys[layer], self.cache.values[layer]
@@ -100,7 +101,9 @@ class DecodeCache:
 
     def valid_keys(self, capacity: int) -> torch.Tensor:
         """[1, capacity] True at the positions this step attends to (for a model that attends on its own)."""
-        return (torch.arange(capacity, device=self.length.device) < self.length)[None]
+        if self._valid is None or self._valid.shape[1] != capacity:
+            self._valid = (torch.arange(capacity, device=self.length.device) < self.length)[None]
+        return self._valid
 
     def get_state(self, layer: int):
         return self.cache.get_state(layer)

@@ -211,10 +211,10 @@ class Model:
         conv_state, state = held if held is not None else (torch.zeros(kernel - 1, a.conv_dim, device=x.device),
                                                            torch.zeros(nv, dk, dv, device=x.device))
         seq = torch.cat([conv_state, mixed], dim=0)  # [kernel - 1 + T, conv_dim]: causal depthwise conv
-        taps = _tensor(w[n["conv1d"]])  # [conv_dim, kernel]
-        conv = seq[:t] * taps[:, 0]  # as shifted multiply-adds: cuDNN's depthwise conv1d took 4x longer
+        taps = _tensor(w[n["conv1d"]]).t().contiguous()  # [kernel, conv_dim]: each tap one contiguous row
+        conv = seq[:t] * taps[0]  # as shifted multiply-adds: cuDNN's depthwise conv1d took 4x longer
         for j in range(1, kernel):
-            conv.addcmul_(seq[j:j + t], taps[:, j])
+            conv.addcmul_(seq[j:j + t], taps[j])
         q, k, v = F.silu(conv).split([nk * dk, nk * dk, nv * dv], dim=-1)
         q, k = q.reshape(t, nk, dk), k.reshape(t, nk, dk)  # l2-normed per key head, then shared by its value heads
         q = (q * torch.rsqrt((q * q).sum(-1, keepdim=True) + L2NORM_EPS) / dk**0.5).repeat_interleave(r, dim=1)
