@@ -30,6 +30,8 @@ STREAM_DEPTH = 2
 ATTENTION_TOKEN_CHUNK = 4096  # GPU prefill runs each layer's attention half over this many tokens at a time
 EXPERT_TOKEN_CHUNK = 4096  # ... and its expert step (prefill_gpu.py) at least this many tokens at a time,
 EXPERT_ROWS = 256  # or as many as give each expert about this many rows per grouped GEMM pass
+DEQUANT_SLICE_BYTES = 64 << 20  # a prompt's GEMM takes a q8 matrix dequantized to bf16 this many bytes at a time
+GPU_Q8_DENSE = True  # False: every dense matrix dequantized to bf16 in VRAM (the layout before; benchmarks compare)
 
 
 def expert_token_chunk(experts: int, top_k: int) -> int:
@@ -67,15 +69,29 @@ def _layer_bytes(artifact: Artifact, section: str) -> dict[int, int]:
     return {c.layer: c.length for c in artifact.chunks.values() if c.section == section}
 
 
-def _dense_vram(artifact: Artifact) -> int:
-    """Dense weights as the GPU holds them: matrices bf16, norms and routers float32 (embeddings stay host)."""
-    total = 0
+def gpu_keeps_quantized(name: str, codec: str, direct: tuple[str, ...] = ()) -> bool:
+    """Whether the GPU holds dense matrix `name` as stored, q8 rows (one byte a weight and a bf16 scale a row), rather
+    than dequantized to bf16: a one-token step reads half the bytes. `direct`: name suffixes of matrices the
+    architecture reads itself rather than through ops.linear (kept bf16)."""
+    return GPU_Q8_DENSE and codec == "q8" and not name.endswith(".router") and \
+        not (direct and name.endswith(tuple(direct)))
+
+
+def _dense_vram(artifact: Artifact, direct: tuple[str, ...] = ()) -> int:
+    """Dense weights as the GPU holds them: q8 matrices as stored (gpu_keeps_quantized), other matrices bf16, norms
+    and routers float32 (embeddings stay on the host); plus the bf16 slice a prompt's GEMM dequantizes a q8 matrix
+    into (at most DEQUANT_SLICE_BYTES)."""
+    total = slice_bytes = 0
     for name, spec in artifact.header["tensors"].items():
         if artifact.chunks[spec["chunk"]].section in (SECTION_EXPERTS_CPU, SECTION_EXPERTS_GPU) or name == "embed":
             continue
-        numel = torch.Size(spec["shape"]).numel()
-        total += numel * (4 if spec["codec"] == "f32" or name.endswith(".router") else 2)
-    return total
+        shape = torch.Size(spec["shape"])
+        if gpu_keeps_quantized(name, spec["codec"], direct):
+            total += shape.numel() + 2 * shape[0]
+            slice_bytes = max(slice_bytes, min(DEQUANT_SLICE_BYTES, 2 * shape.numel()))
+        else:
+            total += shape.numel() * (4 if spec["codec"] == "f32" or name.endswith(".router") else 2)
+    return total + slice_bytes
 
 
 def _workspace(config: dict, tokens: int, codec: str = "q4", attention_chunk: int | None = None,
@@ -168,11 +184,12 @@ def model_config(config: dict) -> dict:
 
 def plan(artifact: Artifact, device: str = "auto", gpu_budget: str | int | None = None, context: int | None = None,
          max_resident_layers: int | None = None, cache_layout: CacheLayout | None = None,
-         prefill_per_token: Callable[[int], int] | None = None) -> Placement:
+         prefill_per_token: Callable[[int], int] | None = None, direct_matrices: tuple[str, ...] = ()) -> Placement:
     """`context`: tokens of KV cache to hold in VRAM (default: the model's, at most DEFAULT_CONTEXT);
     `max_resident_layers` caps the expert layers kept in VRAM (0 = every expert in RAM); `cache_layout` (the
     architecture's) sizes the KV cache and recurrent states, else K/V of every layer as num_key_value_heads x
-    head_dim; `prefill_per_token(generic)` (the architecture's) sizes the prefill workspace per prompt token."""
+    head_dim; `prefill_per_token(generic)` (the architecture's) sizes the prefill workspace per prompt token;
+    `direct_matrices` (the architecture's DIRECT_MATRICES) are the dense matrices the GPU keeps in bf16."""
     if device not in ("cpu", "cuda", "auto"):
         raise KrsError(f"unknown device {device!r}: use cpu, cuda or auto")
     requested = parse_size(gpu_budget) if gpu_budget is not None else None
@@ -189,7 +206,7 @@ def plan(artifact: Artifact, device: str = "auto", gpu_budget: str | int | None 
     free, _ = torch.cuda.mem_get_info()
     budget = requested if requested is not None else free - SAFETY_MARGIN
     layers = _layer_bytes(artifact, section)
-    dense = _dense_vram(artifact)
+    dense = _dense_vram(artifact, direct_matrices)
     stream = STREAM_DEPTH * max(layers.values(), default=0)
     config = model_config(artifact.header["config"])
     model_context = config.get("max_position_embeddings") or DEFAULT_CONTEXT

@@ -26,13 +26,39 @@ from .codecs import TORCH_DTYPES, dequant_parts
 from .format import SECTION_EXPERTS_CPU, SECTION_EXPERTS_GPU
 from .kernels.activation import silu_mul
 from .kernels.decode_glue import add_rms_norm, rms_norm_decode
+from .kernels.decode_gpu import linear_q8
 from .kernels.dequant import dequant_experts
 from .kernels.moe_combine import moe_combine
 from .kernels.norm_rope import fused_norm_rope
 from .kernels.reference import norm_rope, rms_norm
-from .planner import EXPERT_TOKEN_CHUNK, expert_token_chunk
+from .planner import DEQUANT_SLICE_BYTES, EXPERT_TOKEN_CHUNK, expert_token_chunk, gpu_keeps_quantized
 
 HOST_REGISTER_READ_ONLY = 8  # cudaHostRegisterReadOnly
+GEMV_ROWS = 4  # inputs of at most this many rows (decode steps) read a q8 matrix as stored; longer ones dequantize it
+
+
+@dataclass
+class Q8Rows:
+    """A dense q8 matrix as the artifact stores it, in VRAM: int8 rows q [N, K] and a bf16 scale per row (w = q *
+    scale), half the bytes of bf16. A decode step reads it as is (kernels.decode_gpu.linear_q8); a prompt's GEMM
+    takes it dequantized to bf16 DEQUANT_SLICE_BYTES at a time (each weight the bf16 rounding of q * scale, as a
+    whole-matrix dequant gives). `codec`, `layout` and `parts` read as an artifact view's do (codecs.dequant_parts)."""
+
+    q: torch.Tensor
+    scale: torch.Tensor
+    codec = "q8"
+    layout = "rows"
+
+    @property
+    def parts(self) -> dict[str, torch.Tensor]:
+        return {"q": self.q, "scale": self.scale}
+
+    @property
+    def shape(self) -> torch.Size:
+        return self.q.shape
+
+    def rows_bf16(self, start: int, end: int) -> torch.Tensor:
+        return self.q[start:end] * self.scale[start:end, None]  # int8 * bf16 -> bf16, the product in float32
 
 
 @dataclass
@@ -265,7 +291,11 @@ class GpuOps:
             return self.rms_norm(x, weight, eps)
         return add_rms_norm(x, delta, weight, eps, out_dtype=torch.bfloat16)
 
-    def linear(self, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    def linear(self, x: torch.Tensor, w: torch.Tensor | Q8Rows) -> torch.Tensor:
+        if isinstance(w, Q8Rows):
+            if x.is_cuda and x.shape[0] <= GEMV_ROWS:
+                return linear_q8(x, w.q, w.scale)
+            return self._linear_dequant(self._bf16(x), w)
         if w.dtype == torch.float32:  # the router: routing decisions in float32, as in the reference
             return F.linear(x.float(), w)
         xb = self._bf16(x)
@@ -276,6 +306,17 @@ class GpuOps:
         # Projections stay bf16: the residual stream (float32) promotes on addition, norms upcast on entry.
         # Converting every [T, 4096] output to float32 and back cost more than the GEMMs at 32K tokens.
         return F.linear(xb, w)
+
+    @staticmethod
+    def _linear_dequant(xb: torch.Tensor, w: Q8Rows) -> torch.Tensor:
+        n, k = w.shape
+        rows = max(1, DEQUANT_SLICE_BYTES // (2 * k))
+        if n <= rows:
+            return F.linear(xb, w.rows_bf16(0, n))
+        out = torch.empty(xb.shape[0], n, dtype=torch.bfloat16, device=xb.device)
+        for start in range(0, n, rows):
+            out[:, start:start + rows] = F.linear(xb, w.rows_bf16(start, start + rows))
+        return out
 
     def norm_rope(self, x: torch.Tensor, weight: torch.Tensor, eps: float, cos: torch.Tensor,
                   sin: torch.Tensor) -> torch.Tensor:
@@ -414,8 +455,11 @@ class CacheWriter:
         self.layer_kv = None
 
 
-def place_gpu_weights(artifact: Artifact, device: torch.device, streamer: ExpertStreamer) -> dict:
-    """Dense weights dequantized once into VRAM (bf16; norms and routers float32); experts by handle."""
+def place_gpu_weights(artifact: Artifact, device: torch.device, streamer: ExpertStreamer,
+                      direct: tuple[str, ...] = ()) -> dict:
+    """Dense weights into VRAM: q8 matrices as stored (Q8Rows, planner.gpu_keeps_quantized), other matrices and the
+    `direct` ones (name suffixes the architecture reads as matrices itself) dequantized once to bf16, norms and
+    routers float32; experts by handle."""
     weights = {}
     for name, spec in artifact.header["tensors"].items():
         section = artifact.chunks[spec["chunk"]].section
@@ -426,6 +470,8 @@ def place_gpu_weights(artifact: Artifact, device: torch.device, streamer: Expert
             weights[name] = view  # rows gathered on the host, only the prompt's tokens cross PCIe
         elif view.codec == "f32" or name.endswith(".router"):
             weights[name] = view.parts["w"].to(device).float()
+        elif gpu_keeps_quantized(name, view.codec, direct) and view.parts["q"].dim() == 2:
+            weights[name] = Q8Rows(view.parts["q"].to(device), view.parts["scale"].to(device))
         else:
             w = dequant_parts(view.codec, view.layout, {k: v.to(device) for k, v in view.parts.items()})
             weights[name] = w.to(torch.bfloat16)
@@ -435,15 +481,19 @@ def place_gpu_weights(artifact: Artifact, device: torch.device, streamer: Expert
 
 
 def stack_qkv(weights: dict) -> dict:
-    """`P.q_proj`, `P.k_proj`, `P.v_proj` (bf16, no biases) -> one `P.qkv_proj` the model splits after one GEMM:
-    a decode step launches one GEMV instead of three (48 layers: ~100 kernels a token fewer)."""
+    """`P.q_proj`, `P.k_proj`, `P.v_proj` (all bf16 or all Q8Rows, no biases) -> one `P.qkv_proj` the model splits
+    after one GEMM: a decode step launches one GEMV instead of three (48 layers: ~100 kernels a token fewer)."""
     for name in [n for n in weights if n.endswith(".q_proj")]:
         prefix = name[: -len("q_proj")]
         parts = [weights.get(prefix + r) for r in ("q_proj", "k_proj", "v_proj")]
-        if any(not isinstance(p, torch.Tensor) or p.dtype != torch.bfloat16 for p in parts) or \
-                any(prefix + r + "_bias" in weights for r in ("q_proj", "k_proj", "v_proj")):
+        if any(prefix + r + "_bias" in weights for r in ("q_proj", "k_proj", "v_proj")):
             continue
-        weights[prefix + "qkv_proj"] = torch.cat(parts)
+        if all(isinstance(p, Q8Rows) for p in parts):
+            weights[prefix + "qkv_proj"] = Q8Rows(torch.cat([p.q for p in parts]), torch.cat([p.scale for p in parts]))
+        elif all(isinstance(p, torch.Tensor) and p.dtype == torch.bfloat16 for p in parts):
+            weights[prefix + "qkv_proj"] = torch.cat(parts)
+        else:
+            continue
         for r in ("q_proj", "k_proj", "v_proj"):
             del weights[prefix + r]
     return weights
@@ -464,7 +514,8 @@ class GpuPrefillEngine:
         exact = codec == "bf16" and artifact.header["quant"]["dense"] == "bf16"
         self.ops = GpuOps(self.device, codec, layout, exact)
         self.ops.expert_chunk = expert_token_chunk(args.num_experts, args.num_experts_per_tok)
-        self.model = arch.Model(args, place_gpu_weights(artifact, self.device, self.streamer), self.ops)
+        weights = place_gpu_weights(artifact, self.device, self.streamer, getattr(arch, "DIRECT_MATRICES", ()))
+        self.model = arch.Model(args, weights, self.ops)
         self.stats = PrefillStats()
         self.listeners: list = []  # objects with before_prefill() / after_prefill(): the decode engine's hot experts
 

@@ -72,7 +72,8 @@ class Runtime:
         per_token = getattr(arch, "prefill_bytes_per_token", None)
         self.placement = plan(self.artifact, device, gpu_budget, context, max_resident_layers,
                               arch.cache_layout(self.args),
-                              None if per_token is None else lambda generic: per_token(self.args, generic))
+                              None if per_token is None else lambda generic: per_token(self.args, generic),
+                              getattr(arch, "DIRECT_MATRICES", ()))
         self.ops = CpuOps(kernel)
         self.model = arch.Model(self.args, place_weights(self.artifact, self.placement), self.ops)
         self.engine = CpuEngine(self.model)  # decode (and prefill without a GPU)

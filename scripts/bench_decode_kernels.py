@@ -10,6 +10,9 @@ device-to-device copy bandwidth (read + write, the practical ceiling), the torch
 checks both outputs against the reference; then replays each in a CUDA graph with new inputs (expert ids,
 length) to check that what the engine captures stays correct.
 
+--linear-only: the q8 dense GEMV (linear_q8) at the q|k|v, o_proj and lm_head shapes against cuBLAS on bf16 weights,
+for each tile shape of LINEAR_CONFIGS (also part of the default run).
+
 --sweep (or --sweep-only, without the rest) times q4 moe_decode at M=1 in a CUDA graph for each of SWEEP_CONFIGS
 (the grouped q4 kernels' variants), whole and kernel by kernel (gate_up, down, the sum of partials), each kernel
 alone in its own graph after an L2 flush.
@@ -271,6 +274,62 @@ def bench_attention(length: int, iters: int, flush: torch.Tensor, ceiling: float
     return report(f"decode_attention len={length}", times, nbytes, ceiling, statistics.median(ref_times), err)
 
 
+# dense projections a 30B-A3B decode step reads (q|k|v stacked, o_proj, lm_head), and tile shapes of linear_q8 to try:
+# (output rows per program, input columns per step, warps)
+LINEAR_SHAPES = {"qkv": (5120, 2048), "o_proj": (2048, 4096), "lm_head": (151936, 2048)}
+LINEAR_CONFIGS = [(bn, bk, w) for bn in (1, 2, 4, 8, 16) for bk in (512, 1024, 2048) for w in (2, 4, 8)
+                  if bn * bk <= 16384]
+
+
+def bench_linear(iters: int, flush: torch.Tensor, ceiling: float) -> list[dict]:
+    """linear_q8 (int8 rows read as stored) against cuBLAS on the bf16 weights it replaces, each alone in a CUDA
+    graph after an L2 flush, at every tile shape of LINEAR_CONFIGS; checked against the float reference."""
+    from krasis_run.kernels import decode_gpu
+    from krasis_run.kernels.decode_gpu import linear_q8, linear_q8_torch
+
+    rows = []
+    base = (decode_gpu.LINEAR_Q8_BLOCK_N, decode_gpu.LINEAR_Q8_BLOCK_K, decode_gpu.LINEAR_Q8_WARPS)
+    for name, (n, k) in LINEAR_SHAPES.items():
+        q = torch.randint(-127, 128, (n, k), dtype=torch.int8, device="cuda")
+        scale = (0.001 + 0.01 * torch.rand(n, device="cuda")).bfloat16()
+        x = torch.randn(1, k, device="cuda")
+        w_bf16 = (q.float() * scale.float()[:, None]).bfloat16()
+        xb = x.bfloat16()
+        t_bf16 = graph_time(lambda xb=xb, w=w_bf16: torch.nn.functional.linear(xb, w), iters, flush)
+        want = linear_q8_torch(x, q, scale)
+        q8_bytes, bf16_bytes = n * k + 2 * n, 2 * n * k
+        print(f"linear {name} [{n}x{k}] cuBLAS bf16: {t_bf16 * 1e6:6.1f} us {bf16_bytes / t_bf16 / 1e9:5.0f} GB/s "
+              f"(floor {bf16_bytes / (ceiling / 2) * 1e6:.1f} us at half the copy rate); q8 floor "
+              f"{q8_bytes / (ceiling / 2) * 1e6:.1f} us", flush=True)
+        best = None
+        for bn, bk, w in LINEAR_CONFIGS:
+            decode_gpu.LINEAR_Q8_BLOCK_N, decode_gpu.LINEAR_Q8_BLOCK_K, decode_gpu.LINEAR_Q8_WARPS = bn, bk, w
+            out = torch.empty(1, n, dtype=torch.bfloat16, device="cuda")
+            try:
+                t = graph_time(lambda x=x, q=q, s=scale, out=out: linear_q8(x, q, s, out=out), iters, flush)
+            except Exception as e:  # a tile this Triton cannot compile
+                print(f"  BN={bn} BK={bk} W={w}: failed {type(e).__name__}")
+                continue
+            err = rel_l2(out, want)
+            assert err < 4e-3, (name, bn, bk, w, err)
+            row = {"kernel": f"linear_q8 {name}", "n": n, "k": k, "block_n": bn, "block_k": bk, "warps": w,
+                   "us": t * 1e6, "GB/s": q8_bytes / t / 1e9, "cublas_bf16_us": t_bf16 * 1e6, "rel_l2": err}
+            rows.append(row)
+            if best is None or t < best["us"] / 1e6:
+                best = row
+        print(f"  best BN={best['block_n']} BK={best['block_k']} W={best['warps']}: {best['us']:.1f} us "
+              f"{best['GB/s']:.0f} GB/s ({best['GB/s'] / (ceiling / 2):.0%} of read), cuBLAS bf16 "
+              f"{t_bf16 * 1e6:.1f} us", flush=True)
+    decode_gpu.LINEAR_Q8_BLOCK_N, decode_gpu.LINEAR_Q8_BLOCK_K, decode_gpu.LINEAR_Q8_WARPS = base
+    configs = {}
+    for row in rows:  # each config's total over the three shapes: the one a step would pay
+        key = (row["block_n"], row["block_k"], row["warps"])
+        configs[key] = configs.get(key, 0.0) + row["us"]
+    for key, total in sorted(configs.items(), key=lambda kv: kv[1])[:5]:
+        print(f"  all three shapes BN={key[0]} BK={key[1]} W={key[2]}: {total:.1f} us")
+    return rows
+
+
 GLUE_REPS = 48  # one call per layer of a 48-layer model, all in one graph: per-call cost as the engine sees it
 
 
@@ -323,13 +382,17 @@ def main() -> None:
     ap.add_argument("--json", help="write the rows here")
     ap.add_argument("--sweep", action="store_true", help="also time q4 moe_decode tile shapes in a CUDA graph")
     ap.add_argument("--sweep-only", action="store_true", help="only the sweep (--sweep without the other benchmarks)")
+    ap.add_argument("--linear-only", action="store_true", help="only the q8 dense GEMV against cuBLAS bf16")
     args = ap.parse_args()
     torch.manual_seed(0)
     flush = torch.empty(FLUSH_BYTES, dtype=torch.uint8, device="cuda")
     ceiling = copy_bandwidth()
     print(f"{torch.cuda.get_device_name()}: device-to-device copy {ceiling:.0f} GB/s (read + write)")
     rows = []
-    if args.sweep_only:
+    if args.linear_only:
+        rows += bench_linear(args.iters, flush, ceiling)
+        args.codec, args.sweep_only = "", True
+    elif args.sweep_only:
         rows += sweep_moe(args.iters, flush, ceiling)
         args.codec, args.sweep = "", False
     for codec in filter(None, args.codec.split(",")):
@@ -345,6 +408,7 @@ def main() -> None:
     if args.sweep:
         rows += sweep_moe(args.iters, flush, ceiling)
     if not args.sweep_only:
+        rows += bench_linear(args.iters, flush, ceiling)
         rows += bench_glue(args.iters)
     if args.json:
         with open(args.json, "w") as f:

@@ -18,7 +18,14 @@ from fixtures import run_interpreted
 
 from krasis_run.codecs import dequant_parts, pack_q4_rows
 from krasis_run.kernels import decode_gpu, dequant, norm_rope
-from krasis_run.kernels.decode_gpu import decode_attention, decode_attention_torch, moe_decode, moe_decode_torch
+from krasis_run.kernels.decode_gpu import (
+    decode_attention,
+    decode_attention_torch,
+    linear_q8,
+    linear_q8_torch,
+    moe_decode,
+    moe_decode_torch,
+)
 
 pytest.importorskip("triton")  # a test dependency (pyproject [test]); only a bare install skips
 
@@ -176,6 +183,32 @@ def test_attention_reference_matches_plain_math(case):
     got = decode_attention_torch(q, k_cache, v_cache, length)
     assert got.dtype == torch.float32 and got.shape == (q.numel(),)
     assert rel_l2(got, plain_attention(q, k_cache, v_cache, case[4])) < 1e-5
+
+
+# ---------------------------------------------------------------- q8 dense GEMV: data and plain math
+
+
+def q8_rows(n: int, k: int, m: int, seed: int, x_dtype=torch.float32):
+    gen = torch.Generator().manual_seed(seed)
+    q = torch.randint(-127, 128, (n, k), generator=gen, dtype=torch.int8)
+    scale = (0.001 + 0.01 * torch.rand(n, generator=gen)).bfloat16()
+    x = torch.randn(m, k, generator=gen).to(x_dtype)
+    return x, q, scale
+
+
+def plain_linear_q8(x, q, scale) -> torch.Tensor:
+    """float64 sum_k q[n, k] * scale[n] * x[m, k] (codecs: w = q * scale)"""
+    return x.double() @ (q.double() * scale.double()[:, None]).T
+
+
+@pytest.mark.parametrize("n, k, m", [(40, 96, 1), (7, 2048, 3)])
+def test_linear_q8_reference_matches_plain_math(n, k, m):
+    x, q, scale = q8_rows(n, k, m, seed=n)
+    got = linear_q8_torch(x, q, scale)
+    assert got.dtype == torch.bfloat16 and got.shape == (m, n)
+    assert rel_l2(got, plain_linear_q8(x, q, scale)) < 4e-3  # the bf16 output
+    out = torch.empty(m, n, dtype=torch.bfloat16)
+    assert linear_q8(x, q, scale, out=out) is out and torch.equal(out, got)  # CPU tensors: the reference
 
 
 # ---------------------------------------------------------------- Triton kernels, under the interpreter
@@ -344,6 +377,18 @@ class InterpretedKernels:
             decode_attention(q, k_cache, v_cache, length, out=out, use_triton=True)
             assert rel_l2(out, plain_attention(q, k_cache, v_cache, n)) < 1e-5
 
+    @pytest.mark.parametrize("n, k, m, x_dtype", [(37, 96, 1, torch.float32), (9, 160, 2, torch.bfloat16)])
+    def test_linear_q8_triton_matches_reference(self, monkeypatch, n, k, m, x_dtype):
+        # tiles smaller than the matrix and a last column step past K: every mask taken
+        monkeypatch.setattr(decode_gpu, "LINEAR_Q8_BLOCK_N", 8)
+        monkeypatch.setattr(decode_gpu, "LINEAR_Q8_BLOCK_K", 64)
+        x, q, scale = q8_rows(n, k, m, seed=k, x_dtype=x_dtype)
+        got = linear_q8(x, q, scale, use_triton=True)
+        assert got.dtype == torch.bfloat16 and got.shape == (m, n)
+        # 1 bf16 ulp: the interpreter rounds float32 -> bf16 towards zero, torch to nearest even
+        assert torch.allclose(got.float(), linear_q8_torch(x, q, scale).float(), rtol=1 / 128, atol=1e-6)
+        assert rel_l2(got, plain_linear_q8(x, q, scale)) < 4e-3
+
     # the prefill kernels (kernels/dequant.py, kernels/norm_rope.py)
 
     def test_q4_rows_triton_matches_reference(self):
@@ -371,6 +416,16 @@ class InterpretedKernels:
         q = qkv[:, :192].view(5, 3, 64)
         got = norm_rope.fused_norm_rope(q, w, 1e-6, cos, sin, use_triton=True)
         assert rel_l2(got.float(), norm_rope_torch(q.contiguous(), w, 1e-6, cos, sin)) < 4e-3
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (run on the GPU host)")
+@pytest.mark.parametrize("n, k, m", [(5120, 2048, 1), (2048, 4096, 1), (151936, 2048, 1), (1000, 2048, 4)])
+def test_cuda_linear_q8_at_30b_shapes(n, k, m):
+    """The compiled q8 GEMV at the 30B-A3B q|k|v, o_proj and lm_head shapes (and a few rows at once)."""
+    x, q, scale = q8_rows(n, k, m, seed=n)
+    got = linear_q8(x.cuda(), q.cuda(), scale.cuda())
+    assert got.dtype == torch.bfloat16 and got.shape == (m, n)
+    assert rel_l2(got.cpu(), plain_linear_q8(x, q, scale)) < 4e-3
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (run on the GPU host)")

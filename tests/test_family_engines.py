@@ -297,3 +297,41 @@ def test_hybrid_workspace_is_sized_by_its_architecture():
     config, args = model_config(shape["config"]), qwen3_next.ModelArgs.from_hf(shape["config"])
     sized = _workspace(config, 32768, per_token=lambda generic: qwen3_next.prefill_bytes_per_token(args, generic))
     assert 6.36 * GIB < sized < _workspace(config, 32768)
+
+
+def test_gpu_holds_q8_matrices_as_planned(family, monkeypatch):
+    """The GPU keeps q8 dense matrices as stored (int8 rows + a scale a row), except those the architecture reads as
+    matrices itself (DeepSeek's kv_b_proj: bf16); what it places is what the planner counts, and a prompt's GEMM over
+    them, dequantized a slice of rows at a time, equals the GEMM over the whole dequantized matrix."""
+    import krasis_run.prefill_gpu as prefill_gpu
+    from krasis_run.planner import _dense_vram, gpu_keeps_quantized
+    from krasis_run.prefill_gpu import ExpertHandle, GpuOps, Q8Rows
+
+    rt = krasis_run.load(family.artifact("q4", "q8"), threads=1)
+    arch = arch_of(rt)
+    direct = getattr(arch, "DIRECT_MATRICES", ())
+    w = prefill_engine(rt, set()).model.w
+    placed = 0
+    for name, t in w.items():
+        if isinstance(t, Q8Rows):
+            assert t.q.dtype == torch.int8 and t.scale.shape == t.q.shape[:1]
+            placed += t.q.numel() + 2 * t.scale.numel()
+        elif isinstance(t, torch.Tensor):
+            codec = rt.artifact.header["tensors"].get(name, {}).get("codec")
+            assert not gpu_keeps_quantized(name, codec, direct), name  # a q8 matrix left bf16
+            placed += t.numel() * t.element_size()
+        else:
+            assert name == "embed" or isinstance(t, ExpertHandle)
+    matrices = [t for t in w.values() if isinstance(t, Q8Rows)]
+    slice_bytes = min(prefill_gpu.DEQUANT_SLICE_BYTES, max(2 * t.q.numel() for t in matrices))
+    assert _dense_vram(rt.artifact, direct) == placed + slice_bytes
+    if direct:
+        kv_b = [t for name, t in w.items() if name.endswith(direct)]
+        assert kv_b and all(isinstance(t, torch.Tensor) and t.dtype == torch.bfloat16 for t in kv_b)
+    big = max(matrices, key=lambda t: t.q.numel())
+    x = torch.randn(5, big.shape[1])
+    whole = GpuOps._linear_dequant(x.bfloat16(), big)
+    monkeypatch.setattr(prefill_gpu, "DEQUANT_SLICE_BYTES", 2 * big.shape[1] * 3)  # 3 rows a slice
+    assert torch.equal(GpuOps._linear_dequant(x.bfloat16(), big), whole)
+    dense = (big.q.float() * big.scale.float()[:, None]).bfloat16()  # the whole-matrix dequant placement did before
+    assert torch.equal(whole, torch.nn.functional.linear(x.bfloat16(), dense))

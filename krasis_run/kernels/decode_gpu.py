@@ -60,6 +60,11 @@ Q4G_ALIGNED = True
 # interpreter). The float kernel spent ~5 ALU ops a weight (nibble extraction, int->float, fma) and was bound by them
 # at ~1 TB/s (15.5 us a 30B-A3B layer, run 25); this does 5 integer ops per 8 weights.
 Q4G_INT8 = True
+# q8 dense GEMV (linear_q8): output rows per program, input columns per loop step, warps; the fastest of
+# scripts/bench_decode_kernels.py --linear on the H200 (tests shrink them to cover the masks)
+LINEAR_Q8_BLOCK_N = 4
+LINEAR_Q8_BLOCK_K = 1024
+LINEAR_Q8_WARPS = 4
 ATTN_BLOCK = 64  # cached positions per loop step
 ATTN_PROGRAMS = 256  # target programs for the split kernel: KVH x splits
 
@@ -463,6 +468,24 @@ def _kernels():
         tl.store(out_ptr + m * H + rows, tl.sum(acc * w[:, None], 0), mask=rmask)
 
     @triton.jit
+    def linear_q8_kernel(x_ptr, q_ptr, s_ptr, y_ptr, N, K, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+        # y[m, rows] = scale[rows] * sum_k q[rows, k] x[m, k] in float32, stored bf16 (as F.linear on bf16 gives);
+        # one input row m per program_id(1): the int8 rows come from L2 again for a second one
+        m = tl.program_id(1).to(tl.int64)
+        rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+        rmask = rows < N
+        qrow = rows[:, None].to(tl.int64) * K
+        acc = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
+        for k0 in range(0, K, BLOCK_K):
+            cols = k0 + tl.arange(0, BLOCK_K)
+            cmask = cols < K
+            x = tl.load(x_ptr + m * K + cols, mask=cmask, other=0.0).to(tl.float32)
+            w = tl.load(q_ptr + qrow + cols[None, :], mask=rmask[:, None] & cmask[None, :], other=0)
+            acc += w.to(tl.float32) * x[None, :]
+        y = tl.sum(acc, 1) * tl.load(s_ptr + rows, mask=rmask, other=0.0).to(tl.float32)
+        tl.store(y_ptr + m * N + rows, y.to(tl.bfloat16), mask=rmask)
+
+    @triton.jit
     def _split_bounds(len_ptr, NSPLIT, BLOCK: tl.constexpr):
         # every split covers the same whole number of blocks, sized from the device-side length
         length = tl.load(len_ptr)
@@ -540,6 +563,7 @@ def _kernels():
         "down_dense": down_dense_kernel,
         "attn_split": attn_split_kernel,
         "attn_combine": attn_combine_kernel,
+        "linear_q8": linear_q8_kernel,
     }
 
 
@@ -731,6 +755,32 @@ def _q4_int8_gate_up_launches(kern, x, ids, slot_of, gu_q, gu, act, grid_a, grou
 
 
 # ---------------------------------------------------------------- attention
+
+
+# ---------------------------------------------------------------- dense projections
+
+
+def linear_q8_torch(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """Reference: x [M, K] times the q8 rows (int8 q [N, K], bf16 scale [N]) in float32 -> bf16 [M, N]."""
+    return ((x.float() @ q.float().T) * scale.float()).to(torch.bfloat16)
+
+
+def linear_q8(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, out: torch.Tensor | None = None, *,
+              use_triton: bool | None = None) -> torch.Tensor:
+    """x [M, K] (float32 or bf16; M a few) times q8 rows read as stored (half the bytes of bf16 weights, which is
+    what a one-token GEMV costs): bf16 [M, N]. Triton on CUDA tensors (or use_triton=True under the interpreter)."""
+    if not _triton_ok(x, use_triton):
+        y = linear_q8_torch(x, q, scale)
+        return y if out is None else out.copy_(y)
+    kern = _kernels()
+    m, k = x.shape
+    n = q.shape[0]
+    y = out if out is not None else torch.empty(m, n, dtype=torch.bfloat16, device=x.device)
+    x = (x if x.dtype in (torch.float32, torch.bfloat16) else x.float()).contiguous()
+    kern["linear_q8"][(kern["cdiv"](n, LINEAR_Q8_BLOCK_N), m)](
+        x, q.contiguous(), scale.contiguous(), y, n, k, BLOCK_N=LINEAR_Q8_BLOCK_N,
+        BLOCK_K=_block(k, LINEAR_Q8_BLOCK_K), num_warps=LINEAR_Q8_WARPS)
+    return y
 
 
 def decode_attention_torch(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, length: torch.Tensor,

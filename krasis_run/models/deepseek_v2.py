@@ -31,6 +31,9 @@ from ..codecs import dequant_parts
 from .base import ConfigError, Rotary, from_hf_fields, rms_norm, rope_frequencies, rope_parameters
 
 ARCHITECTURE = "DeepseekV2ForCausalLM"
+# kv_b_proj is read as a matrix, not only through ops.linear: absorbed attention takes per-head views of it (the
+# GPU keeps it bf16, not as q8 rows)
+DIRECT_MATRICES = ("kv_b_proj",)
 LATENT_NORM_EPS = 1e-6  # transformers builds kv_a_layernorm / q_a_layernorm with the default eps, not rms_norm_eps
 
 

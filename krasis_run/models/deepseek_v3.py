@@ -41,6 +41,7 @@ class ModelArgs(v2.ModelArgs):
 
 
 cache_layout = v2.cache_layout
+DIRECT_MATRICES = v2.DIRECT_MATRICES
 prefill_bytes_per_token = v2.prefill_bytes_per_token
 
 
