@@ -325,8 +325,11 @@ def bench_linear(iters: int, flush: torch.Tensor, ceiling: float) -> list[dict]:
     for row in rows:  # each config's total over the three shapes: the one a step would pay
         key = (row["block_n"], row["block_k"], row["warps"])
         configs[key] = configs.get(key, 0.0) + row["us"]
-    for key, total in sorted(configs.items(), key=lambda kv: kv[1])[:5]:
+    ranked = sorted(configs.items(), key=lambda kv: kv[1])
+    for key, total in ranked[:5]:
         print(f"  all three shapes BN={key[0]} BK={key[1]} W={key[2]}: {total:.1f} us")
+    if ranked:
+        print("best_linear_q8 " + ",".join(map(str, ranked[0][0])))
     return rows
 
 

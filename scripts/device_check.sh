@@ -14,6 +14,16 @@ for step in "$@"; do
     family)
       python3 -m pytest -q tests/test_family_engines.py -k cuda 2>&1 | tail -25 | tee "$OUT/family.log"
       python3 scripts/bench_linear_attention.py 2>&1 | tee "$OUT/linear_attention.log" ;;
+    cudatests)
+      # what a q8-dense GPU placement touches: the GEMV, hybrid decode and the families' CUDA paths
+      python3 -m pytest -q tests/test_decode_kernels.py tests/test_hybrid_decode.py tests/test_family_engines.py \
+        tests/test_gpu_prefill.py -k "cuda and not interpreter" 2>&1 | tail -25 | tee "$OUT/cudatests.log" ;;
+    linear)
+      python3 scripts/bench_decode_kernels.py --linear-only --iters 20 --json "$OUT/linear.json" 2>&1 | tee "$OUT/linear.log"
+      grep -o 'best_linear_q8 [0-9,]*' "$OUT/linear.log" | cut -d' ' -f2 > "$OUT/linear_best.txt" ;;
+    native_linear)
+      python3 scripts/bench_native_linear.py --layers 48 --threads 16,8 --json "$OUT/native_linear.json" 2>&1 \
+        | tee "$OUT/native_linear.log" ;;
     kernels)
       [ -f scripts/bench_decode_kernels.py ] && python3 scripts/bench_decode_kernels.py --sweep 2>&1 | tee "$OUT/kernels.log" ;;
     bench)
