@@ -64,6 +64,35 @@ class TensorView:
         return {k[len(prefix):]: v for k, v in self.expert_parts[e].items() if k.startswith(prefix)}
 
 
+@dataclass(frozen=True)
+class RowsStack:
+    """Dense matrices of one codec and input width read as one, their outputs side by side (a layer's q, k and v
+    projections): the CPU kernels take them in one call, each matrix in place in the mapping (no concatenated copy)."""
+
+    views: tuple[TensorView, ...]
+
+    @property
+    def codec(self) -> str:
+        return self.views[0].codec
+
+    @property
+    def layout(self) -> str:
+        return self.views[0].layout
+
+    @property
+    def shape(self) -> list[int]:
+        return [sum(v.shape[0] for v in self.views), self.views[0].shape[1]]
+
+    @staticmethod
+    def of(views: list) -> RowsStack | None:
+        """The stack of `views`, or None where they cannot be read as one (other codecs, layouts or widths)."""
+        if not all(isinstance(v, TensorView) and not v.experts and len(v.shape) == 2 for v in views):
+            return None
+        if len({(v.codec, v.layout, v.shape[1]) for v in views}) != 1 or views[0].layout != "rows":
+            return None
+        return RowsStack(tuple(views))
+
+
 def _check_int(value: Any, what: str) -> int:
     if not isinstance(value, int) or isinstance(value, bool) or value < 0:
         raise KrsError(f"corrupt artifact: {what} is not a non-negative integer")

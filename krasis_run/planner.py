@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .artifact import Artifact
+from .artifact import Artifact, RowsStack
 from .cache import CacheLayout
 from .format import SECTION_EXPERTS_CPU, SECTION_EXPERTS_GPU, KrsError
 
@@ -251,6 +251,22 @@ def place_weights(artifact: Artifact, placement: Placement) -> dict:
             weights[name] = view.parts["w"].float()  # routing decisions in float32, as in the reference
         else:
             weights[name] = view
+    return stack_qkv_views(weights)
+
+
+def stack_qkv_views(weights: dict) -> dict:
+    """`P.q_proj`, `P.k_proj`, `P.v_proj` (rows of one codec, no biases) -> one `P.qkv_proj` RowsStack: the model
+    then makes one projection call for three (the CPU kernels: one quantization of x, one parallel region)."""
+    for name in [n for n in weights if n.endswith(".q_proj")]:
+        prefix = name[: -len("q_proj")]
+        roles = ("q_proj", "k_proj", "v_proj")
+        if any(prefix + r + "_bias" in weights for r in roles):
+            continue
+        stack = RowsStack.of([weights.get(prefix + r) for r in roles])
+        if stack is not None:
+            weights[prefix + "qkv_proj"] = stack
+            for r in roles:
+                del weights[prefix + r]
     return weights
 
 

@@ -299,8 +299,8 @@ def bench_linear(iters: int, flush: torch.Tensor, ceiling: float) -> list[dict]:
         want = linear_q8_torch(x, q, scale)
         q8_bytes, bf16_bytes = n * k + 2 * n, 2 * n * k
         print(f"linear {name} [{n}x{k}] cuBLAS bf16: {t_bf16 * 1e6:6.1f} us {bf16_bytes / t_bf16 / 1e9:5.0f} GB/s "
-              f"(floor {bf16_bytes / (ceiling / 2) * 1e6:.1f} us at half the copy rate); q8 floor "
-              f"{q8_bytes / (ceiling / 2) * 1e6:.1f} us", flush=True)
+              f"(floor {bf16_bytes / (ceiling / 2 * 1e9) * 1e6:.1f} us at half the copy rate); q8 floor "
+              f"{q8_bytes / (ceiling / 2 * 1e9) * 1e6:.1f} us", flush=True)
         best = None
         for bn, bk, w in LINEAR_CONFIGS:
             decode_gpu.LINEAR_Q8_BLOCK_N, decode_gpu.LINEAR_Q8_BLOCK_K, decode_gpu.LINEAR_Q8_WARPS = bn, bk, w

@@ -70,32 +70,54 @@ def build(codec: str, layers: int, path: str | None) -> list[tuple[str, int, int
     return out
 
 
-def step(codec: str, matrices, xs: dict[int, torch.Tensor], outs, per_kind: dict[str, float] | None) -> None:
-    for (kind, n, k, parts), y in zip(matrices, outs, strict=True):
+def calls(matrices, stack_qkv: bool) -> list[tuple[str, list]]:
+    """(kind, [(n, k, parts)]) per call: q, k and v as one call (krs_linear_multi) where stack_qkv, as the CPU path
+    reads a layer's RowsStack."""
+    out, i = [], 0
+    while i < len(matrices):
+        kind, n, k, parts = matrices[i]
+        if stack_qkv and kind == "q_proj":
+            out.append(("qkv", [m[1:] for m in matrices[i:i + 3]]))
+            i += 3
+        else:
+            out.append((kind, [(n, k, parts)]))
+            i += 1
+    return out
+
+
+def step(codec: str, plan, xs: dict[int, torch.Tensor], outs, per_kind: dict[str, float] | None) -> None:
+    for (kind, group), y in zip(plan, outs, strict=True):
+        k = group[0][1]
         start = time.perf_counter()
-        native.linear(codec, xs[k], n, *parts, out=y)
+        if len(group) == 1:
+            native.linear(codec, xs[k], group[0][0], *group[0][2], out=y)
+        else:
+            native.linear_multi(codec, xs[k], [parts for _, _, parts in group], out=y)
         if per_kind is not None:
             per_kind[kind] = per_kind.get(kind, 0.0) + time.perf_counter() - start
 
 
-def bench(codec: str, matrices, threads: int, steps: int) -> dict:
+def bench(codec: str, matrices, threads: int, steps: int, stack_qkv: bool) -> dict:
     native.set_threads(threads)
+    plan = calls(matrices, stack_qkv)
     xs = {k: torch.randn(1, k) for k in {k for _, _, k, _ in matrices}}
-    outs = [torch.empty(1, n) for _, n, _, _ in matrices]
-    step(codec, matrices, xs, outs, None)  # page in, warm the threads
+    outs = [torch.empty(1, sum(n for n, _, _ in group)) for _, group in plan]
+    step(codec, plan, xs, outs, None)  # page in, warm the threads
     totals, kinds = [], []
     for _ in range(steps):
         per_kind: dict[str, float] = {}
         start = time.perf_counter()
-        step(codec, matrices, xs, outs, per_kind)
+        step(codec, plan, xs, outs, per_kind)
         totals.append(time.perf_counter() - start)
         kinds.append(per_kind)
     bytes_of: dict[str, int] = {}
-    for kind, _, _, parts in matrices:
-        bytes_of[kind] = bytes_of.get(kind, 0) + sum(p.numel() * p.element_size() for p in parts)
+    for kind, group in plan:
+        nbytes = sum(p.numel() * p.element_size() for _, _, ps in group for p in ps)
+        bytes_of[kind] = bytes_of.get(kind, 0) + nbytes
     t = statistics.median(totals)
-    row = {"codec": codec, "threads": threads, "step_ms": t * 1e3, "MB": sum(bytes_of.values()) / 1e6,
-           "GB/s": sum(bytes_of.values()) / t / 1e9}
+    total = sum(bytes_of.values())
+    row = {"codec": codec, "threads": threads, "stack_qkv": stack_qkv, "step_ms": t * 1e3, "MB": total / 1e6,
+           "GB/s": total / t / 1e9}
     for kind, nb in bytes_of.items():
         tk = statistics.median(k[kind] for k in kinds)
         row[f"{kind}_ms"], row[f"{kind}_GB/s"] = tk * 1e3, nb / tk / 1e9
@@ -109,6 +131,7 @@ def main() -> None:
     ap.add_argument("--codecs", default="q4,q8")
     ap.add_argument("--steps", type=int, default=10)
     ap.add_argument("--memory", default="file,anon", help="file (page-cache mapping, as the artifact) and/or anon")
+    ap.add_argument("--stack", default="0,1", help="0: q, k, v a call each; 1: one call for the three")
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
     from scripts.bench_decode import read_bandwidth
@@ -119,14 +142,17 @@ def main() -> None:
         for memory in args.memory.split(","):
             with tempfile.TemporaryDirectory(dir=os.environ.get("TMPDIR")) as tmp:
                 matrices = build(codec, args.layers, os.path.join(tmp, "w.bin") if memory == "file" else None)
-                for threads in map(int, args.threads.split(",")):
+                for threads, stack in [(t, st) for t in map(int, args.threads.split(","))
+                                       for st in map(int, args.stack.split(","))]:
                     probe = read_bandwidth(threads)
-                    row = dict(bench(codec, matrices, threads, args.steps), memory=memory, probe_GB_s=probe)
+                    row = dict(bench(codec, matrices, threads, args.steps, bool(stack)), memory=memory,
+                               probe_GB_s=probe)
                     rows.append(row)
-                    kinds = ", ".join(f"{k} {row[f'{k}_GB/s']:.0f}" for k in (*SHAPES, "lm_head"))
-                    print(f"{codec} {memory:4s} {threads:2d} threads: {row['step_ms']:6.2f} ms a step, "
-                          f"{row['MB']:.0f} MB, {row['GB/s']:.1f} GB/s = {row['GB/s'] / probe:.0%} of the "
-                          f"{probe:.1f} GB/s probe; GB/s by kind: {kinds}", flush=True)
+                    kinds = ", ".join(f"{k} {row[f'{k}_GB/s']:.0f}" for k in (*SHAPES, "qkv", "lm_head")
+                                      if f"{k}_GB/s" in row)
+                    print(f"{codec} {memory:4s} {threads:2d} threads{' qkv' if stack else ''}: "
+                          f"{row['step_ms']:6.2f} ms a step, {row['MB']:.0f} MB, {row['GB/s']:.1f} GB/s = "
+                          f"{row['GB/s'] / probe:.0%} of the {probe:.1f} GB/s probe; GB/s by kind: {kinds}", flush=True)
                 del matrices
     if args.json:
         with open(args.json, "w") as f:

@@ -93,6 +93,61 @@ def test_linear_matches_reference(isa, codec, threads):
                 assert rel(got, exact) < 2e-2, (n, k, m)  # what int8 activations cost
 
 
+@pytest.mark.parametrize("codec", ["q8", "q4", "bf16", "f32"])
+@pytest.mark.parametrize("threads", [1, 3])
+def test_linear_multi_equals_one_call_per_matrix(isa, codec, threads):
+    """Several matrices in one call (a layer's q, k and v): each output equals that matrix's own call, bit for bit (one
+    quantization of x, rows computed alike whatever chunk they fall in), with rows not a multiple of any chunk."""
+    native.load().krs_set_threads(threads)
+    g = torch.Generator().manual_seed(2)
+    k = 96
+    names = {"q8": ("q", "scale"), "q4": ("q", "scale", "zero"), "bf16": ("w",), "f32": ("w",)}[codec]
+    matrices = []
+    for n in (300, 36, 7):
+        w = torch.randn(n, k, generator=g)
+        if codec == "f32":
+            matrices.append([w])
+        else:
+            parts = encode_parts(codec, "rows", {k_: v for k_, v in quantize(codec, w).items() if k_ != "sq_err"})
+            matrices.append([parts[p] for p in names])
+    for m in (1, 3):
+        x = torch.randn(m, k, generator=g)
+        got = native.linear_multi(codec, x, matrices)
+        want = torch.cat([native.linear(codec, x, ws[0].shape[0], *ws) for ws in matrices], dim=-1)
+        assert got.shape == (m, 343) and torch.equal(got, want)
+
+
+def test_stacked_qkv_runs_as_one_call(tiny):
+    """The CPU weights hold each layer's q, k and v as one RowsStack (in place, no copy), which the native kernels take
+    in one call; the logits equal, bit for bit, those of the same model with q, k and v as three matrices."""
+    import numpy as np
+
+    import krasis_run
+    from krasis_run.artifact import RowsStack
+
+    stacked = krasis_run.load(tiny.artifact("q4", "q8"), threads=1)
+    names = [name for name in stacked.model.w if name.endswith("qkv_proj")]
+    assert len(names) == stacked.args.num_hidden_layers
+    assert all(isinstance(stacked.model.w[n], RowsStack) for n in names)
+    assert not any(name.endswith((".q_proj", ".k_proj", ".v_proj")) for name in stacked.model.w)
+    calls = []
+    lib = native.load()
+    def multi(*args):
+        calls.append(args[4])
+        return lib.krs_linear_multi(*args)
+
+    stacked.ops._lib = type("Spy", (), {"__getattr__": lambda self, name: getattr(lib, name),
+                                        "krs_linear_multi": staticmethod(multi)})()
+    ids = list(range(3, 40))
+    got = stacked.logits(ids)
+    assert calls == [3] * stacked.args.num_hidden_layers  # one call of three matrices a layer
+    three = krasis_run.load(tiny.artifact("q4", "q8"), threads=1)
+    for name in names:
+        for role, view in zip(("q_proj", "k_proj", "v_proj"), three.model.w.pop(name).views, strict=True):
+            three.model.w[name[: -len("qkv_proj")] + role] = view
+    assert np.array_equal(got, three.logits(ids))
+
+
 def expert_blocks(codec: str, e: int, h: int, i: int, seed: int):
     g = torch.Generator().manual_seed(seed)
     gate_up = torch.randn(e, 2 * i, h, generator=g) * h**-0.5

@@ -13,12 +13,14 @@ Three implementations of the same interface:
 
 from __future__ import annotations
 
+import ctypes
 import functools
 import os
 
 import torch
 import torch.nn.functional as F
 
+from ..artifact import RowsStack
 from ..codecs import dequant_parts, pack_q4_blocks, split_gate_up_output
 from ..format import Q4_GROUP
 from .attention import causal_attention
@@ -169,6 +171,8 @@ class CpuOps:
         return entry
 
     def linear(self, x: torch.Tensor, w) -> torch.Tensor:
+        if isinstance(w, RowsStack):
+            return self._linear_stack(x, w)
         if self.native is not None:
             if isinstance(w, torch.Tensor):  # plain tensors are checked per call: a cache would keep them alive
                 args = ("f32", w.shape[0], w) if w.dim() == 2 and _f32(w) else None
@@ -187,6 +191,26 @@ class CpuOps:
         if isinstance(w, torch.Tensor):
             return F.linear(x, w)
         return self.matmul(x, w.codec, w.layout, w.parts)
+
+    def _linear_stack(self, x: torch.Tensor, w: RowsStack) -> torch.Tensor:
+        """Several matrices against one x, outputs side by side: one native call (krs_linear_multi), else one each."""
+        if self.native is not None and x.dim() == 2 and _f32(x):
+            cached = self._native_rows.get(id(w))
+            if cached is None or cached[0] is not w:
+                entries = [self._native_rows_entry(v)[2] for v in w.views]
+                direct = None
+                if all(e is not None for e in entries):
+                    rows = (ctypes.c_int * len(entries))(*[e[2] for e in entries])
+                    parts = (ctypes.c_void_p * (3 * len(entries)))(*[p for e in entries for p in e[3:]])
+                    direct = (entries[0][0], entries[0][1], sum(rows), len(entries), rows, parts)
+                cached = self._native_rows[id(w)] = (w, None, direct)
+            direct = cached[2]
+            if direct is not None and x.shape[1] == direct[1]:
+                y = torch.empty((x.shape[0], direct[2]), dtype=torch.float32)
+                _check(self._lib.krs_linear_multi(direct[0], x.data_ptr(), x.shape[0], direct[1], direct[3], direct[4],
+                                                  direct[5], y.data_ptr()), "linear_multi")
+                return y
+        return torch.cat([self.linear(x, v) for v in w.views], dim=-1)
 
     # The small steps between the matmuls (the model picks these up as optional hooks): one native call
     # each where the tensors are already float32 and contiguous (as the native matmuls return them),
@@ -213,6 +237,8 @@ class CpuOps:
 
     def norm_rope(self, x: torch.Tensor, weight: torch.Tensor, eps: float, cos: torch.Tensor,
                   sin: torch.Tensor) -> torch.Tensor:
+        if x.dtype == torch.float32 and x.is_cpu and not x.is_contiguous():
+            x = x.contiguous()  # a prompt's q or k as columns of a stacked q|k|v projection
         if (self.native is not None and _f32(x, weight, cos, sin) and x.dim() == 3 and weight.shape == x.shape[-1:]
                 and cos.shape == sin.shape == (x.shape[0], x.shape[2])):
             y = torch.empty_like(x)

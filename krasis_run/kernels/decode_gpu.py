@@ -60,10 +60,11 @@ Q4G_ALIGNED = True
 # interpreter). The float kernel spent ~5 ALU ops a weight (nibble extraction, int->float, fma) and was bound by them
 # at ~1 TB/s (15.5 us a 30B-A3B layer, run 25); this does 5 integer ops per 8 weights.
 Q4G_INT8 = True
-# q8 dense GEMV (linear_q8): output rows per program, input columns per loop step, warps; the fastest of
-# scripts/bench_decode_kernels.py --linear on the H200 (tests shrink them to cover the masks)
-LINEAR_Q8_BLOCK_N = 4
-LINEAR_Q8_BLOCK_K = 1024
+# q8 dense GEMV (linear_q8): output rows per program, input columns per loop step, warps; the fastest over the
+# q|k|v, o_proj and lm_head shapes of scripts/bench_decode_kernels.py --linear-only on the H200 (session 5: 9.4 / 11.6
+# / 110 us against cuBLAS on bf16 11.8 / 12.9 / 179 us, each alone in a graph); the tests shrink them to cover masks
+LINEAR_Q8_BLOCK_N = 8
+LINEAR_Q8_BLOCK_K = 512
 LINEAR_Q8_WARPS = 4
 ATTN_BLOCK = 64  # cached positions per loop step
 ATTN_PROGRAMS = 256  # target programs for the split kernel: KVH x splits

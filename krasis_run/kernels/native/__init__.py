@@ -56,6 +56,8 @@ def load() -> ctypes.CDLL:
     lib.krs_set_threads.argtypes = [_i]
     lib.krs_linear.restype = _i
     lib.krs_linear.argtypes = [_i, _p, _i, _i, _i, _p, _p, _p, _p]
+    lib.krs_linear_multi.restype = _i
+    lib.krs_linear_multi.argtypes = [_i, _p, _i, _i, _i, _p, _p, _p]
     lib.krs_moe.restype = _i
     lib.krs_moe.argtypes = [_i, _p, _i, _i, _i, _i, _i, _p, _p, _p, _p]
     lib.krs_moe_serve.restype = _i
@@ -147,6 +149,20 @@ def linear(codec: str, x, n: int, w0, w1=None, w2=None, out=None):
     _check(_lib().krs_linear(CODECS[codec], x.data_ptr(), m, k, n, w0.data_ptr(),
                              w1.data_ptr() if w1 is not None else None,
                              w2.data_ptr() if w2 is not None else None, y.data_ptr()), "linear")
+    return y
+
+
+def linear_multi(codec: str, x, matrices: list[list], out=None):
+    """x float32 [M, K] contiguous against several matrices of one codec (each a list of its parts as tensors, as
+    `linear` takes them): float32 [M, sum of rows], the outputs side by side; one quantization of x, one call."""
+    m, k = x.shape
+    ns = [w[0].shape[0] for w in matrices]
+    y = _out(out, (m, sum(ns)))
+    rows = (ctypes.c_int * len(ns))(*ns)
+    parts = (ctypes.c_void_p * (3 * len(ns)))(*[p.data_ptr() if p is not None else None
+                                               for w in matrices for p in (list(w) + [None] * 3)[:3]])
+    _check(_lib().krs_linear_multi(CODECS[codec], x.data_ptr(), m, k, len(ns), rows, parts, y.data_ptr()),
+           "linear_multi")
     return y
 
 

@@ -161,10 +161,16 @@ static void xq_finish(XQ *x, int q4rows) {
     }
 }
 
-static void xq_quantize(XQ *x, const float *v, int q4rows) {
+static void xq_group32(XQ *x, int g, const float *v) { xq_group(x, g, v, 32); }
+
+typedef void (*xq32_fn)(XQ *, int, const float *);
+
+/* full groups by `group32` (the instruction set's), a partial last group by the portable xq_group */
+static void xq_quantize(XQ *x, const float *v, int q4rows, xq32_fn group32) {
     for (int g = 0; g < x->G; g++) {
         int n = x->K - 32 * g;
-        xq_group(x, g, v + 32 * g, n < 32 ? n : 32);
+        if (n >= 32) group32(x, g, v + 32 * g);
+        else xq_group(x, g, v + 32 * g, n);
     }
     xq_finish(x, q4rows);
 }
@@ -191,6 +197,7 @@ typedef struct {
     rms_fn rms;
     nrope_fn nrope;
     addrms_fn addrms;
+    xq32_fn xq32;
 } Kernels;
 
 #define FN(name) name##_scalar
@@ -238,13 +245,14 @@ static int detect_isa(void) {
 static void init(void) {
     if (g_isa >= 0) return;
     KERNELS[0] = (Kernels){q4b_block_scalar, q8_rows_scalar, q4r_rows_scalar, bf16_rows_scalar, f32_rows_scalar,
-                           attn_head_scalar, rms_row_scalar, norm_rope_head_scalar, add_rms_row_scalar};
+                           attn_head_scalar, rms_row_scalar, norm_rope_head_scalar, add_rms_row_scalar, xq_group32};
 #ifdef KRS_X86
     KERNELS[1] = (Kernels){q4b_block_avx2, q8_rows_avx2, q4r_rows_avx2, bf16_rows_avx2, f32_rows_avx2gen,
-                           attn_head_avx2gen, rms_row_avx2gen, norm_rope_head_avx2gen, add_rms_row_avx2gen};
+                           attn_head_avx2gen, rms_row_avx2gen, norm_rope_head_avx2gen, add_rms_row_avx2gen,
+                           xq_group32_avx2};
     KERNELS[2] = (Kernels){q4b_block_avx512, q8_rows_avx512, q4r_rows_avx512, bf16_rows_avx512,
                            f32_rows_avx512gen, attn_head_avx512gen, rms_row_avx512gen, norm_rope_head_avx512gen,
-                           add_rms_row_avx512gen};
+                           add_rms_row_avx512gen, xq_group32_avx512};
 #else
     KERNELS[1] = KERNELS[2] = KERNELS[0];
 #endif
@@ -319,16 +327,26 @@ static inline void rows_dot(const Kernels *kn, int codec, const void *w0, const 
     }
 }
 
-/* y[M, N] = x[M, K] @ W[N, K]^T for one dense matrix stored as rows (q8: w0 = q, w1 = scale;
- * q4: w0 = q, w1 = scale, w2 = zero; bf16/f32: w0 = w). Threads split the output rows; each
- * chunk of rows is read once for all M activations. */
-int krs_linear(int codec, const float *x, int M, int K, int N, const void *w0, const void *w1, const void *w2,
-               float *y) {
+/* y[M, sum ns] = x[M, K] @ [W_0; W_1; ...]^T for `count` dense matrices of one codec stored as rows, each its own
+ * parts (parts[3 i .. 3 i + 2]: q8: q, scale, -; q4: q, scale, zero; bf16/f32: w, -, -), the outputs side by side.
+ * x is quantized once and all rows go to one parallel region: a layer's q, k and v projections in one call (k and
+ * v alone are 512-row calls that read at a third of the bandwidth of a long one, the fork/join and the ramp-up of
+ * the streams left over). Threads split the output rows in chunks that never span two matrices; each chunk of rows
+ * is read once for all M activations. */
+#define KRS_MAX_MATRICES 8
+int krs_linear_multi(int codec, const float *x, int M, int K, int count, const int *ns, const void *const *parts,
+                     float *y) {
     init();
     if (codec == CODEC_Q4 && K % 32) return -1;
+    if (count < 1 || count > KRS_MAX_MATRICES) return -1;
     const Kernels *kn = &KERNELS[g_isa];
     const int quant = codec == CODEC_Q8 || codec == CODEC_Q4;
     const int nt = g_threads;
+    int N = 0, col[KRS_MAX_MATRICES], first[KRS_MAX_MATRICES + 1];
+    for (int i = 0; i < count; i++) {
+        col[i] = N;
+        N += ns[i];
+    }
     XQ *xq = NULL;
     if (quant) {
         size_t xb = (xq_bytes(K) + 63) / 64 * 64;
@@ -343,24 +361,37 @@ int krs_linear(int codec, const float *x, int M, int K, int N, const void *w0, c
 #pragma omp parallel for schedule(static) num_threads(nt) if (M > 8)
         for (int m = 0; m < M; m++) {
             xq_init(&xq[m], K, mem + xb * m);
-            xq_quantize(&xq[m], x + (size_t)m * K, codec == CODEC_Q4);
+            xq_quantize(&xq[m], x + (size_t)m * K, codec == CODEC_Q4, kn->xq32);
         }
     }
     int chunk = (N + nt * 4 - 1) / (nt * 4);
     chunk = (chunk + 7) / 8 * 8;
     if (chunk < 8) chunk = 8;
     if (chunk > 256) chunk = 256;
-    int nchunks = (N + chunk - 1) / chunk;
+    first[0] = 0;
+    for (int i = 0; i < count; i++) first[i + 1] = first[i] + (ns[i] + chunk - 1) / chunk;
+    const int nchunks = first[count];
 #pragma omp parallel for schedule(static) num_threads(nt) if (nchunks > 1)
     for (int c = 0; c < nchunks; c++) {
         float tmp[256];
-        int r0 = c * chunk, r1 = r0 + chunk < N ? r0 + chunk : N;
+        int i = 0;
+        while (c >= first[i + 1]) i++;
+        const int r0 = (c - first[i]) * chunk, r1 = r0 + chunk < ns[i] ? r0 + chunk : ns[i];
+        const void *const *p = parts + 3 * i;
         for (int m = 0; m < M; m++) {
-            rows_dot(kn, codec, w0, w1, w2, K, r0, r1, quant ? &xq[m] : NULL, x + (size_t)m * K, tmp);
-            memcpy(y + (size_t)m * N + r0, tmp, sizeof(float) * (r1 - r0));
+            rows_dot(kn, codec, p[0], p[1], p[2], K, r0, r1, quant ? &xq[m] : NULL, x + (size_t)m * K, tmp);
+            memcpy(y + (size_t)m * N + col[i] + r0, tmp, sizeof(float) * (r1 - r0));
         }
     }
     return 0;
+}
+
+/* y[M, N] = x[M, K] @ W[N, K]^T for one dense matrix stored as rows (q8: w0 = q, w1 = scale;
+ * q4: w0 = q, w1 = scale, w2 = zero; bf16/f32: w0 = w). */
+int krs_linear(int codec, const float *x, int M, int K, int N, const void *w0, const void *w1, const void *w2,
+               float *y) {
+    const void *parts[3] = {w0, w1, w2};
+    return krs_linear_multi(codec, x, M, K, 1, &N, parts, y);
 }
 
 /* Routed experts of one MoE layer. x [M, H]; ids/wts [M, topk]; ptrs [E, 4] = per expert the
@@ -424,7 +455,7 @@ int krs_moe(int codec, const float *x, int M, int H, int I, int E, int topk, con
 #pragma omp parallel for schedule(static) num_threads(g_threads) if (M > 8)
         for (int m = 0; m < M; m++) {
             xq_init(&xq[m], H, xmem + xbH * m);
-            xq_quantize(&xq[m], x + (size_t)m * H, 0);
+            xq_quantize(&xq[m], x + (size_t)m * H, 0, kn->xq32);
         }
         for (int j = 0; j < kept; j++) xq_init(&hq[order[j]], I, hmem + xbI * order[j]);
     }
@@ -448,7 +479,7 @@ int krs_moe(int codec, const float *x, int M, int H, int I, int E, int topk, con
                     rows_dot(kn, codec, (const void *)p[0], (const void *)p[1], NULL, H, 64 * c, 64 * c + 64,
                              quant ? &xq[m] : NULL, x + (size_t)m * H, o64);
                 for (int d = 0; d < 32; d++) h32[d] = silu(o64[d]) * o64[d + 32];
-                if (quant) xq_group(&hq[s], c, h32, 32);
+                if (quant) kn->xq32(&hq[s], c, h32);
                 else memcpy(hf + (size_t)s * I + 32 * c, h32, sizeof(h32));
             }
         }
