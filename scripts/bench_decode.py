@@ -171,13 +171,14 @@ def glue_ms(path: Path, threads: int, steps: int = 50, repeats: int = 7) -> dict
     cache = rt.engine.new_cache()
     rt.engine.prefill(list(range(1, 33)), cache)
     lib = native.load()
-    saved = {name: getattr(lib, name) for name in ("krs_linear", "krs_moe", "krs_attention")}
+    saved = {name: getattr(lib, name) for name in ("krs_linear", "krs_linear_multi", "krs_moe", "krs_attention")}
 
     def zero(ptr: int, floats: int) -> int:
         ctypes.memset(ptr, 0, floats * 4)
         return 0
 
     lib.krs_linear = lambda codec, x, m, k, n, w0, w1, w2, y: zero(y, m * n)
+    lib.krs_linear_multi = lambda codec, x, m, k, count, ns, parts, y: zero(y, m * sum(ns[:count]))
     lib.krs_moe = lambda codec, x, m, h, i, e, k, ids, wts, ptrs, out: zero(out, m * h)
     lib.krs_attention = lambda q, t, nq, nkv, hd, kc, vc, start, out: zero(out, t * nq * hd)
     try:
