@@ -203,7 +203,7 @@ class HybridDecodeEngine:
 
     def __init__(self, arch, args, artifact: Artifact, prefill: GpuPrefillEngine, cpu_ops, cpu_weights: dict,
                  context: int, gpu_experts: bool = True, graphs: bool = True, hot_bytes: int = 0,
-                 remote_share: float = 0.0):
+                 remote_share: float = 0.0, prefill_hot_room=None):
         self.args, self.prefill_engine, self.context = args, prefill, context
         self.device = device = prefill.device
         self.cuda = device.type == "cuda"
@@ -260,6 +260,12 @@ class HybridDecodeEngine:
         self.hot_pending = False
         self.hot_stats: dict = {}
         prefill.listeners.append(self)
+        # prefill_hot_room(tokens): VRAM free for hot experts while a prompt that long prefills (the workspace it
+        # does not need); the hot experts are then taken from the stream buffer as each layer passes, per layer
+        self.prefill_hot_room = prefill_hot_room if self.hot_bytes else None
+        self.hot_quota = 0  # experts a streamed layer keeps during this prefill
+        self.hot_kept = False  # the last prefill kept hot experts (the first decode step then loads none)
+        prefill.ops.streamed_hooks.append(self.keep_hot)
         # Remote experts: of the picks left to the CPU, about `remote_share` go to the GPU instead, which reads
         # those experts' tiles from host memory over PCIe (the registered mapping) while the CPU reads the rest:
         # two memory systems on one layer's experts. Needs the GPU tiles in registered, device-mapped memory.
@@ -305,13 +311,47 @@ class HybridDecodeEngine:
     def prefill(self, tokens: list[int], cache: KVCache, all_logits: bool = False) -> torch.Tensor:
         return self.prefill_engine.prefill(tokens, cache, all_logits)
 
-    def before_prefill(self) -> None:
+    def before_prefill(self, tokens: int) -> None:
         if self.hot_bytes:
             self._drop_hot()  # the prefill workspace needs that VRAM back
+        streamed = [i for i, layer in self.layers.items() if not layer.whole_layer]
+        room = min(self.hot_bytes, self.prefill_hot_room(tokens)) if self.prefill_hot_room and streamed else 0
+        self.hot_quota = int(room // (self._bytes_per_expert() * len(streamed))) if room else 0
 
     def after_prefill(self) -> None:
-        # placed by the next decode step, from this prefill's routing
+        kept = [i for i, layer in self.layers.items() if not layer.whole_layer and layer.resident]
+        if kept:
+            self.plan = None  # the graphs address the tiles and slot maps that keep_hot replaced
+            self.hot_stats = self._hot_stats({i: self.layers[i].resident for i in kept})
+        # else placed by the next decode step, from this prefill's routing
+        self.hot_kept = bool(kept)
         self.hot_pending = bool(self.hot_bytes) or bool(self.remote_share)
+        self.setup["hot_load_s"] = 0.0
+
+    def keep_hot(self, layer: int, parts: dict[str, dict[str, torch.Tensor]], counts: torch.Tensor) -> None:
+        """A streamed layer's experts are in VRAM, after its routing: keep the hot_quota most-picked of them (a copy
+        out of the stream buffer, before the next layer's copy reuses it)."""
+        if not self.hot_quota or layer not in self.layers or self.layers[layer].whole_layer:
+            return
+        c = counts.tolist()
+        experts = sorted(sorted((e for e in range(len(c)) if c[e] > 0), key=lambda e: -c[e])[: self.hot_quota])
+        if experts:
+            index = torch.tensor(experts, device=self.device)
+            self.layers[layer].place(experts, {m: {p: t.index_select(0, index) for p, t in ps.items()}
+                                               for m, ps in parts.items()})
+
+    def _bytes_per_expert(self) -> float:
+        streamer = self.prefill_engine.streamer
+        return max(streamer.sources[i].length for i in self.layers) / self.args.num_experts
+
+    def _hot_stats(self, chosen: dict[int, list[int]]) -> dict:
+        counts = self.prefill_engine.ops.routing_counts
+        streamed = [i for i, layer in self.layers.items() if not layer.whole_layer and i in counts]
+        total = sum(float(counts[i].sum()) for i in streamed)
+        held = sum(float(counts[i][experts].sum()) for i, experts in chosen.items() if experts)
+        picked = sum(len(v) for v in chosen.values())
+        return dict(experts=picked, bytes=picked * self._bytes_per_expert(), layers=len(chosen),
+                    prefill_pick_share=held / total if total else 0.0)
 
     def _stage_views(self) -> dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
         """Device views of each stage's x, ids and weights (pinned, so mapped at the same address): the router kernel
@@ -369,7 +409,7 @@ class HybridDecodeEngine:
         if not picks:
             return
         self.plan = None  # the graphs address the tiles and slot maps replaced below (also if this fails half way)
-        per_expert = max(streamer.sources[i].length for i in self.layers) / self.args.num_experts
+        per_expert = self._bytes_per_expert()
         picks.sort(key=lambda p: -p[0])
         chosen: dict[int, list[int]] = {}
         for _, i, e in picks[: int(self.hot_bytes // per_expert)]:
@@ -391,10 +431,7 @@ class HybridDecodeEngine:
             self.layers[i].place(experts, tiles)
         if self.cuda:
             torch.cuda.synchronize(self.device)
-        picked = sum(len(v) for v in chosen.values())
-        total = sum(p[0] for p in picks)
-        self.hot_stats = dict(experts=picked, bytes=picked * per_expert, layers=len(chosen),
-                              prefill_pick_share=sum(p[0] for p in picks[:picked]) / total)
+        self.hot_stats = self._hot_stats(chosen)
         self.plan = None
 
     def _place_remote(self) -> None:
@@ -584,7 +621,7 @@ class HybridDecodeEngine:
         if self.hot_pending:
             self.hot_pending = False
             placing = time.perf_counter()
-            if self.hot_bytes:
+            if self.hot_bytes and not self.hot_kept:
                 self._load_hot()
             if self.remote_share:
                 self._place_remote()

@@ -166,6 +166,11 @@ def _workspace_chunked(config: dict, tokens: int, codec: str, attention_chunk: i
     return int(peak * 1.15) + (256 << 20)
 
 
+def prefill_workspace(config: dict, tokens: int, codec: str, per_token: Callable[[int], int] | None = None) -> int:
+    """The prefill workspace plan() counts for a prompt of `tokens` (plan reserves it for the longest one)."""
+    return _workspace(model_config(config), tokens, codec, per_token=per_token)
+
+
 def kv_cache_bytes(config: dict, tokens: int) -> int:
     """K and V of every layer in bf16."""
     heads, kv = config["num_attention_heads"], config["num_key_value_heads"]

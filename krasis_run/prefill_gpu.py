@@ -251,6 +251,9 @@ class GpuOps:
         # tokens per grouped-GEMM pass: bounds the [T*k, 2I] intermediate (planner.py sizes it); the engine sets it
         # from the model's experts and top k
         self.expert_chunk = EXPERT_TOKEN_CHUNK
+        # called as hook(layer, parts, counts) while a streamed layer's experts are in VRAM, after its routing: the
+        # decode engine keeps its hot experts from there (a copy in VRAM instead of a second trip over PCIe)
+        self.streamed_hooks: list = []
         self._bf16_memo: tuple | None = None  # (x, bf16 copy) of the last activation converted (x kept alive)
 
     def _bf16(self, x: torch.Tensor) -> torch.Tensor:
@@ -362,6 +365,9 @@ class GpuOps:
             # Triton pass on CUDA; index_select + bmm elsewhere, as the scatter + bmm computed before)
             moe_combine(y, inv, weights, out[start:start + ids.shape[0]])
             del xs, h, y  # free before the next chunk allocates its own (planner._workspace counts one)
+        if handle.layer not in handle.streamer.resident:
+            for hook in self.streamed_hooks:
+                hook(handle.layer, parts, self.routing_counts[handle.layer])
         handle.streamer.release(handle.layer)
         self._bf16_memo = None
         return out
@@ -517,13 +523,14 @@ class GpuPrefillEngine:
         weights = place_gpu_weights(artifact, self.device, self.streamer, getattr(arch, "DIRECT_MATRICES", ()))
         self.model = arch.Model(args, weights, self.ops)
         self.stats = PrefillStats()
-        self.listeners: list = []  # objects with before_prefill() / after_prefill(): the decode engine's hot experts
+        # objects with before_prefill(tokens) / after_prefill(): the decode engine's hot experts
+        self.listeners: list = []
 
     @torch.inference_mode()
     def prefill(self, tokens: list[int], cache, all_logits: bool = False) -> torch.Tensor:
         started = time.perf_counter()
         for listener in self.listeners:
-            listener.before_prefill()
+            listener.before_prefill(len(tokens))
         writer = CacheWriter(cache, self.device)
         self.ops.routing_counts = {}
         self.streamer.begin()

@@ -15,7 +15,7 @@ from .engine import CpuEngine
 from .format import KrsError
 from .kernels.cpu import CpuOps
 from .models import MODELS
-from .planner import place_weights, plan, set_threads
+from .planner import place_weights, plan, prefill_workspace, set_threads
 from .sampling import sample
 from .tokenizer import Tokenizer
 
@@ -70,10 +70,9 @@ class Runtime:
         self.threads = set_threads(threads)
         self.args = arch.ModelArgs.from_hf(header["config"])
         per_token = getattr(arch, "prefill_bytes_per_token", None)
+        per_token = None if per_token is None else lambda generic, f=per_token: f(self.args, generic)
         self.placement = plan(self.artifact, device, gpu_budget, context, max_resident_layers,
-                              arch.cache_layout(self.args),
-                              None if per_token is None else lambda generic: per_token(self.args, generic),
-                              getattr(arch, "DIRECT_MATRICES", ()))
+                              arch.cache_layout(self.args), per_token, getattr(arch, "DIRECT_MATRICES", ()))
         self.ops = CpuOps(kernel)
         self.model = arch.Model(self.args, place_weights(self.artifact, self.placement), self.ops)
         self.engine = CpuEngine(self.model)  # decode (and prefill without a GPU)
@@ -89,9 +88,14 @@ class Runtime:
             # during decode the prefill workspace is idle: hot experts of the streamed layers use it (a margin
             # stays for the decode step's own buffers and graphs)
             hot = max(0, vram["workspace"] - HOT_MARGIN) if hot_experts and vram["stream_buffers"] else 0
+
+            def hot_room(tokens: int) -> int:  # what a prompt this long leaves of the workspace: hot experts kept
+                need = prefill_workspace(header["config"], tokens, header["quant"]["experts"], per_token)
+                return max(0, vram["workspace"] - need - HOT_MARGIN)  # as the layers stream by
+
             self.engine = HybridDecodeEngine(arch, self.args, self.artifact, self.prefill_engine, self.ops,
                                              self.model.w, self.placement.context, graphs=graphs, hot_bytes=hot,
-                                             remote_share=remote_share)
+                                             remote_share=remote_share, prefill_hot_room=hot_room)
         tok = header.get("tokenizer", {})
         self.tokenizer = Tokenizer(self.artifact.blob("tokenizer.json"), tok.get("config", {}),
                                    tok.get("chat_template"), header.get("generation_config"))

@@ -283,15 +283,17 @@ def main() -> None:
     ap.add_argument("--profile-decode", default="", help="decode modes whose steps to profile (kernel table)")
     ap.add_argument("--dense-gpu", choices=["q8", "bf16"], default="q8",
                     help="dense matrices in VRAM as stored (q8 rows) or dequantized to bf16 (the layout before)")
-    ap.add_argument("--linear-q8", default="", help="BLOCK_N,BLOCK_K,WARPS of the q8 GEMV (default: decode_gpu's)")
+    ap.add_argument("--linear-q8", default="",
+                    help="BLOCK_N,BLOCK_K,WARPS,ACC2D of the q8 GEMV (default: decode_gpu's)")
     args = ap.parse_args()
     import krasis_run.planner
     from krasis_run.kernels import decode_gpu
 
     krasis_run.planner.GPU_Q8_DENSE = args.dense_gpu == "q8"
     if args.linear_q8:
-        decode_gpu.LINEAR_Q8_BLOCK_N, decode_gpu.LINEAR_Q8_BLOCK_K, decode_gpu.LINEAR_Q8_WARPS = \
-            map(int, args.linear_q8.split(","))
+        bn, bk, warps, acc2d = map(int, args.linear_q8.split(","))
+        decode_gpu.LINEAR_Q8_BLOCK_N, decode_gpu.LINEAR_Q8_BLOCK_K, decode_gpu.LINEAR_Q8_WARPS = bn, bk, warps
+        decode_gpu.LINEAR_Q8_ACC2D = bool(acc2d)
 
     sections = tuple(args.sections.split(","))
     full_layers = 48 if args.shape == "qwen3-30b-a3b" else recorded_layers(args.shape)
@@ -306,7 +308,8 @@ def main() -> None:
     record = dict(device=device, date=datetime.date.today().isoformat(),
                   shape=args.shape, layers_measured=args.layers, scaled_to_layers=args.scale_to or args.layers,
                   quant=args.quant, routers=args.routers, dense_gpu=args.dense_gpu,
-                  linear_q8=[decode_gpu.LINEAR_Q8_BLOCK_N, decode_gpu.LINEAR_Q8_BLOCK_K, decode_gpu.LINEAR_Q8_WARPS],
+                  linear_q8=[decode_gpu.LINEAR_Q8_BLOCK_N, decode_gpu.LINEAR_Q8_BLOCK_K, decode_gpu.LINEAR_Q8_WARPS,
+                             decode_gpu.LINEAR_Q8_ACC2D],
                   sections=list(sections), torch=torch.__version__, results=[])
     record["commit"] = os.environ.get("KRASIS_COMMIT")  # the GPU host gets a tree without git history
     if not record["commit"]:

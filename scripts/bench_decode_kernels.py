@@ -274,62 +274,88 @@ def bench_attention(length: int, iters: int, flush: torch.Tensor, ceiling: float
     return report(f"decode_attention len={length}", times, nbytes, ceiling, statistics.median(ref_times), err)
 
 
-# dense projections a 30B-A3B decode step reads (q|k|v stacked, o_proj, lm_head), and tile shapes of linear_q8 to try:
-# (output rows per program, input columns per step, warps)
+# dense projections a 30B-A3B decode step reads (q|k|v stacked and o_proj in each of 48 layers, then the lm_head),
+# and tile shapes of linear_q8 to try: (output rows per program, input columns per step, warps, 2D accumulator)
+LINEAR_LAYERS = 48
 LINEAR_SHAPES = {"qkv": (5120, 2048), "o_proj": (2048, 4096), "lm_head": (151936, 2048)}
-LINEAR_CONFIGS = [(bn, bk, w) for bn in (1, 2, 4, 8, 16) for bk in (512, 1024, 2048) for w in (2, 4, 8)
-                  if bn * bk <= 16384]
+LINEAR_CONFIGS = [(bn, bk, w, acc2d) for bn in (1, 2, 4, 8, 16) for bk in (512, 1024, 2048) for w in (2, 4, 8)
+                  for acc2d in (True, False) if bn * bk <= 16384 and (acc2d or bn * bk >= 2048)]
 
 
 def bench_linear(iters: int, flush: torch.Tensor, ceiling: float) -> list[dict]:
-    """linear_q8 (int8 rows read as stored) against cuBLAS on the bf16 weights it replaces, each alone in a CUDA
-    graph after an L2 flush, at every tile shape of LINEAR_CONFIGS; checked against the float reference."""
+    """linear_q8 (int8 rows read as stored) against cuBLAS on the bf16 weights it replaces, as a decode step issues
+    them: the q|k|v and o_proj of LINEAR_LAYERS layers (distinct matrices, so nothing stays in L2) back to back in one
+    CUDA graph, and the lm_head in its own; for each tile shape of LINEAR_CONFIGS, checked against the reference."""
     from krasis_run.kernels import decode_gpu
     from krasis_run.kernels.decode_gpu import linear_q8, linear_q8_torch
 
-    rows = []
-    base = (decode_gpu.LINEAR_Q8_BLOCK_N, decode_gpu.LINEAR_Q8_BLOCK_K, decode_gpu.LINEAR_Q8_WARPS)
-    for name, (n, k) in LINEAR_SHAPES.items():
+    def matrix(n: int, k: int):
         q = torch.randint(-127, 128, (n, k), dtype=torch.int8, device="cuda")
-        scale = (0.001 + 0.01 * torch.rand(n, device="cuda")).bfloat16()
-        x = torch.randn(1, k, device="cuda")
-        w_bf16 = (q.float() * scale.float()[:, None]).bfloat16()
-        xb = x.bfloat16()
-        t_bf16 = graph_time(lambda xb=xb, w=w_bf16: torch.nn.functional.linear(xb, w), iters, flush)
-        want = linear_q8_torch(x, q, scale)
-        q8_bytes, bf16_bytes = n * k + 2 * n, 2 * n * k
-        print(f"linear {name} [{n}x{k}] cuBLAS bf16: {t_bf16 * 1e6:6.1f} us {bf16_bytes / t_bf16 / 1e9:5.0f} GB/s "
-              f"(floor {bf16_bytes / (ceiling / 2 * 1e9) * 1e6:.1f} us at half the copy rate); q8 floor "
-              f"{q8_bytes / (ceiling / 2 * 1e9) * 1e6:.1f} us", flush=True)
-        best = None
-        for bn, bk, w in LINEAR_CONFIGS:
-            decode_gpu.LINEAR_Q8_BLOCK_N, decode_gpu.LINEAR_Q8_BLOCK_K, decode_gpu.LINEAR_Q8_WARPS = bn, bk, w
-            out = torch.empty(1, n, dtype=torch.bfloat16, device="cuda")
-            try:
-                t = graph_time(lambda x=x, q=q, s=scale, out=out: linear_q8(x, q, s, out=out), iters, flush)
-            except Exception as e:  # a tile this Triton cannot compile
-                print(f"  BN={bn} BK={bk} W={w}: failed {type(e).__name__}")
-                continue
-            err = rel_l2(out, want)
-            assert err < 4e-3, (name, bn, bk, w, err)
-            row = {"kernel": f"linear_q8 {name}", "n": n, "k": k, "block_n": bn, "block_k": bk, "warps": w,
-                   "us": t * 1e6, "GB/s": q8_bytes / t / 1e9, "cublas_bf16_us": t_bf16 * 1e6, "rel_l2": err}
-            rows.append(row)
-            if best is None or t < best["us"] / 1e6:
-                best = row
-        print(f"  best BN={best['block_n']} BK={best['block_k']} W={best['warps']}: {best['us']:.1f} us "
-              f"{best['GB/s']:.0f} GB/s ({best['GB/s'] / (ceiling / 2):.0%} of read), cuBLAS bf16 "
-              f"{t_bf16 * 1e6:.1f} us", flush=True)
-    decode_gpu.LINEAR_Q8_BLOCK_N, decode_gpu.LINEAR_Q8_BLOCK_K, decode_gpu.LINEAR_Q8_WARPS = base
-    configs = {}
-    for row in rows:  # each config's total over the three shapes: the one a step would pay
-        key = (row["block_n"], row["block_k"], row["warps"])
-        configs[key] = configs.get(key, 0.0) + row["us"]
-    ranked = sorted(configs.items(), key=lambda kv: kv[1])
-    for key, total in ranked[:5]:
-        print(f"  all three shapes BN={key[0]} BK={key[1]} W={key[2]}: {total:.1f} us")
-    if ranked:
-        print("best_linear_q8 " + ",".join(map(str, ranked[0][0])))
+        return q, (0.001 + 0.01 * torch.rand(n, device="cuda")).bfloat16()
+
+    layers = [(matrix(*LINEAR_SHAPES["qkv"]), matrix(*LINEAR_SHAPES["o_proj"])) for _ in range(LINEAR_LAYERS)]
+    head = matrix(*LINEAR_SHAPES["lm_head"])
+    x2k, x4k = torch.randn(1, 2048, device="cuda"), torch.randn(1, 4096, device="cuda")
+    outs = [torch.empty(1, n, dtype=torch.bfloat16, device="cuda") for n, _ in LINEAR_SHAPES.values()]
+    layer_bytes = sum(n * k + 2 * n for name, (n, k) in LINEAR_SHAPES.items() if name != "lm_head")
+    head_bytes = head[0].numel() + 2 * head[0].shape[0]
+
+    def layers_q8():
+        for (q, s), (qo, so) in layers:
+            linear_q8(x2k, q, s, out=outs[0])
+            linear_q8(x4k, qo, so, out=outs[1])
+
+    def head_q8():
+        linear_q8(x2k, *head, out=outs[2])
+
+    dense = [((q.float() * s.float()[:, None]).bfloat16(), (qo.float() * so.float()[:, None]).bfloat16())
+             for (q, s), (qo, so) in layers[:8]]  # bf16 copies of 8 layers (48 would need 1.9 GB more): cycled
+    head_bf16 = (head[0].float() * head[1].float()[:, None]).bfloat16()
+    x2b, x4b = x2k.bfloat16(), x4k.bfloat16()
+
+    def layers_bf16():
+        for i in range(LINEAR_LAYERS):
+            w, wo = dense[i % len(dense)]
+            torch.nn.functional.linear(x2b, w)
+            torch.nn.functional.linear(x4b, wo)
+
+    t_layers_bf16 = graph_time(layers_bf16, iters, flush) / LINEAR_LAYERS
+    t_head_bf16 = graph_time(lambda: torch.nn.functional.linear(x2b, head_bf16), iters, flush)
+    read = ceiling / 2 * 1e9  # bytes a second a kernel can read: half the copy rate (read + write)
+    print(f"linear: per layer (q|k|v + o_proj, {layer_bytes / 1e6:.1f} MB q8) floor {layer_bytes / read * 1e6:.1f} us, "
+          f"cuBLAS bf16 (twice the bytes) {t_layers_bf16 * 1e6:.1f} us; lm_head floor {head_bytes / read * 1e6:.1f} "
+          f"us, cuBLAS bf16 {t_head_bf16 * 1e6:.1f} us", flush=True)
+    base = (decode_gpu.LINEAR_Q8_BLOCK_N, decode_gpu.LINEAR_Q8_BLOCK_K, decode_gpu.LINEAR_Q8_WARPS,
+            decode_gpu.LINEAR_Q8_ACC2D)
+    want = [linear_q8_torch(x2k, *layers[0][0]), linear_q8_torch(x4k, *layers[0][1]), linear_q8_torch(x2k, *head)]
+    rows = []
+    for cfg in LINEAR_CONFIGS:
+        (decode_gpu.LINEAR_Q8_BLOCK_N, decode_gpu.LINEAR_Q8_BLOCK_K, decode_gpu.LINEAR_Q8_WARPS,
+         decode_gpu.LINEAR_Q8_ACC2D) = cfg
+        try:
+            t_layers = graph_time(layers_q8, iters, flush) / LINEAR_LAYERS
+            t_head = graph_time(head_q8, iters, flush)
+        except Exception as e:  # a tile this Triton cannot compile
+            print(f"  {cfg}: failed {type(e).__name__}")
+            continue
+        got = [linear_q8(x2k, *layers[0][0]), linear_q8(x4k, *layers[0][1]), linear_q8(x2k, *head)]
+        err = max(rel_l2(g, w) for g, w in zip(got, want, strict=True))
+        assert err < 4e-3, (cfg, err)
+        rows.append({"kernel": "linear_q8", "block_n": cfg[0], "block_k": cfg[1], "warps": cfg[2], "acc2d": cfg[3],
+                     "layer_us": t_layers * 1e6, "lm_head_us": t_head * 1e6,
+                     "step_us": (LINEAR_LAYERS * t_layers + t_head) * 1e6,
+                     "cublas_bf16_layer_us": t_layers_bf16 * 1e6, "cublas_bf16_lm_head_us": t_head_bf16 * 1e6,
+                     "rel_l2": err})
+    (decode_gpu.LINEAR_Q8_BLOCK_N, decode_gpu.LINEAR_Q8_BLOCK_K, decode_gpu.LINEAR_Q8_WARPS,
+     decode_gpu.LINEAR_Q8_ACC2D) = base
+    for r in sorted(rows, key=lambda r: r["step_us"])[:8]:
+        print(f"  BN={r['block_n']} BK={r['block_k']} W={r['warps']} acc2d={r['acc2d']:d}: layer {r['layer_us']:.1f} "
+              f"us ({layer_bytes / r['layer_us'] / 1e3:.0f} GB/s), lm_head {r['lm_head_us']:.1f} us "
+              f"({head_bytes / r['lm_head_us'] / 1e3:.0f} GB/s), step {r['step_us']:.0f} us "
+              f"(cuBLAS bf16 {LINEAR_LAYERS * t_layers_bf16 * 1e6 + t_head_bf16 * 1e6:.0f})", flush=True)
+    if rows:
+        best = min(rows, key=lambda r: r["step_us"])
+        print(f"best_linear_q8 {best['block_n']},{best['block_k']},{best['warps']},{int(best['acc2d'])}")
     return rows
 
 

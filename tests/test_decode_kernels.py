@@ -377,9 +377,11 @@ class InterpretedKernels:
             decode_attention(q, k_cache, v_cache, length, out=out, use_triton=True)
             assert rel_l2(out, plain_attention(q, k_cache, v_cache, n)) < 1e-5
 
+    @pytest.mark.parametrize("acc2d", [True, False])
     @pytest.mark.parametrize("n, k, m, x_dtype", [(37, 96, 1, torch.float32), (9, 160, 2, torch.bfloat16)])
-    def test_linear_q8_triton_matches_reference(self, monkeypatch, n, k, m, x_dtype):
+    def test_linear_q8_triton_matches_reference(self, monkeypatch, n, k, m, x_dtype, acc2d):
         # tiles smaller than the matrix and a last column step past K: every mask taken
+        monkeypatch.setattr(decode_gpu, "LINEAR_Q8_ACC2D", acc2d)
         monkeypatch.setattr(decode_gpu, "LINEAR_Q8_BLOCK_N", 8)
         monkeypatch.setattr(decode_gpu, "LINEAR_Q8_BLOCK_K", 64)
         x, q, scale = q8_rows(n, k, m, seed=k, x_dtype=x_dtype)

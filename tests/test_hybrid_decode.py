@@ -94,6 +94,37 @@ def test_hot_experts_follow_the_prefill_routing(tiny):
     assert engine.layers[0].resident == [] and engine.layers[2].resident == [] and engine.hot_pending
 
 
+@pytest.mark.parametrize("room_experts", [0, 2.5])
+def test_hot_experts_kept_while_the_layers_stream(tiny, monkeypatch, room_experts):
+    """Where the prompt leaves part of the prefill workspace free, each streamed layer keeps its most-picked experts
+    as they pass through VRAM (its share of that room), so the first decode step loads none; with no room the
+    experts are loaded after the prefill as before. The same tokens either way."""
+    rt = krasis_run.load(tiny.artifact("q4", "q8"), threads=1, kernel="reference")
+    ids = prompt_ids(rt.args.vocab_size, 30, seed=8)
+    want_tokens, want_logits = greedy(rt, rt.engine, ids, 10)
+    per_expert = max(c.length for c in rt.artifact.chunks.values() if c.section == "experts_gpu") / rt.args.num_experts
+    room = int(2 * room_experts * per_expert)  # two streamed layers
+    seen = []
+    engine = hybrid_engine(rt, {1}, hot_bytes=int(5.5 * per_expert),
+                           prefill_hot_room=lambda tokens: seen.append(tokens) or room)
+    loads = []
+    monkeypatch.setattr(engine, "_load_hot", lambda real=engine._load_hot: loads.append(1) or real())
+    got_tokens, _ = greedy(rt, engine, ids, 10)
+    assert_same_greedy(got_tokens, want_tokens, want_logits)
+    assert seen == [len(ids)]
+    counts = engine.prefill_engine.ops.routing_counts
+    if room_experts:
+        assert engine.hot_kept and loads == []
+        for i in (0, 2):
+            c = counts[i].tolist()
+            hot = engine.layers[i].resident
+            assert len(hot) == 2 and min(c[e] for e in hot) >= max(c[e] for e in range(len(c)) if e not in hot)
+        assert engine.hot_stats["experts"] == 4 and 0 < engine.hot_stats["prefill_pick_share"] < 1
+    else:
+        assert not engine.hot_kept and loads == [1] and engine.hot_stats["experts"] == 5
+    assert engine.layers[1].resident == list(range(rt.args.num_experts))
+
+
 def test_remote_experts_split_the_cpu_picks(tiny):
     """Remote experts: of the picks left to the CPU, the GPU takes the most-routed experts' share (reading their
     tiles in host memory; here on the CPU device, the mapping itself), with the same tokens."""

@@ -66,6 +66,7 @@ Q4G_INT8 = True
 LINEAR_Q8_BLOCK_N = 8
 LINEAR_Q8_BLOCK_K = 512
 LINEAR_Q8_WARPS = 4
+LINEAR_Q8_ACC2D = True
 ATTN_BLOCK = 64  # cached positions per loop step
 ATTN_PROGRAMS = 256  # target programs for the split kernel: KVH x splits
 
@@ -469,21 +470,34 @@ def _kernels():
         tl.store(out_ptr + m * H + rows, tl.sum(acc * w[:, None], 0), mask=rmask)
 
     @triton.jit
-    def linear_q8_kernel(x_ptr, q_ptr, s_ptr, y_ptr, N, K, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    def linear_q8_kernel(x_ptr, q_ptr, s_ptr, y_ptr, N, K, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                         ACC2D: tl.constexpr):
         # y[m, rows] = scale[rows] * sum_k q[rows, k] x[m, k] in float32, stored bf16 (as F.linear on bf16 gives);
-        # one input row m per program_id(1): the int8 rows come from L2 again for a second one
+        # one input row m per program_id(1): the int8 rows come from L2 again for a second one. ACC2D: a [rows,
+        # columns] accumulator summed once at the end; else each step's products are summed as they come (fewer
+        # registers, so longer steps: more bytes in flight per program)
         m = tl.program_id(1).to(tl.int64)
         rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
         rmask = rows < N
         qrow = rows[:, None].to(tl.int64) * K
-        acc = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
-        for k0 in range(0, K, BLOCK_K):
-            cols = k0 + tl.arange(0, BLOCK_K)
-            cmask = cols < K
-            x = tl.load(x_ptr + m * K + cols, mask=cmask, other=0.0).to(tl.float32)
-            w = tl.load(q_ptr + qrow + cols[None, :], mask=rmask[:, None] & cmask[None, :], other=0)
-            acc += w.to(tl.float32) * x[None, :]
-        y = tl.sum(acc, 1) * tl.load(s_ptr + rows, mask=rmask, other=0.0).to(tl.float32)
+        if ACC2D:
+            acc = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
+            for k0 in range(0, K, BLOCK_K):
+                cols = k0 + tl.arange(0, BLOCK_K)
+                cmask = cols < K
+                x = tl.load(x_ptr + m * K + cols, mask=cmask, other=0.0).to(tl.float32)
+                w = tl.load(q_ptr + qrow + cols[None, :], mask=rmask[:, None] & cmask[None, :], other=0)
+                acc += w.to(tl.float32) * x[None, :]
+            y = tl.sum(acc, 1)
+        else:
+            y = tl.zeros([BLOCK_N], dtype=tl.float32)
+            for k0 in range(0, K, BLOCK_K):
+                cols = k0 + tl.arange(0, BLOCK_K)
+                cmask = cols < K
+                x = tl.load(x_ptr + m * K + cols, mask=cmask, other=0.0).to(tl.float32)
+                w = tl.load(q_ptr + qrow + cols[None, :], mask=rmask[:, None] & cmask[None, :], other=0)
+                y += tl.sum(w.to(tl.float32) * x[None, :], 1)
+        y = y * tl.load(s_ptr + rows, mask=rmask, other=0.0).to(tl.float32)
         tl.store(y_ptr + m * N + rows, y.to(tl.bfloat16), mask=rmask)
 
     @triton.jit
@@ -780,7 +794,7 @@ def linear_q8(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, out: torch.
     x = (x if x.dtype in (torch.float32, torch.bfloat16) else x.float()).contiguous()
     kern["linear_q8"][(kern["cdiv"](n, LINEAR_Q8_BLOCK_N), m)](
         x, q.contiguous(), scale.contiguous(), y, n, k, BLOCK_N=LINEAR_Q8_BLOCK_N,
-        BLOCK_K=_block(k, LINEAR_Q8_BLOCK_K), num_warps=LINEAR_Q8_WARPS)
+        BLOCK_K=_block(k, LINEAR_Q8_BLOCK_K), ACC2D=LINEAR_Q8_ACC2D, num_warps=LINEAR_Q8_WARPS)
     return y
 
 
