@@ -281,6 +281,7 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=ROOT / "bench" / "results")
     ap.add_argument("--profile", type=int, default=0, help="also profile one prefill of this many tokens")
     ap.add_argument("--profile-decode", default="", help="decode modes whose steps to profile (kernel table)")
+    ap.add_argument("--attention", default="", help="PROGRAMS,BLOCK,WARPS of decode attention (default: decode_gpu's)")
     ap.add_argument("--dense-gpu", choices=["q8", "bf16"], default="q8",
                     help="dense matrices in VRAM as stored (q8 rows) or dequantized to bf16 (the layout before)")
     ap.add_argument("--linear-q8", default="",
@@ -290,6 +291,8 @@ def main() -> None:
     from krasis_run.kernels import decode_gpu
 
     krasis_run.planner.GPU_Q8_DENSE = args.dense_gpu == "q8"
+    if args.attention:
+        decode_gpu.ATTN_PROGRAMS, decode_gpu.ATTN_BLOCK, decode_gpu.ATTN_WARPS = map(int, args.attention.split(","))
     if args.linear_q8:
         bn, bk, warps, acc2d = map(int, args.linear_q8.split(","))
         decode_gpu.LINEAR_Q8_BLOCK_N, decode_gpu.LINEAR_Q8_BLOCK_K, decode_gpu.LINEAR_Q8_WARPS = bn, bk, warps
@@ -310,6 +313,7 @@ def main() -> None:
                   quant=args.quant, routers=args.routers, dense_gpu=args.dense_gpu,
                   linear_q8=[decode_gpu.LINEAR_Q8_BLOCK_N, decode_gpu.LINEAR_Q8_BLOCK_K, decode_gpu.LINEAR_Q8_WARPS,
                              decode_gpu.LINEAR_Q8_ACC2D],
+                  attention=[decode_gpu.ATTN_PROGRAMS, decode_gpu.ATTN_BLOCK, decode_gpu.ATTN_WARPS],
                   sections=list(sections), torch=torch.__version__, results=[])
     record["commit"] = os.environ.get("KRASIS_COMMIT")  # the GPU host gets a tree without git history
     if not record["commit"]:

@@ -359,6 +359,49 @@ def bench_linear(iters: int, flush: torch.Tensor, ceiling: float) -> list[dict]:
     return rows
 
 
+ATTN_CONFIGS = [(p, b, w) for p in (64, 128, 256, 512) for b in (32, 64, 128) for w in (2, 4, 8)]
+
+
+def sweep_attention(iters: int, flush: torch.Tensor, length: int = 4096, capacity: int = 4224) -> list[dict]:
+    """decode_attention as a decode step issues it: LINEAR_LAYERS layers' caches (distinct, so nothing stays in L2)
+    back to back in one CUDA graph, at each (programs, block, warps) of ATTN_CONFIGS, checked against the reference."""
+    from krasis_run.kernels import decode_gpu
+
+    caches = [(torch.randn(capacity, KV_HEADS, HEAD_DIM, device="cuda").bfloat16(),
+               torch.randn(capacity, KV_HEADS, HEAD_DIM, device="cuda").bfloat16()) for _ in range(LINEAR_LAYERS)]
+    q = torch.randn(HEADS, HEAD_DIM, device="cuda")
+    len_t = torch.tensor([length], dtype=torch.int32, device="cuda")
+    out = torch.empty(HEADS * HEAD_DIM, dtype=torch.bfloat16, device="cuda")
+    want = decode_attention_torch(q, *caches[0], len_t)
+    nbytes = 2 * length * KV_HEADS * HEAD_DIM * 2
+    base = (decode_gpu.ATTN_PROGRAMS, decode_gpu.ATTN_BLOCK, decode_gpu.ATTN_WARPS)
+    rows = []
+    for cfg in ATTN_CONFIGS:
+        decode_gpu.ATTN_PROGRAMS, decode_gpu.ATTN_BLOCK, decode_gpu.ATTN_WARPS = cfg
+
+        def step():
+            for k, v in caches:
+                decode_attention(q, k, v, len_t, out=out)
+
+        try:
+            t = graph_time(step, iters, flush) / LINEAR_LAYERS
+        except Exception as e:
+            print(f"  attention {cfg}: failed {type(e).__name__}")
+            continue
+        err = rel_l2(decode_attention(q, *caches[0], len_t), want)
+        assert err < 3e-3, (cfg, err)
+        rows.append({"kernel": "decode_attention", "programs": cfg[0], "block": cfg[1], "warps": cfg[2],
+                     "layer_us": t * 1e6, "GB/s": nbytes / t / 1e9, "rel_l2": err})
+    decode_gpu.ATTN_PROGRAMS, decode_gpu.ATTN_BLOCK, decode_gpu.ATTN_WARPS = base
+    for r in sorted(rows, key=lambda r: r["layer_us"])[:6]:
+        print(f"  attention programs={r['programs']} block={r['block']} warps={r['warps']}: {r['layer_us']:.1f} us a "
+              f"layer ({r['GB/s']:.0f} GB/s) at length {length}", flush=True)
+    if rows:
+        best = min(rows, key=lambda r: r["layer_us"])
+        print(f"best_attention {best['programs']},{best['block']},{best['warps']}")
+    return rows
+
+
 GLUE_REPS = 48  # one call per layer of a 48-layer model, all in one graph: per-call cost as the engine sees it
 
 
@@ -411,7 +454,8 @@ def main() -> None:
     ap.add_argument("--json", help="write the rows here")
     ap.add_argument("--sweep", action="store_true", help="also time q4 moe_decode tile shapes in a CUDA graph")
     ap.add_argument("--sweep-only", action="store_true", help="only the sweep (--sweep without the other benchmarks)")
-    ap.add_argument("--linear-only", action="store_true", help="only the q8 dense GEMV against cuBLAS bf16")
+    ap.add_argument("--linear-only", action="store_true",
+                    help="only the q8 dense GEMV against cuBLAS bf16, and the attention tile sweep")
     args = ap.parse_args()
     torch.manual_seed(0)
     flush = torch.empty(FLUSH_BYTES, dtype=torch.uint8, device="cuda")
@@ -419,7 +463,7 @@ def main() -> None:
     print(f"{torch.cuda.get_device_name()}: device-to-device copy {ceiling:.0f} GB/s (read + write)")
     rows = []
     if args.linear_only:
-        rows += bench_linear(args.iters, flush, ceiling)
+        rows += bench_linear(args.iters, flush, ceiling) + sweep_attention(args.iters, flush)
         args.codec, args.sweep_only = "", True
     elif args.sweep_only:
         rows += sweep_moe(args.iters, flush, ceiling)

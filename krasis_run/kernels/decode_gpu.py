@@ -60,15 +60,17 @@ Q4G_ALIGNED = True
 # interpreter). The float kernel spent ~5 ALU ops a weight (nibble extraction, int->float, fma) and was bound by them
 # at ~1 TB/s (15.5 us a 30B-A3B layer, run 25); this does 5 integer ops per 8 weights.
 Q4G_INT8 = True
-# q8 dense GEMV (linear_q8): output rows per program, input columns per loop step, warps; the fastest over the
-# q|k|v, o_proj and lm_head shapes of scripts/bench_decode_kernels.py --linear-only on the H200 (session 5: 9.4 / 11.6
-# / 110 us against cuBLAS on bf16 11.8 / 12.9 / 179 us, each alone in a graph); the tests shrink them to cover masks
-LINEAR_Q8_BLOCK_N = 8
-LINEAR_Q8_BLOCK_K = 512
+# q8 dense GEMV (linear_q8): output rows per program, input columns per loop step, warps, 2D accumulator; the fastest
+# of scripts/bench_decode_kernels.py --linear-only on the H200, timed as a step issues them (48 layers' q|k|v and
+# o_proj in one graph: 12.5 us a layer against 16.6 for cuBLAS on bf16; lm_head 102.7 us against 153.2, session 5);
+# the tests shrink them to cover the masks
+LINEAR_Q8_BLOCK_N = 4
+LINEAR_Q8_BLOCK_K = 2048
 LINEAR_Q8_WARPS = 4
-LINEAR_Q8_ACC2D = True
+LINEAR_Q8_ACC2D = False
 ATTN_BLOCK = 64  # cached positions per loop step
 ATTN_PROGRAMS = 256  # target programs for the split kernel: KVH x splits
+ATTN_WARPS = 4
 
 
 def next_pow2(n: int) -> int:
@@ -851,7 +853,7 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
     k_cache, v_cache = k_cache.contiguous(), v_cache.contiguous()
     kern["attn_split"][(kv_heads, nsplit)](q.contiguous(), k_cache, v_cache, length, parts, ml, qk_scale,
                                            k_cache.stride(0), k_cache.stride(1), group, nsplit, D=dim,
-                                           GP=max(16, next_pow2(group)), BLOCK=ATTN_BLOCK)
+                                           GP=max(16, next_pow2(group)), BLOCK=ATTN_BLOCK, num_warps=ATTN_WARPS)
     kern["attn_combine"][(heads,)](parts, ml, length, y, nsplit, D=dim, SP=next_pow2(nsplit),
                                    BLOCK=ATTN_BLOCK)
     return y
