@@ -456,13 +456,17 @@ def main() -> None:
     ap.add_argument("--sweep-only", action="store_true", help="only the sweep (--sweep without the other benchmarks)")
     ap.add_argument("--linear-only", action="store_true",
                     help="only the q8 dense GEMV against cuBLAS bf16, and the attention tile sweep")
+    ap.add_argument("--attention-only", action="store_true", help="only the attention tile sweep")
     args = ap.parse_args()
     torch.manual_seed(0)
     flush = torch.empty(FLUSH_BYTES, dtype=torch.uint8, device="cuda")
     ceiling = copy_bandwidth()
     print(f"{torch.cuda.get_device_name()}: device-to-device copy {ceiling:.0f} GB/s (read + write)")
     rows = []
-    if args.linear_only:
+    if args.attention_only:
+        rows += sweep_attention(args.iters, flush)
+        args.codec, args.sweep_only = "", True
+    elif args.linear_only:
         rows += bench_linear(args.iters, flush, ceiling) + sweep_attention(args.iters, flush)
         args.codec, args.sweep_only = "", True
     elif args.sweep_only:
