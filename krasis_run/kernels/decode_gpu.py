@@ -68,8 +68,11 @@ LINEAR_Q8_BLOCK_N = 4
 LINEAR_Q8_BLOCK_K = 2048
 LINEAR_Q8_WARPS = 4
 LINEAR_Q8_ACC2D = False
-ATTN_BLOCK = 64  # cached positions per loop step
-ATTN_PROGRAMS = 256  # target programs for the split kernel: KVH x splits
+# split-K decode attention: cached positions per loop step, target programs (KVH x splits), warps; the fastest of
+# scripts/bench_decode_kernels.py --attention-only on the H200 (48 layers in one graph, 4K of 4224 positions: 9.0 us a
+# layer against 10.1 with 256 programs, session 5)
+ATTN_BLOCK = 64
+ATTN_PROGRAMS = 512
 ATTN_WARPS = 4
 
 
