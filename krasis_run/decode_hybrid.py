@@ -28,8 +28,9 @@ from .cache import KVCache
 from .format import SECTION_EXPERTS_GPU, KrsError
 from .host_flags import StreamFlags
 from .host_flags import available as stream_flags_available
+from .kernels import decode_gpu
 from .kernels.decode_glue import norm_rope_store_decode, route_decode, router_decode
-from .kernels.decode_gpu import decode_attention, moe_decode
+from .kernels.decode_gpu import add_rms_norm_quantize, decode_attention, int8_groups, moe_decode
 from .prefill_gpu import ExpertHandle, GpuOps, GpuPrefillEngine, part_views
 
 SERVE_TIMEOUT_S = 60.0  # the CPU waits this long for the GPU to hand over a layer before it gives up
@@ -123,6 +124,7 @@ class HybridOps(GpuOps):
         super().__init__(device, codec, "rows", exact)
         self.engine, self.cpu_ops = engine, cpu_ops
         self.staged: int | None = None  # the layer whose CPU inputs the router kernel just wrote to its stage
+        self._int8_memo: tuple | None = None  # (normed x, its int8 groups) of the last add_rms_norm
         # the router kernel's tickets, one per layer (so no two launches can share one), always left at zero
         self.tickets = torch.zeros(engine.args.num_hidden_layers, dtype=torch.int32, device=device)
 
@@ -156,6 +158,19 @@ class HybridOps(GpuOps):
         keys, values = cache.cache.keys[layer], cache.cache.values[layer]
         return norm_rope_store_decode(q, k, v, q_weight, k_weight, eps, cos, sin, keys, values, start_pos), keys, values
 
+    def add_rms_norm(self, x: torch.Tensor, delta: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+        """For q4 experts with int8 inputs, the norm's kernel also writes the normed row's int8 groups, which this
+        layer's GPU experts then read (a quantize kernel fewer a layer)."""
+        h = x.shape[-1]
+        if (x.is_cuda and not self.exact and self.codec == "q4" and decode_gpu.Q4G_INT8 and x.shape[0] == 1
+                and x.dtype == torch.float32 and x.is_contiguous() and h % 32 == 0 and any(
+                    layer.on_gpu for layer in self.engine.layers.values())):
+            x_int8 = int8_groups(1, h, x.device)
+            y = add_rms_norm_quantize(x, delta, weight, eps, x_int8)
+            self._int8_memo = (y, x_int8)
+            return y
+        return super().add_rms_norm(x, delta, weight, eps)
+
     def embed(self, tokens: torch.Tensor, table) -> torch.Tensor:
         # The host stages the token's embedding row before each step (the table stays in the mapping);
         # the step's first copy brings it over, which a CUDA graph can replay.
@@ -184,12 +199,14 @@ class HybridOps(GpuOps):
                 stage.weights.copy_(topk_weights.float(), non_blocking=True)
             self.staged = None
             e.hand_to_cpu(handle.layer, gpu_share=layer.on_gpu)  # the CPU starts once these have arrived
+        memo = self._int8_memo
+        x_int8 = memo[1] if memo is not None and memo[0] is x else None  # written by the norm before
         if layer.resident and layer.tiles is not None:
             y = moe_decode(x, topk_ids, topk_weights.float(), layer.slot, self.codec,
-                           layer.tiles["gate_up"], layer.tiles["down"])
+                           layer.tiles["gate_up"], layer.tiles["down"], x_int8=x_int8)
         if layer.remote:
             y_remote = moe_decode(x, topk_ids, topk_weights.float(), layer.remote_slot, self.codec,
-                                  layer.remote_tiles["gate_up"], layer.remote_tiles["down"])
+                                  layer.remote_tiles["gate_up"], layer.remote_tiles["down"], x_int8=x_int8)
             y = y_remote if y is None else y + y_remote
         if layer.on_cpu:
             e.join_cpu(handle.layer, gpu_share=layer.on_gpu)

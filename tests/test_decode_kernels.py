@@ -391,6 +391,29 @@ class InterpretedKernels:
         assert torch.allclose(got.float(), linear_q8_torch(x, q, scale).float(), rtol=1 / 128, atol=1e-6)
         assert rel_l2(got, plain_linear_q8(x, q, scale)) < 4e-3
 
+    def test_add_rms_norm_quantize_equals_norm_then_quantize(self):
+        """The fused norm writes the same bf16 row and the same int8 groups as decode_glue's add_rms_norm followed by
+        quantize_x; moe_decode given those groups (x_int8) gives what it computes quantizing x itself."""
+        from krasis_run.kernels.decode_glue import add_rms_norm
+
+        gen = torch.Generator().manual_seed(3)
+        h = 96  # not a power of two: the padded groups are masked
+        x = torch.randn(1, h, generator=gen)
+        delta = torch.randn(1, h, generator=gen).bfloat16()
+        w = 1 + 0.1 * torch.randn(h, generator=gen)
+        x_glue = x.clone()
+        want = add_rms_norm(x_glue, delta, w, 1e-6, use_triton=True)
+        groups = decode_gpu.int8_groups(1, h, "cpu")
+        got = decode_gpu.add_rms_norm_quantize(x, delta, w, 1e-6, groups)
+        assert torch.equal(got, want) and torch.equal(x, x_glue)  # the residual updated in place alike
+        ref = decode_gpu.int8_groups(1, h, "cpu")
+        decode_gpu._kernels()["quantize_x"][(1,)](want, *ref, h, GP=4)
+        assert all(torch.equal(a, b) for a, b in zip(groups, ref, strict=True))
+        x_moe, ids, weights, slot_of, codec, gate_up, down = moe_inputs("q4", (1, 2, h, 64, 4, 3), seed=4)
+        plain = moe_decode(got, ids, weights, slot_of, codec, gate_up, down, use_triton=True)
+        fused = moe_decode(got, ids, weights, slot_of, codec, gate_up, down, use_triton=True, x_int8=groups)
+        assert torch.equal(plain, fused)
+
     # the prefill kernels (kernels/dequant.py, kernels/norm_rope.py)
 
     def test_q4_rows_triton_matches_reference(self):

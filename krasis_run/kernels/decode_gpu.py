@@ -190,16 +190,13 @@ def _kernels():
             return c
 
     @triton.jit
-    def quantize_x_kernel(x_ptr, xq_ptr, dx_ptr, sx_ptr, fs_ptr, H, GP: tl.constexpr):
-        # one row of x: per 32-column group int8 values (scale amax / 127), packed as int32 words [groups, 4, 2]: for
-        # each 8 columns the even ones (0, 2, 4, 6) then the odd ones, the order the q4 words' low and high nibbles
-        # meet them; with the scale, the sum of the int8 values and the float sum of the group
-        row = tl.program_id(0).to(tl.int64)
-        ng = H // 32
+    def _quantize_store(x, row, ng, xq_ptr, dx_ptr, sx_ptr, fs_ptr, GP: tl.constexpr):
+        # x [GP, 4, 8] float32: the columns of each 32-column group, zero past the row. Per group int8 values (scale
+        # amax / 127), packed as int32 words [groups, 4, 2]: for each 8 columns the even ones (0, 2, 4, 6) then the
+        # odd ones, the order the q4 words' low and high nibbles meet them; with the scale, the sum of the int8
+        # values and the float sum of the group
         g = tl.arange(0, GP)
-        cols = (g * 32)[:, None, None] + (tl.arange(0, 4) * 8)[None, :, None] + tl.arange(0, 8)[None, None, :]
         gmask = g < ng
-        x = tl.load(x_ptr + row * H + cols, mask=gmask[:, None, None], other=0.0).to(tl.float32)
         amax = tl.max(tl.max(tl.abs(x), 2), 1)
         inv = tl.where(amax > 0, 127.0 / amax, 0.0)
         q = tl.floor(x * inv[:, None, None] + 0.5)
@@ -214,6 +211,33 @@ def _kernels():
         tl.store(dx_ptr + row * ng + g, amax / 127.0, mask=gmask)
         tl.store(sx_ptr + row * ng + g, tl.sum(tl.sum(q, 2), 1), mask=gmask)
         tl.store(fs_ptr + row * ng + g, tl.sum(tl.sum(x, 2), 1), mask=gmask)
+
+    @triton.jit
+    def quantize_x_kernel(x_ptr, xq_ptr, dx_ptr, sx_ptr, fs_ptr, H, GP: tl.constexpr):
+        # one row of x into the int8 groups the q4 gate_up reads (_quantize_store)
+        row = tl.program_id(0).to(tl.int64)
+        ng = H // 32
+        g = tl.arange(0, GP)
+        cols = (g * 32)[:, None, None] + (tl.arange(0, 4) * 8)[None, :, None] + tl.arange(0, 8)[None, None, :]
+        x = tl.load(x_ptr + row * H + cols, mask=(g < ng)[:, None, None], other=0.0).to(tl.float32)
+        _quantize_store(x, row, ng, xq_ptr, dx_ptr, sx_ptr, fs_ptr, GP)
+
+    @triton.jit
+    def add_rms_norm_quantize_kernel(x_ptr, d_ptr, w_ptr, out_ptr, xq_ptr, dx_ptr, sx_ptr, fs_ptr, H, eps,
+                                     BLOCK: tl.constexpr):
+        # decode_glue's add_rms_norm (x += delta in place, RMSNorm of the sum into out, bf16) and, from that bf16
+        # output, quantize_x_kernel's int8 groups: the MoE's gate_up then needs no kernel of its own to quantize
+        row = tl.program_id(0).to(tl.int64)
+        cols = tl.arange(0, BLOCK)
+        mask = cols < H
+        x = tl.load(x_ptr + row * H + cols, mask=mask, other=0.0).to(tl.float32)
+        x += tl.load(d_ptr + row * H + cols, mask=mask, other=0.0).to(tl.float32)
+        tl.store(x_ptr + row * H + cols, x, mask=mask)
+        r = tl.rsqrt(tl.sum(x * x, 0) / H + eps)
+        y = (x * r * tl.load(w_ptr + cols, mask=mask, other=0.0).to(tl.float32)).to(tl.bfloat16)
+        tl.store(out_ptr + row * H + cols, y, mask=mask)
+        _quantize_store(tl.reshape(y.to(tl.float32), [BLOCK // 32, 4, 8]), row, H // 32, xq_ptr, dx_ptr, sx_ptr,
+                        fs_ptr, BLOCK // 32)
 
     @triton.jit
     def gate_up_q4i_kernel(xq_ptr, dx_ptr, sx_ptr, fs_ptr, ids_ptr, slot_ptr, q_ptr, s_ptr, z_ptr, act_ptr, TOPK,
@@ -569,7 +593,7 @@ def _kernels():
     # find their @triton.jit helpers there (the compiler looks in both).
     globals().update(_q4_tile=_q4_tile, _expert_slots=_expert_slots, _split_bounds=_split_bounds,
                      _q4_nibbles=_q4_nibbles, _q4_group_step=_q4_group_step, _gate_up_q4g_steps=_gate_up_q4g_steps,
-                     _down_q4g_steps=_down_q4g_steps, _dp4a=_dp4a)
+                     _down_q4g_steps=_down_q4g_steps, _dp4a=_dp4a, _quantize_store=_quantize_store)
     return {
         "cdiv": triton.cdiv,
         "gate_up_q4": gate_up_q4_kernel,
@@ -578,6 +602,7 @@ def _kernels():
         "down_q4_pairs": down_q4_pairs_kernel,
         "gate_up_q4g": gate_up_q4g_kernel,
         "quantize_x": quantize_x_kernel,
+        "add_rms_norm_quantize": add_rms_norm_quantize_kernel,
         "gate_up_q4i": gate_up_q4i_kernel,
         "down_q4g": down_q4g_kernel,
         "down_dense": down_dense_kernel,
@@ -627,16 +652,18 @@ def moe_decode_torch(x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torc
 
 def moe_decode(x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor, slot_of_expert: torch.Tensor,
                codec: str, gate_up: dict[str, torch.Tensor], down: dict[str, torch.Tensor],
-               out: torch.Tensor | None = None, *, use_triton: bool | None = None) -> torch.Tensor:
+               out: torch.Tensor | None = None, *, use_triton: bool | None = None,
+               x_int8: tuple | None = None) -> torch.Tensor:
     """sum_j w[m,j] * down_e(silu(gate_e(x[m])) * up_e(x[m])) over the resident chosen experts: float32 [M, H].
 
     Triton (CUDA tensors, or use_triton=True under TRITON_INTERPRET) reads the packed tiles directly: one kernel
     for gate/up + silu into act [M, k, I], one for down and the weighted sum over the k experts (q4: with a sum
-    of partials after it where a down program covers fewer than k experts, unless Q4G_DOWN_ATOMIC).
+    of partials after it where a down program covers fewer than k experts, unless Q4G_DOWN_ATOMIC). `x_int8`: x
+    already in the int8 groups of Q4G_INT8 (add_rms_norm_quantize wrote them with x), for q4 to skip its own.
     """
     if not _triton_ok(x, use_triton) or _stacked_shape(codec, gate_up)[0] == 0:
         return moe_decode_torch(x, topk_ids, topk_weights, slot_of_expert, codec, gate_up, down, out)
-    y, launches = moe_decode_launches(x, topk_ids, topk_weights, slot_of_expert, codec, gate_up, down, out)
+    y, launches = moe_decode_launches(x, topk_ids, topk_weights, slot_of_expert, codec, gate_up, down, out, x_int8)
     for _, launch in launches:
         launch()
     return y
@@ -644,7 +671,7 @@ def moe_decode(x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tens
 
 def moe_decode_launches(x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor,
                         slot_of_expert: torch.Tensor, codec: str, gate_up: dict[str, torch.Tensor],
-                        down: dict[str, torch.Tensor], out: torch.Tensor | None = None
+                        down: dict[str, torch.Tensor], out: torch.Tensor | None = None, x_int8: tuple | None = None
                         ) -> tuple[torch.Tensor, list[tuple[str, object]]]:
     """moe_decode's Triton path as (y, [(name, launch)]): its buffers allocated, nothing launched yet; calling the
     launches in order computes y. Lets the benchmark time each kernel alone (each in its own CUDA graph). Names:
@@ -663,6 +690,8 @@ def moe_decode_launches(x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: t
     dn = {name: t.contiguous() for name, t in down.items()}
     if codec == "q4":
         q4 = _q4_grouped_launches if Q4_KERNEL == "grouped" else _q4_bytes_launches
+        if q4 is _q4_grouped_launches:
+            return y, q4(kern, x, ids, weights, slot_of, gu, dn, act, y, x_int8)
         return y, q4(kern, x, ids, weights, slot_of, gu, dn, act, y)
     grid_a = (m * topk, kern["cdiv"](inter, MOE_BLOCK_N))
     grid_b = (m, kern["cdiv"](h, DOWN_BLOCK_N))
@@ -711,7 +740,7 @@ def _q4_bytes_launches(kern, x, ids, weights, slot_of, gu, dn, act, y) -> list:
     return [("gate_up", gate_up_launch), ("down", down_launch)]
 
 
-def _q4_grouped_launches(kern, x, ids, weights, slot_of, gu, dn, act, y) -> list:
+def _q4_grouped_launches(kern, x, ids, weights, slot_of, gu, dn, act, y, x_int8=None) -> list:
     """q4 through the group-factored kernels (Q4_KERNEL = "grouped"): the tiles read as int32 words (rows of
     K/2 bytes, K a multiple of 32, so every row and group starts on a word)."""
     m, h = x.shape
@@ -727,7 +756,7 @@ def _q4_grouped_launches(kern, x, ids, weights, slot_of, gu, dn, act, y) -> list
     zero_block = next_pow2(-(-m * h // (grid_a[0] * grid_a[1]))) if atomic else 0
 
     if Q4G_INT8 and not zero_block:  # the atomic down needs the float gate_up's zeroing of y
-        launches = _q4_int8_gate_up_launches(kern, x, ids, slot_of, gu_q, gu, act, grid_a, groups_a)
+        launches = _q4_int8_gate_up_launches(kern, x, ids, slot_of, gu_q, gu, act, grid_a, groups_a, x_int8)
     else:
         def gate_up_launch():
             kern["gate_up_q4g"][grid_a](
@@ -752,16 +781,34 @@ def _q4_grouped_launches(kern, x, ids, weights, slot_of, gu, dn, act, y) -> list
     return launches
 
 
-def _q4_int8_gate_up_launches(kern, x, ids, slot_of, gu_q, gu, act, grid_a, groups_a) -> list:
+def int8_groups(m: int, h: int, device) -> tuple[torch.Tensor, ...]:
+    """Buffers of Q4G_INT8's quantized input rows: int32 words [M, H/4], scale, int8 sum and float sum [M, H/32]."""
+    ng = h // 32
+    return (torch.empty(m, ng * 8, dtype=torch.int32, device=device), torch.empty(m, ng, dtype=torch.float32,
+            device=device), torch.empty(m, ng, dtype=torch.int32, device=device),
+            torch.empty(m, ng, dtype=torch.float32, device=device))
+
+
+def add_rms_norm_quantize(x: torch.Tensor, delta: torch.Tensor, weight: torch.Tensor, eps: float,
+                          x_int8: tuple[torch.Tensor, ...]) -> torch.Tensor:
+    """decode_glue.add_rms_norm into bf16 (x += delta in place, float32 [M, H]) that also writes the normed rows'
+    int8 groups into x_int8 (int8_groups), what moe_decode(x_int8=...) reads instead of quantizing them again."""
+    m, h = x.shape
+    y = torch.empty(m, h, dtype=torch.bfloat16, device=x.device)
+    block = next_pow2(h)
+    _kernels()["add_rms_norm_quantize"][(m,)](x, delta.contiguous(), weight.contiguous(), y, *x_int8, h, eps,
+                                              BLOCK=block, num_warps=max(1, min(16, block // 512)))
+    return y
+
+
+def _q4_int8_gate_up_launches(kern, x, ids, slot_of, gu_q, gu, act, grid_a, groups_a, x_int8=None) -> list:
     """Q4G_INT8: x quantized per group of 32 (words, scales, int8 sums, float sums), then gate_up with integer dot
-    products (dp4a on CUDA; the interpreter runs the same integer math without the instruction)."""
+    products (dp4a on CUDA; the interpreter runs the same integer math without the instruction). `x_int8`: those
+    groups already written (add_rms_norm_quantize): no quantize launch."""
     m, h = x.shape
     topk, inter = act.shape[1:]
     ng = h // 32
-    xq = (torch.empty(m, ng * 8, dtype=torch.int32, device=x.device),
-          torch.empty(m, ng, dtype=torch.float32, device=x.device),
-          torch.empty(m, ng, dtype=torch.int32, device=x.device),
-          torch.empty(m, ng, dtype=torch.float32, device=x.device))
+    xq = x_int8 if x_int8 is not None else int8_groups(m, h, x.device)
 
     def quantize():
         kern["quantize_x"][(m,)](x, *xq, h, GP=next_pow2(ng), num_warps=4)
@@ -771,7 +818,7 @@ def _q4_int8_gate_up_launches(kern, x, ids, slot_of, gu_q, gu, act, grid_a, grou
                                     gu_q.stride(0), gu["scale"].stride(0), BLOCK_N=Q4G_BLOCK_N, GROUPS=groups_a,
                                     DP4A=x.is_cuda, num_warps=Q4G_WARPS)
 
-    return [("quantize", quantize), ("gate_up", gate_up)]
+    return ([] if x_int8 is not None else [("quantize", quantize)]) + [("gate_up", gate_up)]
 
 
 # ---------------------------------------------------------------- attention
