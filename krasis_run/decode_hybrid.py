@@ -47,20 +47,31 @@ class LayerExperts:
 
         self.remote_tiles: dict | None = None  # every expert's tiles in pinned host memory, read over PCIe
 
-    def place(self, resident: list[int], tiles: dict | None, remote: list[int] | None = None) -> None:
+    def place(self, resident: list[int], tiles: dict | None, remote: list[int] | None = None) -> bool:
         """Experts `resident` (in slot order) are in VRAM in `tiles`; `remote` ones are computed by the GPU
-        straight from host memory (zero-copy reads over PCIe of remote_tiles); the others on the CPU."""
+        straight from host memory (zero-copy reads over PCIe of remote_tiles); the others on the CPU. The slot maps
+        are rewritten in place, so a captured step reads the new placement; returns whether what the step launches
+        changed (other tiles, or a side of the layer switched on or off): then it must be captured again."""
         slot = torch.full((self.experts,), -1, dtype=torch.int32)
         slot[resident] = torch.arange(len(resident), dtype=torch.int32)
-        self.slot, self.resident, self.tiles = slot.to(self.device), list(resident), tiles
-        self.remote = list(remote or [])
+        remote = list(remote or [])
         remote_slot = torch.full((self.experts,), -1, dtype=torch.int32)
-        remote_slot[self.remote] = torch.tensor(self.remote, dtype=torch.int32)  # remote_tiles hold all experts
-        self.remote_slot = remote_slot.to(self.device)
-        self.gpu_takes = ((slot >= 0) | (remote_slot >= 0)).to(self.device)  # slots the CPU skips
+        remote_slot[remote] = torch.tensor(remote, dtype=torch.int32)  # remote_tiles hold all experts
+        gpu_takes = (slot >= 0) | (remote_slot >= 0)  # slots the CPU skips
         in_vram = bool(resident) and tiles is not None
-        self.on_gpu = in_vram or bool(self.remote)
-        self.on_cpu = (len(resident) if in_vram else 0) + len(self.remote) < self.experts
+        on_gpu = in_vram or bool(remote)
+        on_cpu = (len(resident) if in_vram else 0) + len(remote) < self.experts
+        before = getattr(self, "shape", None)
+        self.shape = (id(tiles) if in_vram else None, bool(remote), on_gpu, on_cpu)
+        if before is None:
+            self.slot, self.remote_slot, self.gpu_takes = (t.to(self.device) for t in (slot, remote_slot, gpu_takes))
+        else:
+            self.slot.copy_(slot)
+            self.remote_slot.copy_(remote_slot)
+            self.gpu_takes.copy_(gpu_takes)
+        self.resident, self.tiles, self.remote = list(resident), tiles, remote
+        self.on_gpu, self.on_cpu = on_gpu, on_cpu
+        return self.shape != before
 
 
 class _CudaArray:
@@ -281,6 +292,8 @@ class HybridDecodeEngine:
         # does not need); the hot experts are then taken from the stream buffer as each layer passes, per layer
         self.prefill_hot_room = prefill_hot_room if self.hot_bytes else None
         self.hot_quota = 0  # experts a streamed layer keeps during this prefill
+        self.hot_tiles: dict[int, dict] = {}  # layer -> its hot buffer (hot_capacity experts) kept during prefill
+        self.hot_capacity = 0
         self.hot_kept = False  # the last prefill kept hot experts (the first decode step then loads none)
         prefill.ops.streamed_hooks.append(self.keep_hot)
         # Remote experts: of the picks left to the CPU, about `remote_share` go to the GPU instead, which reads
@@ -329,33 +342,47 @@ class HybridDecodeEngine:
         return self.prefill_engine.prefill(tokens, cache, all_logits)
 
     def before_prefill(self, tokens: int) -> None:
-        if self.hot_bytes:
-            self._drop_hot()  # the prefill workspace needs that VRAM back
         streamed = [i for i, layer in self.layers.items() if not layer.whole_layer]
         room = min(self.hot_bytes, self.prefill_hot_room(tokens)) if self.prefill_hot_room and streamed else 0
-        self.hot_quota = int(room // (self._bytes_per_expert() * len(streamed))) if room else 0
+        quota = int(room // (self._bytes_per_expert() * len(streamed))) if room else 0
+        if self.hot_tiles and quota >= self.hot_capacity:
+            self.hot_quota = self.hot_capacity  # the buffers stay where they are: the next decode step keeps its graph
+        else:
+            if self.hot_bytes:
+                self._drop_hot()  # the prefill workspace needs that VRAM back
+            self.hot_quota = quota
 
     def after_prefill(self) -> None:
-        kept = [i for i, layer in self.layers.items() if not layer.whole_layer and layer.resident]
+        kept = {i: layer.resident for i, layer in self.layers.items() if i in self.hot_tiles and layer.resident}
         if kept:
-            self.plan = None  # the graphs address the tiles and slot maps that keep_hot replaced
-            self.hot_stats = self._hot_stats({i: self.layers[i].resident for i in kept})
+            self.hot_stats = self._hot_stats(kept)
         # else placed by the next decode step, from this prefill's routing
         self.hot_kept = bool(kept)
         self.hot_pending = bool(self.hot_bytes) or bool(self.remote_share)
         self.setup["hot_load_s"] = 0.0
 
     def keep_hot(self, layer: int, parts: dict[str, dict[str, torch.Tensor]], counts: torch.Tensor) -> None:
-        """A streamed layer's experts are in VRAM, after its routing: keep the hot_quota most-picked of them (a copy
-        out of the stream buffer, before the next layer's copy reuses it)."""
+        """A streamed layer's experts are in VRAM, after its routing: keep the hot_quota most-picked of them, copied
+        out of the stream buffer (before the next layer's copy reuses it) into this layer's hot buffer, made at the
+        first such prefill and kept while later prompts leave it room (so a captured step stays valid)."""
         if not self.hot_quota or layer not in self.layers or self.layers[layer].whole_layer:
             return
         c = counts.tolist()
         experts = sorted(sorted((e for e in range(len(c)) if c[e] > 0), key=lambda e: -c[e])[: self.hot_quota])
-        if experts:
-            index = torch.tensor(experts, device=self.device)
-            self.layers[layer].place(experts, {m: {p: t.index_select(0, index) for p, t in ps.items()}
-                                               for m, ps in parts.items()})
+        if not experts:
+            return
+        buffer = self.hot_tiles.get(layer)
+        if buffer is None:
+            buffer = self.hot_tiles[layer] = {m: {p: torch.empty((self.hot_quota, *t.shape[1:]), dtype=t.dtype,
+                                                                 device=self.device) for p, t in ps.items()}
+                                              for m, ps in parts.items()}
+            self.hot_capacity = self.hot_quota
+        index = torch.tensor(experts, device=self.device)
+        for m, ps in parts.items():
+            for p, t in ps.items():
+                torch.index_select(t, 0, index, out=buffer[m][p][: len(experts)])
+        if self.layers[layer].place(experts, buffer):
+            self.plan = None  # a new buffer (or a side of the layer switched): capture again
 
     def _bytes_per_expert(self) -> float:
         streamer = self.prefill_engine.streamer
@@ -407,13 +434,10 @@ class HybridDecodeEngine:
 
     # ---------------------------------------------------------------- hot experts
     def _drop_hot(self) -> None:
-        changed = False
         for layer in self.layers.values():
-            if not layer.whole_layer and layer.resident:
-                layer.place([], None)
-                changed = True
-        if changed:
-            self.plan = None  # the graphs address the dropped tiles: capture again with the new placement
+            if not layer.whole_layer and layer.place([], None, layer.remote):
+                self.plan = None  # the graphs address the dropped tiles: capture again with the new placement
+        self.hot_tiles, self.hot_capacity = {}, 0
 
     def _load_hot(self) -> None:
         """The most-picked experts of the last prefill, over all layers not resident, up to hot_bytes of VRAM:
@@ -445,7 +469,7 @@ class HybridDecodeEngine:
                     for p, t in parts.items():
                         for slot, e in enumerate(experts):
                             tiles[m][p][slot].copy_(t[e], non_blocking=True)
-            self.layers[i].place(experts, tiles)
+            self.layers[i].place(experts, tiles, self.layers[i].remote)
         if self.cuda:
             torch.cuda.synchronize(self.device)
         self.hot_stats = self._hot_stats(chosen)
@@ -455,7 +479,6 @@ class HybridDecodeEngine:
         """Per layer with remote tiles: the most-picked experts (of the last prefill) not in VRAM, until they
         hold `remote_share` of that layer's picks not in VRAM."""
         counts = self.prefill_engine.ops.routing_counts
-        self.plan = None  # the graphs address the slot maps replaced below
         for i, layer in self.layers.items():
             if layer.remote_tiles is None or i not in counts:
                 continue
@@ -468,8 +491,8 @@ class HybridDecodeEngine:
                     break
                 remote.append(e)
                 taken += c[e]
-            layer.place(layer.resident if layer.tiles is not None else [], layer.tiles, remote)
-        self.plan = None
+            if layer.place(layer.resident if layer.tiles is not None else [], layer.tiles, remote):
+                self.plan = None  # a side of the layer switched on or off: capture again
 
     # ---------------------------------------------------------------- the CPU side of a layer
     def hand_to_cpu(self, layer: int, gpu_share: bool) -> None:

@@ -195,12 +195,14 @@ def decode_bytes(rt, mode: str) -> dict[str, float]:
 
 
 def run_decode(path: Path, budgets: list[str], runs: int, bandwidth: dict, modes: set[str] | None = None,
-               remote_shares: tuple[float, ...] = (0.4,), profile_modes: tuple[str, ...] = ()) -> list[dict]:
-    """The decode placements of issue 5: all on the CPU, every expert in RAM, the budget's, all on the GPU."""
+               remote_shares: tuple[float, ...] = (0.4,), profile_modes: tuple[str, ...] = (),
+               context: int = 0) -> list[dict]:
+    """The decode placements of issue 5: all on the CPU, every expert in RAM, the budget's, all on the GPU. `context`:
+    the KV cache (and prefill workspace) reserved, default the prompt and its answer."""
     from krasis_run.engine import CpuEngine
 
     rows = []
-    context = DECODE_PROMPT + 128
+    context = context or DECODE_PROMPT + 128
     for gib in budgets:
         cases = [("cpu", None, 0.0), ("experts_in_ram", 0, 0.0)]
         cases += [("experts_in_ram_pcie", 0, share) for share in remote_shares]
@@ -233,6 +235,7 @@ def run_decode(path: Path, budgets: list[str], runs: int, bandwidth: dict, modes
             nbytes = decode_bytes(rt, mode)
             bound_s = nbytes["cpu"] / bandwidth["host_read_gb_s"] / 1e9 + nbytes["gpu"] / bandwidth["hbm_gb_s"] / 1e9
             row = dict(gpu_budget_gib=None if gib == "whole" else float(gib), mode=mode, remote_share=share,
+                       context=context,
                        decode_tok_s=sorted(speeds)[len(speeds) // 2], runs=speeds,
                        resident_layers=len(rt.placement.resident_layers), cpu_bytes_per_token=nbytes["cpu"],
                        gpu_bytes_per_token=nbytes["gpu"], bound_tok_s=1 / bound_s, ms_per_token=split,
@@ -281,6 +284,8 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=ROOT / "bench" / "results")
     ap.add_argument("--profile", type=int, default=0, help="also profile one prefill of this many tokens")
     ap.add_argument("--profile-decode", default="", help="decode modes whose steps to profile (kernel table)")
+    ap.add_argument("--decode-context", type=int, default=0,
+                    help="KV cache reserved for decode (default: the 4K prompt + 128; krasis-run's own default: 32768)")
     ap.add_argument("--attention", default="", help="PROGRAMS,BLOCK,WARPS of decode attention (default: decode_gpu's)")
     ap.add_argument("--dense-gpu", choices=["q8", "bf16"], default="q8",
                     help="dense matrices in VRAM as stored (q8 rows) or dequantized to bf16 (the layout before)")
@@ -374,7 +379,8 @@ def main() -> None:
         modes = set(args.decode_modes.split(",")) if args.decode_modes else None
         shares = tuple(float(v) for v in args.remote_shares.split(","))
         record["decode"] = run_decode(args.artifact, args.decode_budgets.split(","), args.decode_runs, bandwidth, modes,
-                                      shares, tuple(args.profile_decode.split(",")) if args.profile_decode else ())
+                                      shares, tuple(args.profile_decode.split(",")) if args.profile_decode else (),
+                                      args.decode_context)
         for row in record["decode"]:
             row["decode_tok_s_scaled"] = row["decode_tok_s"] / scale
             if scale != 1:

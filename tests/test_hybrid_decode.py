@@ -123,6 +123,14 @@ def test_hot_experts_kept_while_the_layers_stream(tiny, monkeypatch, room_expert
     else:
         assert not engine.hot_kept and loads == [1] and engine.hot_stats["experts"] == 5
     assert engine.layers[1].resident == list(range(rt.args.num_experts))
+    if room_experts:  # a second prompt with the same room: the same buffers, refilled in place
+        buffers = dict(engine.hot_tiles)
+        ids2 = prompt_ids(rt.args.vocab_size, 30, seed=13)
+        want2, want2_logits = greedy(rt, rt.engine, ids2, 10)
+        got2, _ = greedy(rt, engine, ids2, 10)
+        assert_same_greedy(got2, want2, want2_logits)
+        assert all(engine.hot_tiles[i] is buffers[i] and engine.layers[i].tiles is buffers[i] for i in (0, 2))
+        assert loads == []
 
 
 def test_remote_experts_split_the_cpu_picks(tiny):
@@ -260,6 +268,23 @@ def test_cuda_runtime_generates_like_the_cpu_runtime(tiny_per_expert):
         assert list(gpu.generate(ids, max_new_tokens=20, stop_token_ids=set())) == want
         assert list(gpu.generate(ids, max_new_tokens=20, stop_token_ids=set())) == want  # graphs replayed
         gpu.close()
+
+
+@cuda
+def test_cuda_hot_experts_kept_in_place_keep_the_graph(tiny):
+    """Hot experts kept from the stream buffer into buffers that stay between prompts: the second prompt's decode
+    replays the graph captured for the first (no capture), with that prompt's hot experts, and gives the CPU path's
+    tokens for both prompts."""
+    rt = krasis_run.load(tiny.artifact("q4", "q8"), threads=2)
+    per_expert = max(c.length for c in rt.artifact.chunks.values() if c.section == "experts_gpu") / rt.args.num_experts
+    engine = hybrid_engine(rt, {1}, "cuda", hot_bytes=int(8 * per_expert), prefill_hot_room=lambda t: 1 << 40)
+    for seed in (5, 14):
+        ids = prompt_ids(rt.args.vocab_size, 20, seed=seed)
+        want, want_logits = greedy(rt, rt.engine, ids, 12)
+        got, _ = greedy(rt, engine, ids, 12)
+        assert_same_greedy(got, want, want_logits, tie=0.1)
+        assert engine.hot_kept and all(len(engine.layers[i].resident) == 4 for i in (0, 2))
+    assert engine.captures == 1
 
 
 @cuda
