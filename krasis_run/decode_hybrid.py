@@ -381,7 +381,8 @@ class HybridDecodeEngine:
         for m, ps in parts.items():
             for p, t in ps.items():
                 torch.index_select(t, 0, index, out=buffer[m][p][: len(experts)])
-        if self.layers[layer].place(experts, buffer):
+        hot = set(experts)  # the remote experts stay as they were (placed again after the prefill), less the hot
+        if self.layers[layer].place(experts, buffer, [e for e in self.layers[layer].remote if e not in hot]):
             self.plan = None  # a new buffer (or a side of the layer switched): capture again
 
     def _bytes_per_expert(self) -> float:
