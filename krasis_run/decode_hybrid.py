@@ -359,7 +359,7 @@ class HybridDecodeEngine:
         # else placed by the next decode step, from this prefill's routing
         self.hot_kept = bool(kept)
         self.hot_pending = bool(self.hot_bytes) or bool(self.remote_share)
-        self.setup["hot_load_s"] = 0.0
+        self.setup = dict(hot_load_s=0.0, capture_s=0.0)  # this sequence's own (none where the graph is kept)
 
     def keep_hot(self, layer: int, parts: dict[str, dict[str, torch.Tensor]], counts: torch.Tensor) -> None:
         """A streamed layer's experts are in VRAM, after its routing: keep the hot_quota most-picked of them, copied

@@ -278,18 +278,18 @@ def test_cuda_hot_experts_kept_in_place_keep_the_graph(tiny):
     rt = krasis_run.load(tiny.artifact("q4", "q8"), threads=2)
     per_expert = max(c.length for c in rt.artifact.chunks.values() if c.section == "experts_gpu") / rt.args.num_experts
     engine = hybrid_engine(rt, {1}, "cuda", hot_bytes=int(8 * per_expert), prefill_hot_room=lambda t: 1 << 40)
-    prompts = []  # two prompts whose CPU continuation has no near-tie (the paths round activations differently)
+    prompts = []  # two prompts whose CPU continuation has its first near-tie late (the paths round differently)
     for seed in range(40):
         ids = prompt_ids(rt.args.vocab_size, 20, seed=seed)
         want, want_logits = greedy(rt, rt.engine, ids, 12)
-        if all(np.diff(np.sort(step)[-2:])[0] >= 0.1 for step in want_logits):
-            prompts.append((ids, want))
+        if all(np.diff(np.sort(step)[-2:])[0] >= 0.05 for step in want_logits[:8]):
+            prompts.append((ids, want, want_logits))
         if len(prompts) == 2:
             break
     assert len(prompts) == 2
-    for ids, want in prompts:
+    for ids, want, want_logits in prompts:
         got, _ = greedy(rt, engine, ids, 12)
-        assert got == want
+        assert_same_greedy(got, want, want_logits, tie=0.05)
         assert engine.hot_kept and all(len(engine.layers[i].resident) == 4 for i in (0, 2))
     assert engine.captures == 1
 
