@@ -29,8 +29,8 @@ from .format import SECTION_EXPERTS_GPU, KrsError
 from .host_flags import StreamFlags
 from .host_flags import available as stream_flags_available
 from .kernels import decode_gpu
-from .kernels.decode_glue import norm_rope_store_decode, route_decode, router_decode
-from .kernels.decode_gpu import add_rms_norm_quantize, decode_attention, int8_groups, moe_decode
+from .kernels.decode_glue import add_rms_norm, norm_rope_store_decode, route_decode, router_decode
+from .kernels.decode_gpu import decode_attention, int8_groups, moe_decode
 from .prefill_gpu import ExpertHandle, GpuOps, GpuPrefillEngine, part_views
 
 SERVE_TIMEOUT_S = 60.0  # the CPU waits this long for the GPU to hand over a layer before it gives up
@@ -177,7 +177,7 @@ class HybridOps(GpuOps):
                 and x.dtype == torch.float32 and x.is_contiguous() and h % 32 == 0 and any(
                     layer.on_gpu for layer in self.engine.layers.values())):
             x_int8 = int8_groups(1, h, x.device)
-            y = add_rms_norm_quantize(x, delta, weight, eps, x_int8)
+            y = add_rms_norm(x, delta, weight, eps, x_int8=x_int8)
             self._int8_memo = (y, x_int8)
             return y
         return super().add_rms_norm(x, delta, weight, eps)

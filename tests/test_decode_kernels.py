@@ -392,8 +392,8 @@ class InterpretedKernels:
         assert rel_l2(got, plain_linear_q8(x, q, scale)) < 4e-3
 
     def test_add_rms_norm_quantize_equals_norm_then_quantize(self):
-        """The fused norm writes the same bf16 row and the same int8 groups as decode_glue's add_rms_norm followed by
-        quantize_x; moe_decode given those groups (x_int8) gives what it computes quantizing x itself."""
+        """The norm writing int8 groups too (x_int8) gives the same bf16 row as without, and the same groups as
+        quantize_x on it; moe_decode given those groups (x_int8) gives what it computes quantizing x itself."""
         from krasis_run.kernels.decode_glue import add_rms_norm
 
         gen = torch.Generator().manual_seed(3)
@@ -404,7 +404,7 @@ class InterpretedKernels:
         x_glue = x.clone()
         want = add_rms_norm(x_glue, delta, w, 1e-6, use_triton=True)
         groups = decode_gpu.int8_groups(1, h, "cpu")
-        got = decode_gpu.add_rms_norm_quantize(x, delta, w, 1e-6, groups)
+        got = add_rms_norm(x, delta, w, 1e-6, use_triton=True, x_int8=groups)
         assert torch.equal(got, want) and torch.equal(x, x_glue)  # the residual updated in place alike
         ref = decode_gpu.int8_groups(1, h, "cpu")
         decode_gpu._kernels()["quantize_x"][(1,)](want, *ref, h, GP=4)

@@ -137,8 +137,10 @@ def _kernels():
         return top_ids, top_w
 
     @triton.jit
-    def add_rms_norm_kernel(x_ptr, d_ptr, w_ptr, out_ptr, H, x_row, d_row, out_row, eps, BLOCK: tl.constexpr):
-        # one row: the residual add x += delta (in place, float32), then RMSNorm of the sum into out
+    def add_rms_norm_kernel(x_ptr, d_ptr, w_ptr, out_ptr, H, x_row, d_row, out_row, eps, xq_ptr, dx_ptr, sx_ptr,
+                            fs_ptr, BLOCK: tl.constexpr, QUANT: tl.constexpr):
+        # one row: the residual add x += delta (in place, float32), then RMSNorm of the sum into out; QUANT: also
+        # the int8 groups of that output (decode_gpu's quantize_x_kernel's), which the MoE's gate_up then reads
         row = tl.program_id(0).to(tl.int64)
         cols = tl.arange(0, BLOCK)
         mask = cols < H
@@ -147,7 +149,11 @@ def _kernels():
         tl.store(x_ptr + row * x_row + cols, x, mask=mask)
         r = tl.rsqrt(tl.sum(x * x, 0) / H + eps)
         w = tl.load(w_ptr + cols, mask=mask, other=0.0).to(tl.float32)
-        tl.store(out_ptr + row * out_row + cols, (x * r * w).to(out_ptr.dtype.element_ty), mask=mask)
+        y = (x * r * w).to(out_ptr.dtype.element_ty)
+        tl.store(out_ptr + row * out_row + cols, y, mask=mask)
+        if QUANT:
+            _quantize_store(tl.reshape(y.to(tl.float32), [BLOCK // 32, 4, 8]), row, H // 32, xq_ptr, dx_ptr, sx_ptr,
+                            fs_ptr, BLOCK // 32)
 
     @triton.jit
     def norm_rope_store_kernel(q_ptr, k_ptr, v_ptr, qw_ptr, kw_ptr, cos_ptr, sin_ptr, q_out_ptr, keys_ptr,
@@ -177,7 +183,10 @@ def _kernels():
             tl.store(values_ptr + (row + h - NQ - NKV) * 2 * HALF + full, v.to(tl.bfloat16))
 
     # the interpreter runs a kernel's source in this module's globals, without the closure: the helper goes there
-    globals().update(_top_k=_top_k)
+    from .decode_gpu import _kernels as gpu_kernels
+
+    _quantize_store = gpu_kernels()["_quantize_store"]  # the q4 MoE's input groups, defined beside their reader
+    globals().update(_top_k=_top_k, _quantize_store=_quantize_store)
     return {"rms_norm": rms_norm_kernel, "route": route_kernel, "add_rms_norm": add_rms_norm_kernel,
             "norm_rope_store": norm_rope_store_kernel, "router": router_kernel}
 
@@ -227,18 +236,27 @@ def rms_norm_decode(x: torch.Tensor, weight: torch.Tensor, eps: float, out_dtype
 
 
 def add_rms_norm(x: torch.Tensor, delta: torch.Tensor, weight: torch.Tensor, eps: float,
-                 out_dtype: torch.dtype = torch.bfloat16, *, use_triton: bool | None = None) -> torch.Tensor:
+                 out_dtype: torch.dtype = torch.bfloat16, *, use_triton: bool | None = None,
+                 x_int8: tuple[torch.Tensor, ...] | None = None) -> torch.Tensor:
     """The residual add and the next norm in one pass: x [M, H] float32 += delta (in place), returns
-    rms_norm(x, weight, eps) in out_dtype. Two kernels fewer per add than torch (add, then the norm)."""
+    rms_norm(x, weight, eps) in out_dtype. Two kernels fewer per add than torch (add, then the norm). `x_int8`
+    (decode_gpu.int8_groups; bf16 output, H a multiple of 32, Triton only): the kernel also writes the output's
+    int8 groups there, what decode_gpu.moe_decode(x_int8=...) reads instead of quantizing them itself."""
     m, h = x.shape
     if not _triton_ok(x, use_triton) or next_pow2(h) > RMS_MAX_BLOCK or x.stride(-1) != 1 or x.dtype != torch.float32:
+        if x_int8 is not None:
+            raise ValueError("add_rms_norm writes int8 groups on the Triton path only")
         x += delta
         return rms_norm(x, weight, eps).to(out_dtype)
+    if x_int8 is not None and (out_dtype != torch.bfloat16 or h % 32):
+        raise ValueError("int8 groups are written from a bf16 output with H a multiple of 32")
     y = torch.empty(m, h, dtype=out_dtype, device=x.device)
     delta = _rows(delta)
     block = next_pow2(h)
+    quant = x_int8 if x_int8 is not None else (y,) * 4  # unused pointers where QUANT is off
     _kernels()["add_rms_norm"][(m,)](x, delta, weight.contiguous(), y, h, x.stride(0), delta.stride(0), y.stride(0),
-                                     eps, BLOCK=block, num_warps=max(1, min(16, block // 512)))
+                                     eps, *quant, BLOCK=block, QUANT=x_int8 is not None,
+                                     num_warps=max(1, min(16, block // 512)))
     return y
 
 

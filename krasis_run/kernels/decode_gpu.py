@@ -223,23 +223,6 @@ def _kernels():
         _quantize_store(x, row, ng, xq_ptr, dx_ptr, sx_ptr, fs_ptr, GP)
 
     @triton.jit
-    def add_rms_norm_quantize_kernel(x_ptr, d_ptr, w_ptr, out_ptr, xq_ptr, dx_ptr, sx_ptr, fs_ptr, H, eps,
-                                     BLOCK: tl.constexpr):
-        # decode_glue's add_rms_norm (x += delta in place, RMSNorm of the sum into out, bf16) and, from that bf16
-        # output, quantize_x_kernel's int8 groups: the MoE's gate_up then needs no kernel of its own to quantize
-        row = tl.program_id(0).to(tl.int64)
-        cols = tl.arange(0, BLOCK)
-        mask = cols < H
-        x = tl.load(x_ptr + row * H + cols, mask=mask, other=0.0).to(tl.float32)
-        x += tl.load(d_ptr + row * H + cols, mask=mask, other=0.0).to(tl.float32)
-        tl.store(x_ptr + row * H + cols, x, mask=mask)
-        r = tl.rsqrt(tl.sum(x * x, 0) / H + eps)
-        y = (x * r * tl.load(w_ptr + cols, mask=mask, other=0.0).to(tl.float32)).to(tl.bfloat16)
-        tl.store(out_ptr + row * H + cols, y, mask=mask)
-        _quantize_store(tl.reshape(y.to(tl.float32), [BLOCK // 32, 4, 8]), row, H // 32, xq_ptr, dx_ptr, sx_ptr,
-                        fs_ptr, BLOCK // 32)
-
-    @triton.jit
     def gate_up_q4i_kernel(xq_ptr, dx_ptr, sx_ptr, fs_ptr, ids_ptr, slot_ptr, q_ptr, s_ptr, z_ptr, act_ptr, TOPK,
                            INTER, H, q_slot, s_slot, BLOCK_N: tl.constexpr, GROUPS: tl.constexpr,
                            DP4A: tl.constexpr):
@@ -602,7 +585,7 @@ def _kernels():
         "down_q4_pairs": down_q4_pairs_kernel,
         "gate_up_q4g": gate_up_q4g_kernel,
         "quantize_x": quantize_x_kernel,
-        "add_rms_norm_quantize": add_rms_norm_quantize_kernel,
+        "_quantize_store": _quantize_store,
         "gate_up_q4i": gate_up_q4i_kernel,
         "down_q4g": down_q4g_kernel,
         "down_dense": down_dense_kernel,
@@ -659,7 +642,7 @@ def moe_decode(x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tens
     Triton (CUDA tensors, or use_triton=True under TRITON_INTERPRET) reads the packed tiles directly: one kernel
     for gate/up + silu into act [M, k, I], one for down and the weighted sum over the k experts (q4: with a sum
     of partials after it where a down program covers fewer than k experts, unless Q4G_DOWN_ATOMIC). `x_int8`: x
-    already in the int8 groups of Q4G_INT8 (add_rms_norm_quantize wrote them with x), for q4 to skip its own.
+    already in the int8 groups of Q4G_INT8 (decode_glue.add_rms_norm wrote them with x), for q4 to skip its own.
     """
     if not _triton_ok(x, use_triton) or _stacked_shape(codec, gate_up)[0] == 0:
         return moe_decode_torch(x, topk_ids, topk_weights, slot_of_expert, codec, gate_up, down, out)
@@ -789,22 +772,10 @@ def int8_groups(m: int, h: int, device) -> tuple[torch.Tensor, ...]:
             torch.empty(m, ng, dtype=torch.float32, device=device))
 
 
-def add_rms_norm_quantize(x: torch.Tensor, delta: torch.Tensor, weight: torch.Tensor, eps: float,
-                          x_int8: tuple[torch.Tensor, ...]) -> torch.Tensor:
-    """decode_glue.add_rms_norm into bf16 (x += delta in place, float32 [M, H]) that also writes the normed rows'
-    int8 groups into x_int8 (int8_groups), what moe_decode(x_int8=...) reads instead of quantizing them again."""
-    m, h = x.shape
-    y = torch.empty(m, h, dtype=torch.bfloat16, device=x.device)
-    block = next_pow2(h)
-    _kernels()["add_rms_norm_quantize"][(m,)](x, delta.contiguous(), weight.contiguous(), y, *x_int8, h, eps,
-                                              BLOCK=block, num_warps=max(1, min(16, block // 512)))
-    return y
-
-
 def _q4_int8_gate_up_launches(kern, x, ids, slot_of, gu_q, gu, act, grid_a, groups_a, x_int8=None) -> list:
     """Q4G_INT8: x quantized per group of 32 (words, scales, int8 sums, float sums), then gate_up with integer dot
     products (dp4a on CUDA; the interpreter runs the same integer math without the instruction). `x_int8`: those
-    groups already written (add_rms_norm_quantize): no quantize launch."""
+    groups already written (decode_glue.add_rms_norm with x_int8): no quantize launch."""
     m, h = x.shape
     topk, inter = act.shape[1:]
     ng = h // 32
