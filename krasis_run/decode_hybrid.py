@@ -29,8 +29,8 @@ from .format import SECTION_EXPERTS_GPU, KrsError
 from .host_flags import StreamFlags
 from .host_flags import available as stream_flags_available
 from .kernels import decode_gpu
-from .kernels.decode_glue import add_rms_norm, norm_rope_store_decode, route_decode, router_decode
-from .kernels.decode_gpu import decode_attention, int8_groups, moe_decode
+from .kernels.decode_glue import RMS_MAX_BLOCK, add_rms_norm, norm_rope_store_decode, route_decode, router_decode
+from .kernels.decode_gpu import decode_attention, int8_groups, moe_decode, next_pow2
 from .prefill_gpu import ExpertHandle, GpuOps, GpuPrefillEngine, part_views
 
 SERVE_TIMEOUT_S = 60.0  # the CPU waits this long for the GPU to hand over a layer before it gives up
@@ -136,6 +136,7 @@ class HybridOps(GpuOps):
         self.engine, self.cpu_ops = engine, cpu_ops
         self.staged: int | None = None  # the layer whose CPU inputs the router kernel just wrote to its stage
         self._int8_memo: tuple | None = None  # (normed x, its int8 groups) of the last add_rms_norm
+        self.moe_norms: set[int] = set()  # ids of the norm weights whose output goes to a layer's experts
         # the router kernel's tickets, one per layer (so no two launches can share one), always left at zero
         self.tickets = torch.zeros(engine.args.num_hidden_layers, dtype=torch.int32, device=device)
 
@@ -173,9 +174,10 @@ class HybridOps(GpuOps):
         """For q4 experts with int8 inputs, the norm's kernel also writes the normed row's int8 groups, which this
         layer's GPU experts then read (a quantize kernel fewer a layer)."""
         h = x.shape[-1]
-        if (x.is_cuda and not self.exact and self.codec == "q4" and decode_gpu.Q4G_INT8 and x.shape[0] == 1
-                and x.dtype == torch.float32 and x.is_contiguous() and h % 32 == 0 and any(
-                    layer.on_gpu for layer in self.engine.layers.values())):
+        if (id(weight) in self.moe_norms and x.is_cuda and not self.exact and self.codec == "q4"
+                and decode_gpu.Q4G_INT8 and x.shape[0] == 1 and x.dtype == torch.float32 and x.is_contiguous()
+                and h % 32 == 0 and next_pow2(h) <= RMS_MAX_BLOCK and decode_gpu._kernels() is not None
+                and any(layer.on_gpu for layer in self.engine.layers.values())):
             x_int8 = int8_groups(1, h, x.device)
             y = add_rms_norm(x, delta, weight, eps, x_int8=x_int8)
             self._int8_memo = (y, x_int8)
@@ -265,6 +267,8 @@ class HybridDecodeEngine:
         self.logits_host = torch.empty(a.vocab_size, dtype=torch.float32, pin_memory=self.cuda)
         self.ops = HybridOps(self, device, codec, prefill.ops.exact, cpu_ops)
         self.model = arch.Model(args, prefill.model.w, self.ops)
+        self.ops.moe_norms = {id(prefill.model.w[n["mlp_norm"]]) for n in getattr(self.model, "layer_names", [])
+                              if "experts" in n and n.get("mlp_norm") in prefill.model.w}
         self.use_graphs = graphs and self.cuda
         self.stream = torch.cuda.Stream(device) if self.cuda else None
         self.plan: list[tuple] | None = None  # the captured step: graphs, events and CPU expert calls in order
@@ -294,6 +298,7 @@ class HybridDecodeEngine:
         self.hot_quota = 0  # experts a streamed layer keeps during this prefill
         self.hot_tiles: dict[int, dict] = {}  # layer -> its hot buffer (hot_capacity experts) kept during prefill
         self.hot_capacity = 0
+        self.hot_index: dict[int, torch.Tensor] = {}  # layer -> the experts keep_hot copied (device), this prefill
         self.hot_kept = False  # the last prefill kept hot experts (the first decode step then loads none)
         prefill.ops.streamed_hooks.append(self.keep_hot)
         # Remote experts: of the picks left to the CPU, about `remote_share` go to the GPU instead, which reads
@@ -344,16 +349,34 @@ class HybridDecodeEngine:
     def before_prefill(self, tokens: int) -> None:
         streamed = [i for i, layer in self.layers.items() if not layer.whole_layer]
         room = min(self.hot_bytes, self.prefill_hot_room(tokens)) if self.prefill_hot_room and streamed else 0
-        quota = int(room // (self._bytes_per_expert() * len(streamed))) if room else 0
-        if self.hot_tiles and quota >= self.hot_capacity:
-            self.hot_quota = self.hot_capacity  # the buffers stay where they are: the next decode step keeps its graph
-        else:
+        quota = min(self.args.num_experts, int(room // (self._bytes_per_expert() * len(streamed)))) if room else 0
+        # the buffers (and with them the captured step) stay for prompts whose room holds them and not twice them
+        if not (self.hot_tiles and self.hot_capacity <= quota < 2 * self.hot_capacity):
             if self.hot_bytes:
                 self._drop_hot()  # the prefill workspace needs that VRAM back
-            self.hot_quota = quota
+            if quota:
+                self._make_hot_buffers(streamed, quota)
+        self.hot_quota = self.hot_capacity if self.hot_tiles else 0
+        self.hot_index: dict[int, torch.Tensor] = {}
+
+    def _make_hot_buffers(self, streamed: list[int], quota: int) -> None:
+        """A buffer of `quota` experts' tiles per streamed layer, made before the prefill (not between its layers'
+        large temporaries)."""
+        streamer = self.prefill_engine.streamer
+        for i in streamed:
+            parts = part_views(streamer.host[i], streamer.sources[i])
+            self.hot_tiles[i] = {m: {p: torch.empty((quota, *t.shape[1:]), dtype=t.dtype, device=self.device)
+                                     for p, t in ps.items()} for m, ps in parts.items()}
+        self.hot_capacity = quota
 
     def after_prefill(self) -> None:
-        kept = {i: layer.resident for i, layer in self.layers.items() if i in self.hot_tiles and layer.resident}
+        kept = {}
+        for i, index in self.hot_index.items():  # the host learns the choices only now: no sync per layer
+            experts, layer = index.tolist(), self.layers[i]
+            hot = set(experts)  # the remote experts stay as they were (placed again below), less the hot ones
+            if layer.place(experts, self.hot_tiles[i], [e for e in layer.remote if e not in hot]):
+                self.plan = None  # a new buffer (or a side of the layer switched): capture again
+            kept[i] = experts
         if kept:
             self.hot_stats = self._hot_stats(kept)
         # else placed by the next decode step, from this prefill's routing
@@ -362,28 +385,16 @@ class HybridDecodeEngine:
         self.setup = dict(hot_load_s=0.0, capture_s=0.0)  # this sequence's own (none where the graph is kept)
 
     def keep_hot(self, layer: int, parts: dict[str, dict[str, torch.Tensor]], counts: torch.Tensor) -> None:
-        """A streamed layer's experts are in VRAM, after its routing: keep the hot_quota most-picked of them, copied
-        out of the stream buffer (before the next layer's copy reuses it) into this layer's hot buffer, made at the
-        first such prefill and kept while later prompts leave it room (so a captured step stays valid)."""
-        if not self.hot_quota or layer not in self.layers or self.layers[layer].whole_layer:
+        """A streamed layer's experts are in VRAM, after its routing: copy its hot_quota most-picked ones out of the
+        stream buffer (before the next layer's copy reuses it) into the layer's hot buffer, chosen on the device."""
+        if not self.hot_quota or layer not in self.hot_tiles:
             return
-        c = counts.tolist()
-        experts = sorted(sorted((e for e in range(len(c)) if c[e] > 0), key=lambda e: -c[e])[: self.hot_quota])
-        if not experts:
-            return
-        buffer = self.hot_tiles.get(layer)
-        if buffer is None:
-            buffer = self.hot_tiles[layer] = {m: {p: torch.empty((self.hot_quota, *t.shape[1:]), dtype=t.dtype,
-                                                                 device=self.device) for p, t in ps.items()}
-                                              for m, ps in parts.items()}
-            self.hot_capacity = self.hot_quota
-        index = torch.tensor(experts, device=self.device)
+        index = torch.topk(counts, self.hot_quota).indices.sort().values  # slot j holds expert index[j]
+        buffer = self.hot_tiles[layer]
         for m, ps in parts.items():
             for p, t in ps.items():
-                torch.index_select(t, 0, index, out=buffer[m][p][: len(experts)])
-        hot = set(experts)  # the remote experts stay as they were (placed again after the prefill), less the hot
-        if self.layers[layer].place(experts, buffer, [e for e in self.layers[layer].remote if e not in hot]):
-            self.plan = None  # a new buffer (or a side of the layer switched): capture again
+                torch.index_select(t, 0, index, out=buffer[m][p])
+        self.hot_index[layer] = index
 
     def _bytes_per_expert(self) -> float:
         streamer = self.prefill_engine.streamer

@@ -530,7 +530,7 @@ class GpuPrefillEngine:
     def prefill(self, tokens: list[int], cache, all_logits: bool = False) -> torch.Tensor:
         started = time.perf_counter()
         for listener in self.listeners:
-            listener.before_prefill(len(tokens))
+            listener.before_prefill(cache.length + len(tokens))  # attention reads every position so far
         writer = CacheWriter(cache, self.device)
         self.ops.routing_counts = {}
         self.streamer.begin()

@@ -317,3 +317,22 @@ def test_cuda_one_graph_step_equals_the_event_path(tiny, resident):
     assert one.timing["cpu_picks"] == split.timing["cpu_picks"] > 0
     for a, b in zip(*runs, strict=True):
         assert torch.equal(a, b)
+
+
+def test_hot_buffers_follow_the_room(tiny):
+    """The hot buffers stay for prompts whose room holds them and not twice them (so the captured step stays valid),
+    are made again where the room doubles or falls short, and never hold more experts than a layer has."""
+    rt = krasis_run.load(tiny.artifact("q4", "q8"), threads=1, kernel="reference")
+    per_expert = max(c.length for c in rt.artifact.chunks.values() if c.section == "experts_gpu") / rt.args.num_experts
+    rooms = iter([4, 5, 8, 3, 1000])  # experts a layer (two streamed layers)
+    engine = hybrid_engine(rt, {1}, hot_bytes=1 << 40,
+                           prefill_hot_room=lambda tokens: int(next(rooms) * 2 * per_expert) + 1)
+    ids = prompt_ids(rt.args.vocab_size, 30, seed=8)
+    seen = []
+    for _ in range(5):
+        engine.prefill_engine.prefill(ids, engine.new_cache(40))
+        seen.append((engine.hot_capacity, engine.hot_tiles[0]))
+    capacities = [c for c, _ in seen]
+    assert capacities == [4, 4, 8, 3, rt.args.num_experts]
+    assert seen[1][1] is seen[0][1] and seen[2][1] is not seen[1][1]  # kept at 5, made again at 8
+    assert all(len(engine.layers[i].resident) == rt.args.num_experts for i in (0, 2))

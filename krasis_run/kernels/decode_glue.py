@@ -248,8 +248,9 @@ def add_rms_norm(x: torch.Tensor, delta: torch.Tensor, weight: torch.Tensor, eps
             raise ValueError("add_rms_norm writes int8 groups on the Triton path only")
         x += delta
         return rms_norm(x, weight, eps).to(out_dtype)
-    if x_int8 is not None and (out_dtype != torch.bfloat16 or h % 32):
-        raise ValueError("int8 groups are written from a bf16 output with H a multiple of 32")
+    if x_int8 is not None and (out_dtype != torch.bfloat16 or h % 32 or [t.numel() for t in x_int8] != [m * h // 4]
+                               + 3 * [m * h // 32] or not all(t.is_contiguous() for t in x_int8)):
+        raise ValueError("int8 groups are written from a bf16 output with H a multiple of 32, into int8_groups(M, H)")
     y = torch.empty(m, h, dtype=out_dtype, device=x.device)
     delta = _rows(delta)
     block = next_pow2(h)
