@@ -128,6 +128,17 @@ def profile(rt, prompt: int) -> None:
 DECODE_PROMPT = 4096
 
 
+def source_hash() -> str:
+    """sha256 (16 hex digits) of the runtime's sources: names the code that ran whatever git says."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for path in sorted((ROOT / "krasis_run").rglob("*")):
+        if path.suffix in (".py", ".c", ".inc") and "_build" not in path.parts:
+            h.update(str(path.relative_to(ROOT)).encode() + b"\0" + path.read_bytes())
+    return h.hexdigest()[:16]
+
+
 def decode_speed(rt, runs: int = 3, tokens: int = 64) -> list[float]:
     """Decode tok/s of `tokens` greedy tokens after a DECODE_PROMPT-token GPU prefill, `runs` times."""
     ids = torch.randint(0, rt.args.vocab_size, (DECODE_PROMPT,), generator=torch.Generator().manual_seed(1)).tolist()
@@ -324,6 +335,7 @@ def main() -> None:
     if not record["commit"]:
         git = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=ROOT)
         record["commit"] = git.stdout.strip() or None
+    record["source_hash"] = source_hash()  # what ran, where the commit above can be stale (a copied tree)
     ceil = None
     prompts = [int(p) for p in args.prompts.split(",")] if args.prompts else []
     for budget in args.budgets.split(",") if prompts else []:
