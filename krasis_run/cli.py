@@ -76,10 +76,13 @@ def run(
             f"read in place from the {_size(rt.placement.mapped_bytes)} mapping)")
     p = rt.placement
     if p.prefill_device == "cuda":
-        _status(f"GPU: budget {_size(p.gpu_budget)}, context {p.context} tokens of KV cache in VRAM, "
-                f"{len(p.resident_layers)} expert layers resident, the rest streamed from the {p.prefill_section} "
-                f"section for prefill; decode {rt.engine.mode} (experts not in VRAM: on the CPU, part of them "
-                f"read by the GPU over PCIe)")
+        v = p.vram_plan
+        _status(f"GPU: budget {_size(p.gpu_budget)}: dense weights {_size(v['dense'])}, KV cache "
+                f"{_size(v['kv_cache'])} for {p.context} tokens and prefill workspace {_size(v['workspace'])} "
+                f"(both sized by --context), {len(p.resident_layers)} expert layers resident "
+                f"({_size(v['resident_experts'])}), the rest streamed from the {p.prefill_section} section for "
+                f"prefill; decode {rt.engine.mode} (experts not in VRAM: on the CPU, part of them read by the GPU "
+                f"over PCIe)")
     if serve:
         from .server import run_server
 
