@@ -357,7 +357,7 @@ class HybridDecodeEngine:
             if quota:
                 self._make_hot_buffers(streamed, quota)
         self.hot_quota = self.hot_capacity if self.hot_tiles else 0
-        self.hot_index: dict[int, torch.Tensor] = {}
+        self.hot_index = {}
 
     def _make_hot_buffers(self, streamed: list[int], quota: int) -> None:
         """A buffer of `quota` experts' tiles per streamed layer, made before the prefill (not between its layers'

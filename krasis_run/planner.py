@@ -256,24 +256,26 @@ def place_weights(artifact: Artifact, placement: Placement) -> dict:
             weights[name] = view.parts["w"].float()  # routing decisions in float32, as in the reference
         else:
             weights[name] = view
-    return stack_qkv_views(weights)
+    return stack_qkv(weights, RowsStack.of)
 
 
-def stack_qkv_views(weights: dict) -> dict:
-    """`P.q_proj`, `P.k_proj`, `P.v_proj` (rows of one codec, no biases) -> one `P.qkv_proj` RowsStack: the model
-    then makes one projection call for three (the CPU kernels: one quantization of x, one parallel region)."""
+QKV_ROLES = ("q_proj", "k_proj", "v_proj")
+
+
+def stack_qkv(weights: dict, stack: Callable[[list], object | None]) -> dict:
+    """`P.q_proj`, `P.k_proj`, `P.v_proj` (no biases) -> one `P.qkv_proj` = stack([q, k, v]) where that is not None:
+    the model then makes one projection call for three (CPU: a RowsStack of the views in place, one native call; GPU:
+    the matrices concatenated, one GEMV a decode step instead of three)."""
     for name in [n for n in weights if n.endswith(".q_proj")]:
         prefix = name[: -len("q_proj")]
-        roles = ("q_proj", "k_proj", "v_proj")
-        if any(prefix + r + "_bias" in weights for r in roles):
+        if any(prefix + r + "_bias" in weights for r in QKV_ROLES):
             continue
-        stack = RowsStack.of([weights.get(prefix + r) for r in roles])
-        if stack is not None:
-            weights[prefix + "qkv_proj"] = stack
-            for r in roles:
+        stacked = stack([weights.get(prefix + r) for r in QKV_ROLES])
+        if stacked is not None:
+            weights[prefix + "qkv_proj"] = stacked
+            for r in QKV_ROLES:
                 del weights[prefix + r]
     return weights
-
 
 def set_threads(threads: int | None) -> int:
     threads = threads or physical_cores()

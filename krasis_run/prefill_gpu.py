@@ -31,7 +31,7 @@ from .kernels.dequant import dequant_experts
 from .kernels.moe_combine import moe_combine
 from .kernels.norm_rope import fused_norm_rope
 from .kernels.reference import norm_rope, rms_norm
-from .planner import DEQUANT_SLICE_BYTES, EXPERT_TOKEN_CHUNK, expert_token_chunk, gpu_keeps_quantized
+from .planner import DEQUANT_SLICE_BYTES, EXPERT_TOKEN_CHUNK, expert_token_chunk, gpu_keeps_quantized, stack_qkv
 
 HOST_REGISTER_READ_ONLY = 8  # cudaHostRegisterReadOnly
 GEMV_ROWS = 4  # inputs of at most this many rows (decode steps) read a q8 matrix as stored; longer ones dequantize it
@@ -483,26 +483,16 @@ def place_gpu_weights(artifact: Artifact, device: torch.device, streamer: Expert
             weights[name] = w.to(torch.bfloat16)
     for layer in streamer.layers:
         weights[f"layers.{layer}.experts"] = ExpertHandle(streamer, layer)
-    return stack_qkv(weights)
+    return stack_qkv(weights, concat_rows)
 
 
-def stack_qkv(weights: dict) -> dict:
-    """`P.q_proj`, `P.k_proj`, `P.v_proj` (all bf16 or all Q8Rows, no biases) -> one `P.qkv_proj` the model splits
-    after one GEMM: a decode step launches one GEMV instead of three (48 layers: ~100 kernels a token fewer)."""
-    for name in [n for n in weights if n.endswith(".q_proj")]:
-        prefix = name[: -len("q_proj")]
-        parts = [weights.get(prefix + r) for r in ("q_proj", "k_proj", "v_proj")]
-        if any(prefix + r + "_bias" in weights for r in ("q_proj", "k_proj", "v_proj")):
-            continue
-        if all(isinstance(p, Q8Rows) for p in parts):
-            weights[prefix + "qkv_proj"] = Q8Rows(torch.cat([p.q for p in parts]), torch.cat([p.scale for p in parts]))
-        elif all(isinstance(p, torch.Tensor) and p.dtype == torch.bfloat16 for p in parts):
-            weights[prefix + "qkv_proj"] = torch.cat(parts)
-        else:
-            continue
-        for r in ("q_proj", "k_proj", "v_proj"):
-            del weights[prefix + r]
-    return weights
+def concat_rows(parts: list) -> torch.Tensor | Q8Rows | None:
+    """q, k and v as one matrix in VRAM (all bf16 or all Q8Rows), for planner.stack_qkv; None for anything else."""
+    if all(isinstance(p, Q8Rows) for p in parts):
+        return Q8Rows(torch.cat([p.q for p in parts]), torch.cat([p.scale for p in parts]))
+    if all(isinstance(p, torch.Tensor) and p.dtype == torch.bfloat16 for p in parts):
+        return torch.cat(parts)
+    return None
 
 
 class GpuPrefillEngine:
