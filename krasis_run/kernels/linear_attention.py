@@ -15,6 +15,12 @@ one triangular solve per chunk instead of a Python step per token (prefill of a 
 Only the state's passage from chunk to chunk is sequential. On CUDA one Triton program per (head, block of value
 columns) carries the state in registers through every chunk (`delta_chunks`); the torch loop beside it (a few small
 kernels per chunk, ~30x slower at 8K tokens on the H200) is the reference and the CPU path.
+
+`gated_delta_layer` is a whole layer from its input projections to the gated norm that out_proj reads (causal conv,
+silu, l2 norms, decay and beta, the rule, the norm). On CUDA it is four Triton kernels (`_triton_layer`): the
+projections are read once in place, and nothing of the [T, channels] float32 glue between them is materialized in
+torch: at 32K tokens that glue (copies, casts, elementwise passes) took ~60% of a linear-attention layer.
+`_layer_torch` is the same layer in torch: the reference, the CPU path and decode's single step.
 """
 
 from __future__ import annotations
@@ -22,6 +28,7 @@ from __future__ import annotations
 import functools
 
 import torch
+import torch.nn.functional as F
 
 CHUNK = 64
 BLOCK_V = 64  # value columns of the state per Triton program
@@ -136,3 +143,189 @@ def gated_delta_chunked(q, k, v, log_decay, beta, state, chunk: int = CHUNK, use
     state = state.float().clone()
     delta_chunks(u_v, w, q_decayed, p, k_decayed, last.exp(), state, out, use_triton)
     return out.permute(1, 2, 0, 3).reshape(n * chunk, heads, dv)[:t_len], state
+
+
+def _layer_torch(q, k, v, z, b, a, taps, conv_state, a_log, dt_bias, norm_weight, state, eps, l2_eps):
+    t, nk, dk = q.shape
+    r, dv = v.shape[2], v.shape[3]
+    nv, kernel = nk * r, taps.shape[0]
+    mixed = torch.cat([q.reshape(t, -1), k.reshape(t, -1), v.reshape(t, -1)], dim=-1).float()
+    seq = torch.cat([conv_state.float(), mixed], dim=0)  # [kernel - 1 + T, conv_dim]: causal depthwise conv
+    conv = seq[:t] * taps[0]  # as shifted multiply-adds: cuDNN's depthwise conv1d took 4x longer
+    for j in range(1, kernel):
+        conv.addcmul_(seq[j:j + t], taps[j])
+    q, k, v = F.silu(conv).split([nk * dk, nk * dk, nv * dv], dim=-1)
+    q, k = q.reshape(t, nk, dk), k.reshape(t, nk, dk)  # l2-normed per key head, then shared by its value heads
+    q = (q * torch.rsqrt((q * q).sum(-1, keepdim=True) + l2_eps) / dk**0.5).repeat_interleave(r, dim=1)
+    k = (k * torch.rsqrt((k * k).sum(-1, keepdim=True) + l2_eps)).repeat_interleave(r, dim=1)
+    beta = torch.sigmoid(b.reshape(t, nv).float())
+    log_decay = -a_log.exp() * F.softplus(a.reshape(t, nv).float() + dt_bias)
+    rule = gated_delta_recurrent if t == 1 else gated_delta_chunked  # decode: one step; prefill: chunks
+    out, state = rule(q, k, v.reshape(t, nv, dv), log_decay, beta, state)
+    normed = out * torch.rsqrt(out.square().mean(-1, keepdim=True) + eps) * norm_weight
+    gated = normed * F.silu(z.reshape(t, nv, dv).float())
+    return gated.reshape(t, nv * dv), seq[-(kernel - 1):], state
+
+
+@functools.cache
+def _triton_layer():
+    try:
+        import triton
+        import triton.language as tl
+    except ImportError:
+        return None
+
+    @triton.jit
+    def _conv(x_ptr, row_stride, channel0, rows, cols, T, taps_ptr, held_ptr, conv_dim,
+                  KERNEL: tl.constexpr, C: tl.constexpr, D: tl.constexpr):
+        """The causal conv at token `rows` of the D channels from channel0; inputs before the first token come from
+        the held conv state [KERNEL - 1, conv_dim]."""
+        acc = tl.full([C, D], 0.0, tl.float32)  # not tl.zeros: the interpreter runs a helper's library calls unpatched
+        for j in tl.static_range(KERNEL):
+            src = rows - (KERNEL - 1) + j
+            x = tl.load(x_ptr + src[:, None].to(tl.int64) * row_stride + cols[None, :],
+                        mask=((src >= 0) & (src < T))[:, None], other=0.0).to(tl.float32)
+            held = tl.load(held_ptr + (src + KERNEL - 1)[:, None] * conv_dim + channel0 + cols[None, :],
+                           mask=(src < 0)[:, None], other=0.0)
+            acc += (x + held) * tl.load(taps_ptr + j * conv_dim + channel0 + cols)[None, :]
+        return acc
+
+    @triton.jit
+    def prep_kernel(q_ptr, k_ptr, v_ptr, b_ptr, a_ptr, sq_t, sq_h, sk_t, sk_h, sv_t, sv_h, sv_r, sb_t, sb_h, sb_r,
+                    sa_t, sa_h, sa_r, taps_ptr, held_ptr, a_log_ptr, dt_bias_ptr, qn_ptr, kn_ptr, vn_ptr, g_ptr,
+                    beta_ptr, T, TP, conv_dim, q_scale, l2_eps, KERNEL: tl.constexpr, C: tl.constexpr,
+                    DK: tl.constexpr, DV: tl.constexpr, R: tl.constexpr, NK: tl.constexpr):
+        """One chunk of tokens of one key head: conv + silu + l2 norms of its q and k, its R value heads' v, their
+        decay (running sum within the chunk) and beta; padding tokens past T get zeros."""
+        c, hk = tl.program_id(0), tl.program_id(1)
+        rows = c * C + tl.arange(0, C)
+        valid = rows < T
+        rk, rv = tl.arange(0, DK), tl.arange(0, DV)
+        q = _conv(q_ptr + hk * sq_h, sq_t, hk * DK, rows, rk, T, taps_ptr, held_ptr, conv_dim, KERNEL, C, DK)
+        q = q * tl.sigmoid(q)
+        q = q * (tl.rsqrt(tl.sum(q * q, 1) + l2_eps) * q_scale)[:, None]
+        k = _conv(k_ptr + hk * sk_h, sk_t, (NK + hk) * DK, rows, rk, T, taps_ptr, held_ptr, conv_dim, KERNEL, C, DK)
+        k = k * tl.sigmoid(k)
+        k = k * tl.rsqrt(tl.sum(k * k, 1) + l2_eps)[:, None]
+        key_rows = (hk * TP + rows)[:, None].to(tl.int64) * DK + rk[None, :]
+        tl.store(qn_ptr + key_rows, tl.where(valid[:, None], q, 0.0))
+        tl.store(kn_ptr + key_rows, tl.where(valid[:, None], k, 0.0))
+        for j in tl.static_range(R):
+            hv = hk * R + j
+            v = _conv(v_ptr + hk * sv_h + j * sv_r, sv_t, 2 * NK * DK + hv * DV, rows, rv, T, taps_ptr, held_ptr,
+                      conv_dim, KERNEL, C, DV)
+            v = v * tl.sigmoid(v)
+            value_rows = (hv * TP + rows)[:, None].to(tl.int64) * DV + rv[None, :]
+            tl.store(vn_ptr + value_rows, tl.where(valid[:, None], v, 0.0))
+            b = tl.load(b_ptr + rows * sb_t + hk * sb_h + j * sb_r, mask=valid, other=0.0).to(tl.float32)
+            a = tl.load(a_ptr + rows * sa_t + hk * sa_h + j * sa_r, mask=valid, other=0.0).to(tl.float32)
+            a = a + tl.load(dt_bias_ptr + hv)
+            softplus = tl.where(a > 20.0, a, tl.log(1.0 + tl.exp(tl.minimum(a, 20.0))))  # torch's threshold
+            g = tl.where(valid, -tl.exp(tl.load(a_log_ptr + hv)) * softplus, 0.0)
+            tl.store(g_ptr + hv * TP + rows, tl.cumsum(g, 0))
+            tl.store(beta_ptr + hv * TP + rows, tl.where(valid, tl.sigmoid(b), 0.0))
+
+    @triton.jit
+    def intra_kernel(qn_ptr, kn_ptr, vn_ptr, g_ptr, beta_ptr, uv_ptr, w_ptr, qd_ptr, kd_ptr, p_ptr, last_ptr, TP, N,
+                     R: tl.constexpr, C: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr):
+        """The state-free terms of one chunk of one value head (gated_delta_chunked's batched part): (I + A)^-1 by
+        forward substitution, u_v, w, the decayed q and k, the masked q k^T and the chunk's total decay."""
+        c, hv = tl.program_id(0), tl.program_id(1)
+        hk = hv // R
+        rc, rk, rv = tl.arange(0, C), tl.arange(0, DK), tl.arange(0, DV)
+        tok = c * C + rc
+        key_rows = (hk * TP + tok)[:, None].to(tl.int64) * DK + rk[None, :]
+        k = tl.load(kn_ptr + key_rows)
+        g = tl.load(g_ptr + hv * TP + tok)
+        beta = tl.load(beta_ptr + hv * TP + tok)
+        # A[i, j] = beta_i e^(G_i - G_j) k_i.k_j (j < i), held transposed (j on rows): column i is what step i reads
+        before = rc[:, None] < rc[None, :]
+        a_t = tl.where(before, beta[None, :] * tl.exp(tl.where(before, g[None, :] - g[:, None], 0.0)) *
+                       tl.dot(k, tl.trans(k)), 0.0)
+        inverse = tl.where(rc[:, None] == rc[None, :], 1.0, 0.0)
+        for i in range(1, C):  # row i of (I + A)^-1 = e_i - sum_j<i A[i, j] row j
+            a_row = tl.sum(tl.where(rc[None, :] == i, a_t, 0.0), 1)
+            inverse = tl.where(rc[:, None] == i, inverse - tl.sum(a_row[:, None] * inverse, 0)[None, :], inverse)
+        base = (hv * N + c).to(tl.int64) * C
+        v = tl.load(vn_ptr + (hv * TP + tok)[:, None].to(tl.int64) * DV + rv[None, :])
+        tl.store(uv_ptr + (base + rc[:, None]) * DV + rv[None, :], tl.dot(inverse, beta[:, None] * v))
+        decay = tl.exp(g)
+        tl.store(w_ptr + (base + rc[:, None]) * DK + rk[None, :], tl.dot(inverse, (beta * decay)[:, None] * k))
+        g_last = tl.load(g_ptr + hv * TP + c * C + C - 1)
+        tl.store(kd_ptr + (base + rc[:, None]) * DK + rk[None, :], tl.exp(g_last - g)[:, None] * k)
+        q = tl.load(qn_ptr + key_rows)
+        tl.store(qd_ptr + (base + rc[:, None]) * DK + rk[None, :], decay[:, None] * q)
+        upto = rc[:, None] >= rc[None, :]
+        gap = tl.where(upto, tl.exp(tl.where(upto, g[:, None] - g[None, :], 0.0)), 0.0)
+        tl.store(p_ptr + (base + rc[:, None]) * C + rc[None, :], gap * tl.dot(q, tl.trans(k)))
+        tl.store(last_ptr + hv * N + c, tl.exp(g_last))
+
+    @triton.jit
+    def gated_norm_kernel(o_ptr, z_ptr, sz_t, sz_h, sz_r, w_ptr, y_ptr, T, N, eps, R: tl.constexpr, C: tl.constexpr,
+                          DV: tl.constexpr, NV: tl.constexpr):
+        """rms norm of one chunk of one value head's outputs, times the norm weight and silu(z), into y [T, NV*DV]."""
+        c, hv = tl.program_id(0), tl.program_id(1)
+        rc, rv = tl.arange(0, C), tl.arange(0, DV)
+        tok = c * C + rc
+        valid = tok < T
+        o = tl.load(o_ptr + ((hv * N + c).to(tl.int64) * C + rc[:, None]) * DV + rv[None, :])
+        o = o * tl.rsqrt(tl.sum(o * o, 1) / DV + eps)[:, None] * tl.load(w_ptr + rv)[None, :]
+        z = tl.load(z_ptr + tok[:, None].to(tl.int64) * sz_t + (hv // R) * sz_h + (hv % R) * sz_r + rv[None, :],
+                    mask=valid[:, None], other=0.0).to(tl.float32)
+        tl.store(y_ptr + tok[:, None].to(tl.int64) * (NV * DV) + hv * DV + rv[None, :], o * z * tl.sigmoid(z),
+                 mask=valid[:, None])
+
+    globals().update(_conv=_conv)  # the interpreter runs a kernel in its module's globals, not the closure
+
+    def run(q, k, v, z, b, a, taps, held, a_log, dt_bias, norm_weight, state, eps, l2_eps, chunk):
+        t, nk, dk = q.shape
+        r, dv = v.shape[2], v.shape[3]
+        nv, n = nk * r, triton.cdiv(t, chunk)
+        tp, f32, dev = n * chunk, torch.float32, q.device
+        qn, kn = (torch.empty(nk, tp, dk, dtype=f32, device=dev) for _ in range(2))
+        vn = torch.empty(nv, tp, dv, dtype=f32, device=dev)
+        g, beta = (torch.empty(nv, tp, dtype=f32, device=dev) for _ in range(2))
+        prep_kernel[(n, nk)](q, k, v, b, a, q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0),
+                             v.stride(1), v.stride(2), b.stride(0), b.stride(1), b.stride(2), a.stride(0), a.stride(1),
+                             a.stride(2), taps, held, a_log, dt_bias, qn, kn, vn, g, beta, t, tp, taps.shape[1],
+                             dk**-0.5, l2_eps, KERNEL=taps.shape[0], C=chunk, DK=dk, DV=dv, R=r, NK=nk, num_warps=4)
+        u_v, out = (torch.empty(nv, n, chunk, dv, dtype=f32, device=dev) for _ in range(2))
+        w, q_decayed, k_decayed = (torch.empty(nv, n, chunk, dk, dtype=f32, device=dev) for _ in range(3))
+        p = torch.empty(nv, n, chunk, chunk, dtype=f32, device=dev)
+        decay_last = torch.empty(nv, n, dtype=f32, device=dev)
+        intra_kernel[(n, nv)](qn, kn, vn, g, beta, u_v, w, q_decayed, k_decayed, p, decay_last, tp, n, R=r, C=chunk,
+                              DK=dk, DV=dv, num_warps=8)
+        state = state.float().clone()
+        delta_chunks(u_v, w, q_decayed, p, k_decayed, decay_last, state, out, use_triton=True)
+        y = torch.empty(t, nv * dv, dtype=f32 if z.dtype == f32 else torch.bfloat16, device=dev)
+        gated_norm_kernel[(n, nv)](out, z, z.stride(0), z.stride(1), z.stride(2), norm_weight, y, t, n, eps, R=r,
+                                   C=chunk, DV=dv, NV=nv, num_warps=4)
+        return y, state
+
+    return run
+
+
+def gated_delta_layer(q, k, v, z, b, a, taps, conv_state, a_log, dt_bias, norm_weight, state, eps: float,
+                      l2_eps: float, chunk: int = CHUNK, use_triton: bool | None = None):
+    """One Gated DeltaNet layer after its input projections: causal conv over q|k|v with the taps [kernel,
+    conv_dim] and the conv state [kernel - 1, conv_dim] (the inputs before these tokens, channels in q|k|v order),
+    silu, l2-normed q (scaled by 1/sqrt(dk)) and k shared by the r value heads of their key head, beta = sigmoid(b),
+    log decay -e^a_log softplus(a + dt_bias), the gated delta rule from `state` [nv, dk, dv], then per value head
+    rms norm (eps) x norm_weight x silu(z).
+
+    q, k [T, nk, dk]; v, z [T, nk, r, dv]; b, a [T, nk, r]: views of the projections (any float dtype, last stride
+    1), value head nv = hk * r + j. Returns (y [T, nv * dv], conv state after, state after)."""
+    t, kernel = q.shape[0], taps.shape[0]
+    dk, dv = q.shape[-1], v.shape[-1]
+    fits = all(d >= 16 and d & (d - 1) == 0 for d in (dk, dv, chunk)) and t > 1  # tl.dot's shapes; decode in torch
+    run = _triton_layer() if (q.is_cuda if use_triton is None else use_triton) and fits else None
+    if run is None:
+        return _layer_torch(q, k, v, z, b, a, taps, conv_state, a_log, dt_bias, norm_weight, state, eps, l2_eps)
+    if any(x.stride(-1) != 1 for x in (q, k, v, z, b, a)):
+        raise ValueError("gated_delta_layer reads the projections in place: their last dimension must be contiguous")
+    held = conv_state.float().contiguous()
+    y, state = run(q, k, v, z, b, a, taps.float().contiguous(), held, a_log.float().contiguous(),
+                   dt_bias.float().contiguous(), norm_weight.float().contiguous(), state, eps, l2_eps, chunk)
+    tail = min(t, kernel - 1)  # the conv state after: the last kernel - 1 inputs, older ones from before
+    recent = torch.cat([x[-tail:].reshape(tail, -1) for x in (q, k, v)], dim=-1).float()
+    return y, torch.cat([held, recent])[-(kernel - 1):], state

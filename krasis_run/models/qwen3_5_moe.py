@@ -44,7 +44,9 @@ class Model(qwen3_next.Model):
 
     def linear_inputs(self, i: int, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
         a, n, w = self.args, self.layer_names[i], self.w
-        t, nv, dv = x.shape[0], a.linear_num_value_heads, a.linear_value_head_dim
-        mixed = self.ops.linear(x, w[n["in_proj_qkv"]]).float()
-        z = self.ops.linear(x, w[n["in_proj_z"]]).float().view(t, nv, dv)
-        return mixed, z, self.ops.linear(x, w[n["in_proj_b"]]).float(), self.ops.linear(x, w[n["in_proj_a"]]).float()
+        t, nk, dk, dv = x.shape[0], a.linear_num_key_heads, a.linear_key_head_dim, a.linear_value_head_dim
+        r = a.linear_num_value_heads // nk
+        q, k, v = self.ops.linear(x, w[n["in_proj_qkv"]]).split([nk * dk, nk * dk, nk * r * dv], dim=-1)
+        z = self.ops.linear(x, w[n["in_proj_z"]]).view(t, nk, r, dv)
+        b, a_ = (self.ops.linear(x, w[n[p]]).view(t, nk, r) for p in ("in_proj_b", "in_proj_a"))
+        return q.unflatten(-1, (nk, dk)), k.unflatten(-1, (nk, dk)), v.unflatten(-1, (nk, r, dv)), z, b, a_

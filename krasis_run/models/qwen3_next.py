@@ -23,7 +23,7 @@ import torch.nn.functional as F
 
 from ..cache import CacheLayout
 from ..format import KrsError
-from ..kernels.linear_attention import gated_delta_chunked, gated_delta_recurrent
+from ..kernels.linear_attention import gated_delta_layer
 from .base import ConfigError, Rotary, apply_rope, from_hf_fields, rms_norm, rope_frequencies, rope_parameters
 from .base import route as topk_route
 
@@ -155,6 +155,7 @@ class Model:
         self.rms_norm = getattr(ops, "rms_norm", rms_norm)
         self.cache_layout = cache_layout(args)
         self._plus_one: dict[str, torch.Tensor] = {}
+        self._taps: dict[str, torch.Tensor] = {}
 
     def norm(self, x: torch.Tensor, name: str) -> torch.Tensor:
         """Qwen3-Next's RMSNorm: x_normed * (1 + w); 1 + w is formed once per weight."""
@@ -182,17 +183,15 @@ class Model:
         return self.ops.linear(out * torch.sigmoid(gate.reshape(t, -1)), self.w[n["o_proj"]])
 
     def linear_inputs(self, i: int, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        """(q|k|v [T, conv_dim], z [T, value heads, value dim], b [T, value heads], a [T, value heads]) from the
-        input projections, which Qwen3-Next groups per key head."""
+        """Views of the input projections, which Qwen3-Next groups per key head: q, k [T, nk, dk]; v, z [T, nk, r,
+        dv]; b, a [T, nk, r] (value head h = key head h // r)."""
         a, n, w = self.args, self.layer_names[i], self.w
-        t, nk, nv, dk, dv = x.shape[0], a.linear_num_key_heads, a.linear_num_value_heads, a.linear_key_head_dim, \
-            a.linear_value_head_dim
-        r = nv // nk
-        qkvz = self.ops.linear(x, w[n["in_proj_qkvz"]]).float().view(t, nk, 2 * dk + 2 * r * dv)
+        t, nk, dk, dv = x.shape[0], a.linear_num_key_heads, a.linear_key_head_dim, a.linear_value_head_dim
+        r = a.linear_num_value_heads // nk
+        qkvz = self.ops.linear(x, w[n["in_proj_qkvz"]]).view(t, nk, 2 * dk + 2 * r * dv)
         q, k, v, z = qkvz.split([dk, dk, r * dv, r * dv], dim=-1)
-        b, a_ = self.ops.linear(x, w[n["in_proj_ba"]]).float().view(t, nk, 2 * r).split([r, r], dim=-1)
-        mixed = torch.cat([q.reshape(t, nk * dk), k.reshape(t, nk * dk), v.reshape(t, nv * dv)], dim=-1)
-        return mixed, z.reshape(t, nv, dv), b.reshape(t, nv), a_.reshape(t, nv)
+        b, a_ = self.ops.linear(x, w[n["in_proj_ba"]]).view(t, nk, 2 * r).split([r, r], dim=-1)
+        return q, k, v.unflatten(-1, (r, dv)), z.unflatten(-1, (r, dv)), b, a_
 
     def linear_attention(self, i: int, x: torch.Tensor, cache) -> torch.Tensor:
         if x.shape[0] <= LINEAR_TOKEN_SLICE:
@@ -202,32 +201,18 @@ class Model:
 
     def _linear_attention(self, i: int, x: torch.Tensor, cache) -> torch.Tensor:
         a, n, w = self.args, self.layer_names[i], self.w
-        t, nk, nv, dk, dv = x.shape[0], a.linear_num_key_heads, a.linear_num_value_heads, a.linear_key_head_dim, \
-            a.linear_value_head_dim
-        r = nv // nk
-        mixed, z, b, a_ = self.linear_inputs(i, x)
-        kernel = a.linear_conv_kernel_dim
         held = cache.get_state(i)
-        conv_state, state = held if held is not None else (torch.zeros(kernel - 1, a.conv_dim, device=x.device),
-                                                           torch.zeros(nv, dk, dv, device=x.device))
-        seq = torch.cat([conv_state, mixed], dim=0)  # [kernel - 1 + T, conv_dim]: causal depthwise conv
-        taps = _tensor(w[n["conv1d"]]).t().contiguous()  # [kernel, conv_dim]: each tap one contiguous row
-        conv = seq[:t] * taps[0]  # as shifted multiply-adds: cuDNN's depthwise conv1d took 4x longer
-        for j in range(1, kernel):
-            conv.addcmul_(seq[j:j + t], taps[j])
-        q, k, v = F.silu(conv).split([nk * dk, nk * dk, nv * dv], dim=-1)
-        q, k = q.reshape(t, nk, dk), k.reshape(t, nk, dk)  # l2-normed per key head, then shared by its value heads
-        q = (q * torch.rsqrt((q * q).sum(-1, keepdim=True) + L2NORM_EPS) / dk**0.5).repeat_interleave(r, dim=1)
-        k = (k * torch.rsqrt((k * k).sum(-1, keepdim=True) + L2NORM_EPS)).repeat_interleave(r, dim=1)
-        v = v.reshape(t, nv, dv)
-        beta = torch.sigmoid(b)
-        log_decay = -_tensor(w[n["A_log"]]).exp() * F.softplus(a_ + _tensor(w[n["dt_bias"]]))
-        rule = gated_delta_recurrent if t == 1 else gated_delta_chunked  # decode: one step; prefill: chunks
-        out, state = rule(q, k, v, log_decay, beta, state)
-        cache.set_state(i, seq[-(kernel - 1):], state)
-        normed = out * torch.rsqrt(out.square().mean(-1, keepdim=True) + a.rms_norm_eps) * _tensor(w[n["linear_norm"]])
-        gated = normed * F.silu(z)
-        return self.ops.linear(gated.reshape(t, nv * dv), w[n["out_proj"]])
+        if held is None:
+            held = (torch.zeros(a.linear_conv_kernel_dim - 1, a.conv_dim, device=x.device),
+                    torch.zeros(a.linear_num_value_heads, a.linear_key_head_dim, a.linear_value_head_dim,
+                                device=x.device))
+        if n["conv1d"] not in self._taps:  # [kernel, conv_dim]: each tap one contiguous row
+            self._taps[n["conv1d"]] = _tensor(w[n["conv1d"]]).t().contiguous()
+        y, conv_state, state = gated_delta_layer(
+            *self.linear_inputs(i, x), self._taps[n["conv1d"]], held[0], _tensor(w[n["A_log"]]),
+            _tensor(w[n["dt_bias"]]), _tensor(w[n["linear_norm"]]), held[1], a.rms_norm_eps, L2NORM_EPS)
+        cache.set_state(i, conv_state, state)
+        return self.ops.linear(y, w[n["out_proj"]])
 
     def _dense_mlp(self, x: torch.Tensor, gate_up, down) -> torch.Tensor:
         gate, up = self.ops.linear(x, gate_up).float().chunk(2, dim=-1)
