@@ -60,8 +60,12 @@ def bench_layer(tokens: list[int], layers: int, hbm: float) -> None:
               f"({times['torch'] / times['fused']:.1f}x; {layers} layers {times['fused'] * layers:.3f} s); "
               f"fused vs torch rel L2: out {err:.2e}, state {state_err:.2e}; floor (projections in, y out) "
               f"{io / hbm / 1e6:.3f} ms at {hbm:.0f} GB/s")
-        print("  fused kernels (ms): " + ", ".join(f"{k} {v:.2f}" for k, v in sorted(split.items(),
-                                                                                    key=lambda kv: -kv[1])[:8]))
+        print("  fused kernels (ms): " + ", ".join(f"{k[:40]} {v:.2f}" for k, v in sorted(split.items(),
+                                                                                         key=lambda kv: -kv[1])[:6]))
+        for block_v in (32, 128):  # the carry's value columns a program (BLOCK_V; 64 above)
+            default, linear_attention.BLOCK_V = linear_attention.BLOCK_V, block_v
+            print(f"  carry with BLOCK_V {block_v}: fused {timed(run['fused']) * 1e3:.2f} ms")
+            linear_attention.BLOCK_V = default
 
 
 def timed(fn, repeat: int = 3) -> float:

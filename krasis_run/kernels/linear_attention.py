@@ -32,6 +32,7 @@ import torch.nn.functional as F
 
 CHUNK = 64
 BLOCK_V = 64  # value columns of the state per Triton program
+PREP_WARPS = 8  # a [64, 128] float32 tile is 32 registers a thread at 8 warps
 
 
 @functools.cache
@@ -177,43 +178,50 @@ def _triton_layer():
 
     @triton.jit
     def _conv(x_ptr, row_stride, channel0, rows, cols, T, taps_ptr, held_ptr, conv_dim,
-                  KERNEL: tl.constexpr, C: tl.constexpr, D: tl.constexpr):
-        """The causal conv at token `rows` of the D channels from channel0; inputs before the first token come from
-        the held conv state [KERNEL - 1, conv_dim]."""
+              KERNEL: tl.constexpr, C: tl.constexpr, D: tl.constexpr, HELD: tl.constexpr):
+        """The causal conv at token `rows` of the D channels from channel0; with HELD (the first chunk), inputs
+        before the first token come from the held conv state [KERNEL - 1, conv_dim]."""
         acc = tl.full([C, D], 0.0, tl.float32)  # not tl.zeros: the interpreter runs a helper's library calls unpatched
         for j in tl.static_range(KERNEL):
             src = rows - (KERNEL - 1) + j
             x = tl.load(x_ptr + src[:, None].to(tl.int64) * row_stride + cols[None, :],
                         mask=((src >= 0) & (src < T))[:, None], other=0.0).to(tl.float32)
-            held = tl.load(held_ptr + (src + KERNEL - 1)[:, None] * conv_dim + channel0 + cols[None, :],
-                           mask=(src < 0)[:, None], other=0.0)
-            acc += (x + held) * tl.load(taps_ptr + j * conv_dim + channel0 + cols)[None, :]
+            if HELD:
+                x += tl.load(held_ptr + (src + KERNEL - 1)[:, None] * conv_dim + channel0 + cols[None, :],
+                             mask=(src < 0)[:, None], other=0.0)
+            acc += x * tl.load(taps_ptr + j * conv_dim + channel0 + cols)[None, :]
         return acc
 
     @triton.jit
     def prep_kernel(q_ptr, k_ptr, v_ptr, b_ptr, a_ptr, sq_t, sq_h, sk_t, sk_h, sv_t, sv_h, sv_r, sb_t, sb_h, sb_r,
                     sa_t, sa_h, sa_r, taps_ptr, held_ptr, a_log_ptr, dt_bias_ptr, qn_ptr, kn_ptr, vn_ptr, g_ptr,
-                    beta_ptr, T, TP, conv_dim, q_scale, l2_eps, KERNEL: tl.constexpr, C: tl.constexpr,
-                    DK: tl.constexpr, DV: tl.constexpr, R: tl.constexpr, NK: tl.constexpr):
-        """One chunk of tokens of one key head: conv + silu + l2 norms of its q and k, its R value heads' v, their
-        decay (running sum within the chunk) and beta; padding tokens past T get zeros."""
-        c, hk = tl.program_id(0), tl.program_id(1)
+                    beta_ptr, T, TP, conv_dim, q_scale, l2_eps, first_chunk, KERNEL: tl.constexpr, C: tl.constexpr,
+                    DK: tl.constexpr, DV: tl.constexpr, R: tl.constexpr, NK: tl.constexpr, HELD: tl.constexpr):
+        """One chunk of tokens of one part of one key head (part 0: q, 1: k, 2 + j: its value head j's v, decay
+        (running sum within the chunk) and beta): conv + silu (+ l2 norm for q and k); padding past T gets zeros.
+        One part a program keeps one [C, D] tile live (the first version, all parts in one program, ran 10x slower)."""
+        c, hk, part = tl.program_id(0) + first_chunk, tl.program_id(1), tl.program_id(2)
         rows = c * C + tl.arange(0, C)
         valid = rows < T
         rk, rv = tl.arange(0, DK), tl.arange(0, DV)
-        q = _conv(q_ptr + hk * sq_h, sq_t, hk * DK, rows, rk, T, taps_ptr, held_ptr, conv_dim, KERNEL, C, DK)
-        q = q * tl.sigmoid(q)
-        q = q * (tl.rsqrt(tl.sum(q * q, 1) + l2_eps) * q_scale)[:, None]
-        k = _conv(k_ptr + hk * sk_h, sk_t, (NK + hk) * DK, rows, rk, T, taps_ptr, held_ptr, conv_dim, KERNEL, C, DK)
-        k = k * tl.sigmoid(k)
-        k = k * tl.rsqrt(tl.sum(k * k, 1) + l2_eps)[:, None]
         key_rows = (hk * TP + rows)[:, None].to(tl.int64) * DK + rk[None, :]
-        tl.store(qn_ptr + key_rows, tl.where(valid[:, None], q, 0.0))
-        tl.store(kn_ptr + key_rows, tl.where(valid[:, None], k, 0.0))
-        for j in tl.static_range(R):
+        if part == 0:
+            q = _conv(q_ptr + hk * sq_h, sq_t, hk * DK, rows, rk, T, taps_ptr, held_ptr, conv_dim, KERNEL, C, DK,
+                      HELD)
+            q = q * tl.sigmoid(q)
+            q = q * (tl.rsqrt(tl.sum(q * q, 1) + l2_eps) * q_scale)[:, None]
+            tl.store(qn_ptr + key_rows, tl.where(valid[:, None], q, 0.0))
+        elif part == 1:
+            k = _conv(k_ptr + hk * sk_h, sk_t, (NK + hk) * DK, rows, rk, T, taps_ptr, held_ptr, conv_dim, KERNEL, C,
+                      DK, HELD)
+            k = k * tl.sigmoid(k)
+            k = k * tl.rsqrt(tl.sum(k * k, 1) + l2_eps)[:, None]
+            tl.store(kn_ptr + key_rows, tl.where(valid[:, None], k, 0.0))
+        else:
+            j = part - 2
             hv = hk * R + j
             v = _conv(v_ptr + hk * sv_h + j * sv_r, sv_t, 2 * NK * DK + hv * DV, rows, rv, T, taps_ptr, held_ptr,
-                      conv_dim, KERNEL, C, DV)
+                      conv_dim, KERNEL, C, DV, HELD)
             v = v * tl.sigmoid(v)
             value_rows = (hv * TP + rows)[:, None].to(tl.int64) * DV + rv[None, :]
             tl.store(vn_ptr + value_rows, tl.where(valid[:, None], v, 0.0))
@@ -238,15 +246,25 @@ def _triton_layer():
         k = tl.load(kn_ptr + key_rows)
         g = tl.load(g_ptr + hv * TP + tok)
         beta = tl.load(beta_ptr + hv * TP + tok)
-        # A[i, j] = beta_i e^(G_i - G_j) k_i.k_j (j < i), held transposed (j on rows): column i is what step i reads
-        before = rc[:, None] < rc[None, :]
-        a_t = tl.where(before, beta[None, :] * tl.exp(tl.where(before, g[None, :] - g[:, None], 0.0)) *
-                       tl.dot(k, tl.trans(k)), 0.0)
-        inverse = tl.where(rc[:, None] == rc[None, :], 1.0, 0.0)
-        for i in range(1, C):  # row i of (I + A)^-1 = e_i - sum_j<i A[i, j] row j
-            a_row = tl.sum(tl.where(rc[None, :] == i, a_t, 0.0), 1)
-            inverse = tl.where(rc[:, None] == i, inverse - tl.sum(a_row[:, None] * inverse, 0)[None, :], inverse)
         base = (hv * N + c).to(tl.int64) * C
+        square = p_ptr + (base + rc[:, None]) * C + rc[None, :]  # this chunk's [C, C] of p: A's scratch first
+        # A[i, j] = beta_i e^(G_i - G_j) k_i.k_j (j < i), read back a row a step
+        before = rc[:, None] > rc[None, :]
+        tl.store(square, tl.where(before, beta[:, None] * tl.exp(tl.where(before, g[:, None] - g[None, :], 0.0)) *
+                                  tl.dot(k, tl.trans(k)), 0.0))
+        tl.debug_barrier()
+        # (I + A)^-1 transposed, a column at a time: column i = e_i - sum_j<i A[i, j] column j. Summing along rows
+        # keeps each step within a warp (the first version, a row at a time, synchronized all warps twice a step
+        # and took 5x longer)
+        # started from the loaded A (times 0), the tile takes the load's layout: rows spread over warps, each row
+        # within one warp (the default layout split rows over two warps: a barrier a step)
+        inverse_t = tl.where(rc[:, None] == rc[None, :], 1.0, 0.0 * tl.load(square))
+        for i in range(1, C):
+            a_row = tl.load(p_ptr + (base + i) * C + rc)
+            inverse_t = tl.where(rc[None, :] == i, inverse_t - tl.sum(inverse_t * a_row[None, :], 1)[:, None],
+                                 inverse_t)
+        tl.debug_barrier()  # every row of A read before p overwrites it
+        inverse = tl.trans(inverse_t)
         v = tl.load(vn_ptr + (hv * TP + tok)[:, None].to(tl.int64) * DV + rv[None, :])
         tl.store(uv_ptr + (base + rc[:, None]) * DV + rv[None, :], tl.dot(inverse, beta[:, None] * v))
         decay = tl.exp(g)
@@ -257,7 +275,7 @@ def _triton_layer():
         tl.store(qd_ptr + (base + rc[:, None]) * DK + rk[None, :], decay[:, None] * q)
         upto = rc[:, None] >= rc[None, :]
         gap = tl.where(upto, tl.exp(tl.where(upto, g[:, None] - g[None, :], 0.0)), 0.0)
-        tl.store(p_ptr + (base + rc[:, None]) * C + rc[None, :], gap * tl.dot(q, tl.trans(k)))
+        tl.store(square, gap * tl.dot(q, tl.trans(k)))
         tl.store(last_ptr + hv * N + c, tl.exp(g_last))
 
     @triton.jit
@@ -285,10 +303,15 @@ def _triton_layer():
         qn, kn = (torch.empty(nk, tp, dk, dtype=f32, device=dev) for _ in range(2))
         vn = torch.empty(nv, tp, dv, dtype=f32, device=dev)
         g, beta = (torch.empty(nv, tp, dtype=f32, device=dev) for _ in range(2))
-        prep_kernel[(n, nk)](q, k, v, b, a, q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0),
-                             v.stride(1), v.stride(2), b.stride(0), b.stride(1), b.stride(2), a.stride(0), a.stride(1),
-                             a.stride(2), taps, held, a_log, dt_bias, qn, kn, vn, g, beta, t, tp, taps.shape[1],
-                             dk**-0.5, l2_eps, KERNEL=taps.shape[0], C=chunk, DK=dk, DV=dv, R=r, NK=nk, num_warps=4)
+        if taps.shape[0] - 1 > chunk:
+            raise ValueError("the conv's held inputs must fit the first chunk")
+        for first, chunks in ((0, 1), (1, n - 1)):  # the first chunk reads the held conv state, the others not
+            if chunks:
+                prep_kernel[(chunks, nk, 2 + r)](
+                    q, k, v, b, a, q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
+                    v.stride(2), b.stride(0), b.stride(1), b.stride(2), a.stride(0), a.stride(1), a.stride(2), taps,
+                    held, a_log, dt_bias, qn, kn, vn, g, beta, t, tp, taps.shape[1], dk**-0.5, l2_eps, first,
+                    KERNEL=taps.shape[0], C=chunk, DK=dk, DV=dv, R=r, NK=nk, HELD=first == 0, num_warps=PREP_WARPS)
         u_v, out = (torch.empty(nv, n, chunk, dv, dtype=f32, device=dev) for _ in range(2))
         w, q_decayed, k_decayed = (torch.empty(nv, n, chunk, dk, dtype=f32, device=dev) for _ in range(3))
         p = torch.empty(nv, n, chunk, chunk, dtype=f32, device=dev)
