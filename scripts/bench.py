@@ -122,7 +122,7 @@ def profile(rt, prompt: int) -> None:
     ids = torch.randint(0, rt.args.vocab_size, (prompt,), generator=torch.Generator().manual_seed(7)).tolist()
     with torch_profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
         rt.prefill_engine.prefill(ids, rt.engine.new_cache(prompt + 1))
-    print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=22, max_name_column_width=60), flush=True)
+    print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=40, max_name_column_width=60), flush=True)
 
 
 DECODE_PROMPT = 4096

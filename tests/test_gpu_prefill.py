@@ -107,6 +107,20 @@ def test_triton_dequant_matches_torch_reference():
 
 
 @cuda
+def test_router_logits_of_a_bf16_input_match_float32():
+    """The prefill's router GEMM (w as hi + lo bf16 halves, float32 output) against the float32 product."""
+    from krasis_run.prefill_gpu import GpuOps
+
+    ops = GpuOps(torch.device("cuda"), "q4", "rows", exact=False)
+    x = torch.randn(4096, 2048, device="cuda").bfloat16()
+    w = torch.randn(512, 2048, device="cuda") / 45
+    want = torch.nn.functional.linear(x.double(), w.double())
+    err = float((ops.linear(x, w).double() - want).norm() / want.norm())
+    print(f"router logits, hi + lo bf16 against float64: rel L2 {err:.3g}")
+    assert err < 1e-5
+
+
+@cuda
 def test_fused_norm_rope_matches_reference():
     from krasis_run.kernels.norm_rope import fused_norm_rope
     from krasis_run.models.base import norm_rope, rope_cos_sin, rope_inv_freq

@@ -31,7 +31,7 @@ import torch
 import torch.nn.functional as F
 
 CHUNK = 64
-BLOCK_V = 64  # value columns of the state per Triton program
+BLOCK_V = 32  # value columns of the state a Triton program: 4 programs a value head (64 columns: 6% slower at 32K)
 PREP_WARPS = 8  # a [64, 128] float32 tile is 32 registers a thread at 8 warps
 
 

@@ -153,16 +153,29 @@ class Model:
         self.rope = Rotary(*rope_frequencies(args.rope, args.rotary_dim, args.max_position_embeddings))
         self.layer_names = [self.tensor_names(args, i) for i in range(args.num_hidden_layers)]
         self.rms_norm = getattr(ops, "rms_norm", rms_norm)
+        self.add_rms_norm = getattr(ops, "add_rms_norm", None)  # x += delta in place, then the norm, fused
         self.cache_layout = cache_layout(args)
         self._plus_one: dict[str, torch.Tensor] = {}
         self._taps: dict[str, torch.Tensor] = {}
 
-    def norm(self, x: torch.Tensor, name: str) -> torch.Tensor:
-        """Qwen3-Next's RMSNorm: x_normed * (1 + w); 1 + w is formed once per weight."""
+    def plus_one(self, name: str) -> torch.Tensor:
+        """1 + w of Qwen3-Next's RMSNorm (x_normed * (1 + w)), formed once per weight."""
         if name not in self._plus_one:
             self._plus_one[name] = (1.0 + _tensor(self.w[name])).contiguous()
+        return self._plus_one[name]
+
+    def norm(self, x: torch.Tensor, name: str) -> torch.Tensor:
+        """The q/k norms: float32 out, which the rotary and the cache take."""
         flat = x.float().reshape(-1, x.shape[-1]).contiguous()
-        return self.rms_norm(flat, self._plus_one[name], self.args.rms_norm_eps).float().view(x.shape)
+        return self.rms_norm(flat, self.plus_one(name), self.args.rms_norm_eps).float().view(x.shape)
+
+    def add_norm(self, x: torch.Tensor, delta: torch.Tensor, name: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """x + delta (in place where the ops fuse the pair) and its norm in the dtype the projections take (bf16
+        on a GPU prefill: no float32 copy of the normed stream, which they would convert back)."""
+        if self.add_rms_norm is not None:
+            return x, self.add_rms_norm(x, delta, self.plus_one(name), self.args.rms_norm_eps)
+        x = x + delta
+        return x, self.rms_norm(x, self.plus_one(name), self.args.rms_norm_eps)
 
     def full_attention(self, i: int, x: torch.Tensor, cache, start_pos: int, cos, sin) -> torch.Tensor:
         a, n = self.args, self.layer_names[i]
@@ -237,10 +250,13 @@ class Model:
             raise KrsError("a recurrent layer's state holds the tokens so far: new tokens must follow them")
         x = self.ops.embed(tokens, w["embed"]).float()
         cos, sin = self.rope(start_pos, tokens.shape[0], x.device)
-        for i, n in enumerate(self.layer_names):
-            h = self.norm(x, n["attn_norm"])
-            x = x + (self.full_attention(i, h, cache, start_pos, cos, sin) if a.is_full(i)
-                     else self.linear_attention(i, h, cache))
-            x = x + self.mlp(i, self.norm(x, n["mlp_norm"]))
+        # each residual add goes with the norm after it (ops.add_rms_norm fuses the pair)
+        norms = [n[r] for n in self.layer_names for r in ("attn_norm", "mlp_norm")][1:] + ["norm"]
+        h = self.rms_norm(x, self.plus_one(self.layer_names[0]["attn_norm"]), a.rms_norm_eps)
+        for i in range(a.num_hidden_layers):
+            attention = self.full_attention(i, h, cache, start_pos, cos, sin) if a.is_full(i) else \
+                self.linear_attention(i, h, cache)
+            x, h = self.add_norm(x, attention, norms[2 * i])
+            x, h = self.add_norm(x, self.mlp(i, h), norms[2 * i + 1])
         cache.advance(start_pos + tokens.shape[0])
-        return self.ops.linear(self.norm(x if all_logits else x[-1:], "norm"), w["lm_head"])
+        return self.ops.linear(h if all_logits else h[-1:], w["lm_head"])
