@@ -17,10 +17,12 @@ columns) carries the state in registers through every chunk (`delta_chunks`); th
 kernels per chunk, ~30x slower at 8K tokens on the H200) is the reference and the CPU path.
 
 `gated_delta_layer` is a whole layer from its input projections to the gated norm that out_proj reads (causal conv,
-silu, l2 norms, decay and beta, the rule, the norm). On CUDA it is four Triton kernels (`_triton_layer`): the
-projections are read once in place, and nothing of the [T, channels] float32 glue between them is materialized in
-torch: at 32K tokens that glue (copies, casts, elementwise passes) took ~60% of a linear-attention layer.
-`_layer_torch` is the same layer in torch: the reference, the CPU path and decode's single step.
+silu, l2 norms, decay and beta, the rule, the norm). On CUDA it is four Triton kernels (`_triton_layer`): prep (conv
+and norms, reading the projections in place), intra (the state-free terms of each chunk), states (the sequential
+carry, storing the state each chunk starts from) and output (each chunk's outputs from that state, normed and gated),
+so nothing of the [T, channels] float32 glue between them is materialized in torch: at 32K tokens that glue took
+~60% of a linear-attention layer. `_layer_torch` is the same layer in torch: the reference, the CPU path and decode's
+single step.
 """
 
 from __future__ import annotations
@@ -234,20 +236,19 @@ def _triton_layer():
             tl.store(beta_ptr + hv * TP + rows, tl.where(valid, tl.sigmoid(b), 0.0))
 
     @triton.jit
-    def intra_kernel(qn_ptr, kn_ptr, vn_ptr, g_ptr, beta_ptr, uv_ptr, w_ptr, qd_ptr, kd_ptr, p_ptr, last_ptr, TP, N,
+    def intra_kernel(kn_ptr, vn_ptr, g_ptr, beta_ptr, uv_ptr, w_ptr, kd_ptr, a_ptr, last_ptr, TP, N,
                      R: tl.constexpr, C: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr):
-        """The state-free terms of one chunk of one value head (gated_delta_chunked's batched part): (I + A)^-1 by
-        forward substitution, u_v, w, the decayed q and k, the masked q k^T and the chunk's total decay."""
+        """What the carry of one chunk of one value head reads, free of the state: (I + A)^-1 by forward
+        substitution, u_v = (I + A)^-1 beta v, w = (I + A)^-1 beta e^G k, the decayed k and the chunk's decay."""
         c, hv = tl.program_id(0), tl.program_id(1)
         hk = hv // R
         rc, rk, rv = tl.arange(0, C), tl.arange(0, DK), tl.arange(0, DV)
         tok = c * C + rc
-        key_rows = (hk * TP + tok)[:, None].to(tl.int64) * DK + rk[None, :]
-        k = tl.load(kn_ptr + key_rows)
+        k = tl.load(kn_ptr + (hk * TP + tok)[:, None].to(tl.int64) * DK + rk[None, :])
         g = tl.load(g_ptr + hv * TP + tok)
         beta = tl.load(beta_ptr + hv * TP + tok)
         base = (hv * N + c).to(tl.int64) * C
-        square = p_ptr + (base + rc[:, None]) * C + rc[None, :]  # this chunk's [C, C] of p: A's scratch first
+        square = a_ptr + (base + rc[:, None]) * C + rc[None, :]  # this chunk's [C, C] scratch
         # A[i, j] = beta_i e^(G_i - G_j) k_i.k_j (j < i), read back a row a step
         before = rc[:, None] > rc[None, :]
         tl.store(square, tl.where(before, beta[:, None] * tl.exp(tl.where(before, g[:, None] - g[None, :], 0.0)) *
@@ -255,40 +256,64 @@ def _triton_layer():
         tl.debug_barrier()
         # (I + A)^-1 transposed, a column at a time: column i = e_i - sum_j<i A[i, j] column j. Summing along rows
         # keeps each step within a warp (the first version, a row at a time, synchronized all warps twice a step
-        # and took 5x longer)
-        # started from the loaded A (times 0), the tile takes the load's layout: rows spread over warps, each row
-        # within one warp (the default layout split rows over two warps: a barrier a step)
+        # and took 5x longer). Started from the loaded A (times 0), the tile takes the load's layout: rows spread
+        # over warps, each row within one warp (the default layout split rows over two warps: a barrier a step).
         inverse_t = tl.where(rc[:, None] == rc[None, :], 1.0, 0.0 * tl.load(square))
         for i in range(1, C):
-            a_row = tl.load(p_ptr + (base + i) * C + rc)
+            a_row = tl.load(a_ptr + (base + i) * C + rc)
             inverse_t = tl.where(rc[None, :] == i, inverse_t - tl.sum(inverse_t * a_row[None, :], 1)[:, None],
                                  inverse_t)
-        tl.debug_barrier()  # every row of A read before p overwrites it
         inverse = tl.trans(inverse_t)
         v = tl.load(vn_ptr + (hv * TP + tok)[:, None].to(tl.int64) * DV + rv[None, :])
         tl.store(uv_ptr + (base + rc[:, None]) * DV + rv[None, :], tl.dot(inverse, beta[:, None] * v))
-        decay = tl.exp(g)
-        tl.store(w_ptr + (base + rc[:, None]) * DK + rk[None, :], tl.dot(inverse, (beta * decay)[:, None] * k))
+        tl.store(w_ptr + (base + rc[:, None]) * DK + rk[None, :], tl.dot(inverse, (beta * tl.exp(g))[:, None] * k))
         g_last = tl.load(g_ptr + hv * TP + c * C + C - 1)
         tl.store(kd_ptr + (base + rc[:, None]) * DK + rk[None, :], tl.exp(g_last - g)[:, None] * k)
-        q = tl.load(qn_ptr + key_rows)
-        tl.store(qd_ptr + (base + rc[:, None]) * DK + rk[None, :], decay[:, None] * q)
-        upto = rc[:, None] >= rc[None, :]
-        gap = tl.where(upto, tl.exp(tl.where(upto, g[:, None] - g[None, :], 0.0)), 0.0)
-        tl.store(square, gap * tl.dot(q, tl.trans(k)))
         tl.store(last_ptr + hv * N + c, tl.exp(g_last))
 
     @triton.jit
-    def gated_norm_kernel(o_ptr, z_ptr, sz_t, sz_h, sz_r, w_ptr, y_ptr, T, N, eps, R: tl.constexpr, C: tl.constexpr,
-                          DV: tl.constexpr, NV: tl.constexpr):
-        """rms norm of one chunk of one value head's outputs, times the norm weight and silu(z), into y [T, NV*DV]."""
+    def states_kernel(uv_ptr, w_ptr, kd_ptr, decay_ptr, state_ptr, h_ptr, vnew_ptr, n_chunks, C: tl.constexpr,
+                      DK: tl.constexpr, DV: tl.constexpr, BV: tl.constexpr):
+        """The sequential part, for one value head's block of BV state columns: per chunk, store the state it
+        starts from and its corrected values v_new = u_v - w S, then S <- decay S + kd^T v_new. The outputs, which
+        read those, are left to a parallel kernel: two products a step instead of four."""
+        hv = tl.program_id(0)
+        rc, rk = tl.arange(0, C), tl.arange(0, DK)
+        rv = tl.program_id(1) * BV + tl.arange(0, BV)
+        square = rk[:, None] * DV + rv[None, :]
+        state = tl.load(state_ptr + hv.to(tl.int64) * DK * DV + square)  # [DK, BV] float32, in registers
+        for c in range(n_chunks):
+            base = hv.to(tl.int64) * n_chunks + c
+            tl.store(h_ptr + base * DK * DV + square, state)
+            w = tl.load(w_ptr + base * C * DK + rc[:, None] * DK + rk[None, :])
+            u = tl.load(uv_ptr + base * C * DV + rc[:, None] * DV + rv[None, :]) - tl.dot(w, state)
+            tl.store(vnew_ptr + base * C * DV + rc[:, None] * DV + rv[None, :], u)
+            kd = tl.load(kd_ptr + base * C * DK + rc[None, :] * DK + rk[:, None])  # [DK, C]: transposed
+            state = tl.load(decay_ptr + base) * state + tl.dot(kd, u)
+        tl.store(state_ptr + hv.to(tl.int64) * DK * DV + square, state)
+
+    @triton.jit
+    def output_kernel(qn_ptr, kn_ptr, g_ptr, h_ptr, vnew_ptr, z_ptr, sz_t, sz_h, sz_r, w_ptr, y_ptr, T, TP, N, eps,
+                      R: tl.constexpr, C: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr, NV: tl.constexpr):
+        """One chunk of one value head: o = e^G q S_c + (e^(G_t - G_s) [s <= t] q k^T) v_new, then its rms norm
+        times the norm weight and silu(z), into y [T, NV * DV]."""
         c, hv = tl.program_id(0), tl.program_id(1)
-        rc, rv = tl.arange(0, C), tl.arange(0, DV)
+        hk = hv // R
+        rc, rk, rv = tl.arange(0, C), tl.arange(0, DK), tl.arange(0, DV)
         tok = c * C + rc
-        valid = tok < T
-        o = tl.load(o_ptr + ((hv * N + c).to(tl.int64) * C + rc[:, None]) * DV + rv[None, :])
+        key_rows = (hk * TP + tok)[:, None].to(tl.int64) * DK + rk[None, :]
+        q = tl.load(qn_ptr + key_rows)
+        k = tl.load(kn_ptr + key_rows)
+        g = tl.load(g_ptr + hv * TP + tok)
+        base = hv.to(tl.int64) * N + c
+        upto = rc[:, None] >= rc[None, :]
+        p = tl.where(upto, tl.exp(tl.where(upto, g[:, None] - g[None, :], 0.0)), 0.0) * tl.dot(q, tl.trans(k))
+        v_new = tl.load(vnew_ptr + (base * C + rc[:, None]) * DV + rv[None, :])
+        state = tl.load(h_ptr + base * DK * DV + rk[:, None] * DV + rv[None, :])
+        o = tl.dot(tl.exp(g)[:, None] * q, state) + tl.dot(p, v_new)
         o = o * tl.rsqrt(tl.sum(o * o, 1) / DV + eps)[:, None] * tl.load(w_ptr + rv)[None, :]
-        z = tl.load(z_ptr + tok[:, None].to(tl.int64) * sz_t + (hv // R) * sz_h + (hv % R) * sz_r + rv[None, :],
+        valid = tok < T
+        z = tl.load(z_ptr + tok[:, None].to(tl.int64) * sz_t + hk * sz_h + (hv % R) * sz_r + rv[None, :],
                     mask=valid[:, None], other=0.0).to(tl.float32)
         tl.store(y_ptr + tok[:, None].to(tl.int64) * (NV * DV) + hv * DV + rv[None, :], o * z * tl.sigmoid(z),
                  mask=valid[:, None])
@@ -312,17 +337,20 @@ def _triton_layer():
                     v.stride(2), b.stride(0), b.stride(1), b.stride(2), a.stride(0), a.stride(1), a.stride(2), taps,
                     held, a_log, dt_bias, qn, kn, vn, g, beta, t, tp, taps.shape[1], dk**-0.5, l2_eps, first,
                     KERNEL=taps.shape[0], C=chunk, DK=dk, DV=dv, R=r, NK=nk, HELD=first == 0, num_warps=PREP_WARPS)
-        u_v, out = (torch.empty(nv, n, chunk, dv, dtype=f32, device=dev) for _ in range(2))
-        w, q_decayed, k_decayed = (torch.empty(nv, n, chunk, dk, dtype=f32, device=dev) for _ in range(3))
-        p = torch.empty(nv, n, chunk, chunk, dtype=f32, device=dev)
+        u_v, v_new = (torch.empty(nv, n, chunk, dv, dtype=f32, device=dev) for _ in range(2))
+        w, k_decayed = (torch.empty(nv, n, chunk, dk, dtype=f32, device=dev) for _ in range(2))
+        scratch = torch.empty(nv, n, chunk, chunk, dtype=f32, device=dev)
         decay_last = torch.empty(nv, n, dtype=f32, device=dev)
-        intra_kernel[(n, nv)](qn, kn, vn, g, beta, u_v, w, q_decayed, k_decayed, p, decay_last, tp, n, R=r, C=chunk,
-                              DK=dk, DV=dv, num_warps=8)
-        state = state.float().clone()
-        delta_chunks(u_v, w, q_decayed, p, k_decayed, decay_last, state, out, use_triton=True)
+        intra_kernel[(n, nv)](kn, vn, g, beta, u_v, w, k_decayed, scratch, decay_last, tp, n, R=r, C=chunk, DK=dk,
+                              DV=dv, num_warps=8)
+        state = state.float().contiguous().clone()
+        starts = torch.empty(nv, n, dk, dv, dtype=f32, device=dev)  # the state each chunk starts from
+        block_v = min(BLOCK_V, dv)
+        states_kernel[(nv, dv // block_v)](u_v, w, k_decayed, decay_last, state, starts, v_new, n, C=chunk, DK=dk,
+                                           DV=dv, BV=block_v, num_warps=4, num_stages=1)
         y = torch.empty(t, nv * dv, dtype=f32 if z.dtype == f32 else torch.bfloat16, device=dev)
-        gated_norm_kernel[(n, nv)](out, z, z.stride(0), z.stride(1), z.stride(2), norm_weight, y, t, n, eps, R=r,
-                                   C=chunk, DV=dv, NV=nv, num_warps=4)
+        output_kernel[(n, nv)](qn, kn, g, starts, v_new, z, z.stride(0), z.stride(1), z.stride(2), norm_weight, y, t,
+                               tp, n, eps, R=r, C=chunk, DK=dk, DV=dv, NV=nv, num_warps=8, num_stages=1)
         return y, state
 
     return run
