@@ -62,10 +62,13 @@ def bench_layer(tokens: list[int], layers: int, hbm: float) -> None:
               f"{io / hbm / 1e6:.3f} ms at {hbm:.0f} GB/s")
         print("  fused kernels (ms): " + ", ".join(f"{k[:40]} {v:.2f}" for k, v in sorted(split.items(),
                                                                                          key=lambda kv: -kv[1])[:6]))
-        for block_v in (32, 128):  # the carry's value columns a program (BLOCK_V; 64 above)
-            default, linear_attention.BLOCK_V = linear_attention.BLOCK_V, block_v
-            print(f"  carry with BLOCK_V {block_v}: fused {timed(run['fused']) * 1e3:.2f} ms")
-            linear_attention.BLOCK_V = default
+        defaults = {name: getattr(linear_attention, name) for name in ("BLOCK_V", "STATES_WARPS", "OUTPUT_WARPS")}
+        for values in [(32, 4, 8), (64, 8, 8), (64, 4, 8), (32, 8, 4), (128, 8, 8)]:
+            for name, value in zip(defaults, values, strict=True):
+                setattr(linear_attention, name, value)
+            print(f"  BLOCK_V, STATES_WARPS, OUTPUT_WARPS = {values}: fused {timed(run['fused']) * 1e3:.2f} ms")
+        for name, value in defaults.items():
+            setattr(linear_attention, name, value)
 
 
 def timed(fn, repeat: int = 3) -> float:

@@ -35,6 +35,8 @@ import torch.nn.functional as F
 CHUNK = 64
 BLOCK_V = 32  # value columns of the state a Triton program: 4 programs a value head (64 columns: 6% slower at 32K)
 PREP_WARPS = 8  # a [64, 128] float32 tile is 32 registers a thread at 8 warps
+STATES_WARPS = 8  # the carry holds a chunk's inputs twice (this one's and the next one's)
+OUTPUT_WARPS = 8
 
 
 @functools.cache
@@ -282,13 +284,24 @@ def _triton_layer():
         rv = tl.program_id(1) * BV + tl.arange(0, BV)
         square = rk[:, None] * DV + rv[None, :]
         state = tl.load(state_ptr + hv.to(tl.int64) * DK * DV + square)  # [DK, BV] float32, in registers
+        first = hv.to(tl.int64) * n_chunks
+        w_rows, u_rows = rc[:, None] * DK + rk[None, :], rc[:, None] * DV + rv[None, :]
+        kd_cols = rc[None, :] * DK + rk[:, None]  # [DK, C]: kd transposed
+        # each chunk's inputs are loaded one chunk ahead: their latency (one program an SM, reading ~70 KB a
+        # chunk) then overlaps the products of the chunk before, instead of stalling every step
+        w_next = tl.load(w_ptr + first * C * DK + w_rows)
+        u_next = tl.load(uv_ptr + first * C * DV + u_rows)
+        kd_next = tl.load(kd_ptr + first * C * DK + kd_cols)
         for c in range(n_chunks):
-            base = hv.to(tl.int64) * n_chunks + c
+            base = first + c
+            w, u_v, kd = w_next, u_next, kd_next
+            ahead = first + tl.minimum(c + 1, n_chunks - 1)  # the last chunk loads itself again
+            w_next = tl.load(w_ptr + ahead * C * DK + w_rows)
+            u_next = tl.load(uv_ptr + ahead * C * DV + u_rows)
+            kd_next = tl.load(kd_ptr + ahead * C * DK + kd_cols)
             tl.store(h_ptr + base * DK * DV + square, state)
-            w = tl.load(w_ptr + base * C * DK + rc[:, None] * DK + rk[None, :])
-            u = tl.load(uv_ptr + base * C * DV + rc[:, None] * DV + rv[None, :]) - tl.dot(w, state)
-            tl.store(vnew_ptr + base * C * DV + rc[:, None] * DV + rv[None, :], u)
-            kd = tl.load(kd_ptr + base * C * DK + rc[None, :] * DK + rk[:, None])  # [DK, C]: transposed
+            u = u_v - tl.dot(w, state)
+            tl.store(vnew_ptr + base * C * DV + u_rows, u)
             state = tl.load(decay_ptr + base) * state + tl.dot(kd, u)
         tl.store(state_ptr + hv.to(tl.int64) * DK * DV + square, state)
 
@@ -347,10 +360,10 @@ def _triton_layer():
         starts = torch.empty(nv, n, dk, dv, dtype=f32, device=dev)  # the state each chunk starts from
         block_v = min(BLOCK_V, dv)
         states_kernel[(nv, dv // block_v)](u_v, w, k_decayed, decay_last, state, starts, v_new, n, C=chunk, DK=dk,
-                                           DV=dv, BV=block_v, num_warps=4, num_stages=1)
+                                           DV=dv, BV=block_v, num_warps=STATES_WARPS, num_stages=1)
         y = torch.empty(t, nv * dv, dtype=f32 if z.dtype == f32 else torch.bfloat16, device=dev)
         output_kernel[(n, nv)](qn, kn, g, starts, v_new, z, z.stride(0), z.stride(1), z.stride(2), norm_weight, y, t,
-                               tp, n, eps, R=r, C=chunk, DK=dk, DV=dv, NV=nv, num_warps=8, num_stages=1)
+                               tp, n, eps, R=r, C=chunk, DK=dk, DV=dv, NV=nv, num_warps=OUTPUT_WARPS, num_stages=1)
         return y, state
 
     return run

@@ -154,6 +154,7 @@ class Model:
         self.layer_names = [self.tensor_names(args, i) for i in range(args.num_hidden_layers)]
         self.rms_norm = getattr(ops, "rms_norm", rms_norm)
         self.add_rms_norm = getattr(ops, "add_rms_norm", None)  # x += delta in place, then the norm, fused
+        self.route = getattr(ops, "route", topk_route)  # softmax + top k, fused by the engines that can
         self.cache_layout = cache_layout(args)
         self._plus_one: dict[str, torch.Tensor] = {}
         self._taps: dict[str, torch.Tensor] = {}
@@ -235,7 +236,7 @@ class Model:
         a, n, w = self.args, self.layer_names[i], self.w
         if not a.is_sparse(i):
             return self._dense_mlp(x, w[n["mlp_gate_up"]], w[n["mlp_down"]])
-        ids, weights = topk_route(self.ops.linear(x, w[n["router"]]), a.num_experts_per_tok, a.norm_topk_prob)
+        ids, weights = self.route(self.ops.linear(x, w[n["router"]]), a.num_experts_per_tok, a.norm_topk_prob)
         y = self.ops.experts(x, ids, weights, w[n["experts"]]).float()
         if "shared_gate" in n:
             shared = self._dense_mlp(x, w[n["shared_gate_up"]], w[n["shared_down"]])
