@@ -31,6 +31,7 @@ ATTENTION_TOKEN_CHUNK = 4096  # GPU prefill runs each layer's attention half ove
 EXPERT_TOKEN_CHUNK = 4096  # ... and its expert step (prefill_gpu.py) at least this many tokens at a time,
 EXPERT_ROWS = 256  # or as many as give each expert about this many rows per grouped GEMM pass
 DEQUANT_SLICE_BYTES = 64 << 20  # a prompt's GEMM takes a q8 matrix dequantized to bf16 this many bytes at a time
+DEQUANT_KEPT = 3  # the last few q8 matrices dequantized whole stay for the next call (a layer run in token slices)
 GPU_Q8_DENSE = True  # False: every dense matrix dequantized to bf16 in VRAM (the layout before; benchmarks compare)
 
 
@@ -80,8 +81,8 @@ def gpu_keeps_quantized(name: str, codec: str, direct: tuple[str, ...] = ()) -> 
 def _dense_vram(artifact: Artifact, direct: tuple[str, ...] = ()) -> int:
     """Dense weights as the GPU holds them: q8 matrices as stored (gpu_keeps_quantized), other matrices bf16, norms
     and routers float32 (embeddings stay on the host); plus the bf16 slice a prompt's GEMM dequantizes a q8 matrix
-    into (at most DEQUANT_SLICE_BYTES)."""
-    total = slice_bytes = 0
+    into (at most DEQUANT_SLICE_BYTES), and the DEQUANT_KEPT matrices dequantized whole that it keeps."""
+    total = slice_bytes = kept_bytes = 0
     for name, spec in artifact.header["tensors"].items():
         if artifact.chunks[spec["chunk"]].section in (SECTION_EXPERTS_CPU, SECTION_EXPERTS_GPU) or name == "embed":
             continue
@@ -89,9 +90,11 @@ def _dense_vram(artifact: Artifact, direct: tuple[str, ...] = ()) -> int:
         if gpu_keeps_quantized(name, spec["codec"], direct):
             total += shape.numel() + 2 * shape[0]
             slice_bytes = max(slice_bytes, min(DEQUANT_SLICE_BYTES, 2 * shape.numel()))
+            if 2 * shape.numel() <= DEQUANT_SLICE_BYTES:
+                kept_bytes = max(kept_bytes, 2 * shape.numel())
         else:
             total += shape.numel() * (4 if spec["codec"] == "f32" or name.endswith(".router") else 2)
-    return total + slice_bytes
+    return total + slice_bytes + DEQUANT_KEPT * kept_bytes
 
 
 def _workspace(config: dict, tokens: int, codec: str = "q4", attention_chunk: int | None = None,

@@ -32,7 +32,14 @@ from .kernels.dequant import dequant_experts
 from .kernels.moe_combine import moe_combine
 from .kernels.norm_rope import fused_norm_rope
 from .kernels.reference import norm_rope, rms_norm
-from .planner import DEQUANT_SLICE_BYTES, EXPERT_TOKEN_CHUNK, expert_token_chunk, gpu_keeps_quantized, stack_qkv
+from .planner import (
+    DEQUANT_KEPT,
+    DEQUANT_SLICE_BYTES,
+    EXPERT_TOKEN_CHUNK,
+    expert_token_chunk,
+    gpu_keeps_quantized,
+    stack_qkv,
+)
 
 HOST_REGISTER_READ_ONLY = 8  # cudaHostRegisterReadOnly
 GEMV_ROWS = 4  # inputs of at most this many rows (decode steps) read a q8 matrix as stored; longer ones dequantize it
@@ -266,6 +273,7 @@ class GpuOps:
         # decode engine keeps its hot experts from there (a copy in VRAM instead of a second trip over PCIe)
         self.streamed_hooks: list = []
         self._bf16_memo: tuple | None = None  # (x, bf16 copy) of the last activation converted (x kept alive)
+        self._dequantized: dict[int, tuple[Q8Rows, torch.Tensor]] = {}  # id -> (q8 matrix, bf16), oldest first
 
     def _bf16(self, x: torch.Tensor) -> torch.Tensor:
         """x in bf16, converted once: the q/k/v projections share one normed input. By identity: the model never
@@ -336,16 +344,27 @@ class GpuOps:
         both = torch.mm(x, torch.cat([hi, (w - hi.float()).to(torch.bfloat16)]).t(), out_dtype=torch.float32)
         return both[:, :w.shape[0]] + both[:, w.shape[0]:]
 
-    @staticmethod
-    def _linear_dequant(xb: torch.Tensor, w: Q8Rows) -> torch.Tensor:
+    def _linear_dequant(self, xb: torch.Tensor, w: Q8Rows) -> torch.Tensor:
         n, k = w.shape
         rows = max(1, DEQUANT_SLICE_BYTES // (2 * k))
         if n <= rows:
-            return F.linear(xb, w.rows_bf16(0, n))
+            return F.linear(xb, self._dequantized_whole(w))
         out = torch.empty(xb.shape[0], n, dtype=torch.bfloat16, device=xb.device)
         for start in range(0, n, rows):
             out[:, start:start + rows] = F.linear(xb, w.rows_bf16(start, start + rows))
         return out
+
+    def _dequantized_whole(self, w: Q8Rows) -> torch.Tensor:
+        """w in bf16, kept for the next DEQUANT_KEPT - 1 other matrices: a layer run in token slices (Qwen3-Next's
+        linear attention, 8K tokens at a time) reads its projections once per slice, and dequantizing them anew
+        each time was ~3/4 of the dequant work of a 32K prompt (planner._dense_vram counts what is kept)."""
+        held = self._dequantized.pop(id(w), None)
+        if held is None or held[0] is not w:
+            held = (w, w.rows_bf16(0, w.shape[0]))
+        self._dequantized[id(w)] = held  # the most recent last
+        while len(self._dequantized) > DEQUANT_KEPT:
+            del self._dequantized[next(iter(self._dequantized))]
+        return held[1]
 
     def norm_rope(self, x: torch.Tensor, weight: torch.Tensor, eps: float, cos: torch.Tensor,
                   sin: torch.Tensor) -> torch.Tensor:

@@ -324,14 +324,23 @@ def test_gpu_holds_q8_matrices_as_planned(family, monkeypatch):
             assert name == "embed" or isinstance(t, ExpertHandle)
     matrices = [t for t in w.values() if isinstance(t, Q8Rows)]
     slice_bytes = min(prefill_gpu.DEQUANT_SLICE_BYTES, max(2 * t.q.numel() for t in matrices))
-    assert _dense_vram(rt.artifact, direct) == placed + slice_bytes
+    kept = max(2 * t.q.numel() for t in matrices if 2 * t.q.numel() <= prefill_gpu.DEQUANT_SLICE_BYTES)
+    assert _dense_vram(rt.artifact, direct) == placed + slice_bytes + prefill_gpu.DEQUANT_KEPT * kept
     if direct:
         kv_b = [t for name, t in w.items() if name.endswith(direct)]
         assert kv_b and all(isinstance(t, torch.Tensor) and t.dtype == torch.bfloat16 for t in kv_b)
     big = max(matrices, key=lambda t: t.q.numel())
     x = torch.randn(5, big.shape[1])
-    whole = GpuOps._linear_dequant(x.bfloat16(), big)
+    ops = GpuOps(torch.device("cpu"), "q4", "rows", exact=False)
+    whole = ops._linear_dequant(x.bfloat16(), big)
+    assert ops._dequantized_whole(big) is ops._dequantized_whole(big)  # kept for the next slice of tokens
+    others = [t for t in matrices if t is not big][:prefill_gpu.DEQUANT_KEPT]
+    kept = ops._dequantized_whole(big)
+    for t in others:
+        ops._dequantized_whole(t)
+    assert len(ops._dequantized) <= prefill_gpu.DEQUANT_KEPT
+    assert (ops._dequantized_whole(big) is kept) == (len(others) < prefill_gpu.DEQUANT_KEPT)  # the oldest goes
     monkeypatch.setattr(prefill_gpu, "DEQUANT_SLICE_BYTES", 2 * big.shape[1] * 3)  # 3 rows a slice
-    assert torch.equal(GpuOps._linear_dequant(x.bfloat16(), big), whole)
+    assert torch.equal(ops._linear_dequant(x.bfloat16(), big), whole)
     dense = (big.q.float() * big.scale.float()[:, None]).bfloat16()  # the whole-matrix dequant placement did before
     assert torch.equal(whole, torch.nn.functional.linear(x.bfloat16(), dense))
