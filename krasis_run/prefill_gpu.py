@@ -401,7 +401,10 @@ class GpuOps:
             inv = torch.empty_like(order)  # inverse permutation: row of the sorted y for each (token, slot)
             inv[order] = torch.arange(order.numel(), device=order.device)
             xs = x_bf16[order // k + start]
-            counts = torch.bincount(flat, minlength=gate_up.shape[0])
+            # rows per expert by a scatter-add: bincount waits for the device to size its output, which stalled
+            # the host 8 times a layer at 32K tokens and let the GPU's queue run dry
+            counts = torch.zeros(gate_up.shape[0], dtype=flat.dtype, device=flat.device).scatter_add_(
+                0, flat, torch.ones_like(flat))
             seen = self.routing_counts.get(handle.layer)  # how often each expert was picked: decode's hot experts
             self.routing_counts[handle.layer] = counts if seen is None else seen + counts
             h = self._grouped(xs, gate_up, counts)
