@@ -1,9 +1,8 @@
-"""Time the chunked gated delta rule (kernels/linear_attention.py) at Qwen3-Coder-Next's linear-attention shape
-(32 value heads, key/value dim 128) on the GPU: ms per layer and what 36 such layers cost a prompt, next to the
-floor of its reads and writes at the measured HBM copy rate.
-
---layer times the whole layer after its input projections (`gated_delta_layer`: conv, norms, the rule, the gated
-norm) in torch and in the fused Triton kernels, with their agreement and the fused kernels' split."""
+"""Time one Gated DeltaNet layer after its input projections (kernels/linear_attention.gated_delta_layer: conv,
+norms, the rule, the gated norm) at Qwen3-Coder-Next's linear-attention shape (16 key / 32 value heads of 128) on the
+GPU, in torch and in the fused Triton kernels: ms per layer, what --layers such layers cost a prompt, their agreement,
+the fused kernels' split and a few tile settings, next to the floor of the layer's reads and writes at the measured
+HBM copy rate."""
 
 from __future__ import annotations
 
@@ -14,17 +13,7 @@ import time
 import torch
 
 from krasis_run.kernels import linear_attention
-from krasis_run.kernels.linear_attention import gated_delta_chunked, gated_delta_layer
-
-
-def case(t: int, heads: int, dk: int, dv: int, device: str):
-    g = torch.Generator(device=device).manual_seed(0)
-    q = torch.nn.functional.normalize(torch.randn(t, heads, dk, device=device, generator=g), dim=-1) / dk**0.5
-    k = torch.nn.functional.normalize(torch.randn(t, heads, dk, device=device, generator=g), dim=-1)
-    v = torch.randn(t, heads, dv, device=device, generator=g)
-    log_decay = -torch.rand(t, heads, device=device, generator=g) * 0.5
-    beta = torch.rand(t, heads, device=device, generator=g)
-    return q, k, v, log_decay, beta, torch.zeros(heads, dk, dv, device=device)
+from krasis_run.kernels.linear_attention import gated_delta_layer
 
 
 def layer_case(t: int, nk: int = 16, r: int = 2, dk: int = 128, dv: int = 128, kernel: int = 4):
@@ -85,33 +74,13 @@ def timed(fn, repeat: int = 3) -> float:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
-    ap.add_argument("--tokens", default="4096,8192")
-    ap.add_argument("--variants", default="torch:64,triton:64:64,triton:64:32,triton:128:32",
-                    help="path:chunk[:value block] to time")
+    ap.add_argument("--tokens", default="8192,32768")
     ap.add_argument("--layers", type=int, default=36)
-    ap.add_argument("--layer", action="store_true", help="time the whole layer: torch against the fused kernels")
     args = ap.parse_args()
     x = torch.empty(1 << 28, dtype=torch.uint8, device="cuda")
     copy_s = timed(lambda: x.clone())
     hbm = 2 * x.numel() / copy_s / 1e9
-    if args.layer:
-        return bench_layer([int(t) for t in args.tokens.split(",")], args.layers, hbm)
-    for t in map(int, args.tokens.split(",")):
-        inputs = case(t, 32, 128, 128, "cuda")
-        floor = sum(a.numel() * a.element_size() for a in inputs) * 2 / (hbm * 1e9)  # read inputs, write out
-        for variant in args.variants.split(","):
-            path, chunk, *block = variant.split(":")
-            chunk = int(chunk)
-            linear_attention.BLOCK_V = int(block[0]) if block else linear_attention.BLOCK_V
-            s = timed(functools.partial(gated_delta_chunked, *inputs, chunk=chunk, use_triton=path == "triton"))
-            carry = linear_attention.delta_chunks
-            linear_attention.delta_chunks = lambda *a, **k: None  # what is left: the batched, state-free part
-            batched = timed(functools.partial(gated_delta_chunked, *inputs, chunk=chunk))
-            linear_attention.delta_chunks = carry
-            print(f"  of which batched (state-free) work {batched * 1e3:.2f} ms")
-            print(f"T={t} {variant}: {s * 1e3:.2f} ms/layer, {args.layers} layers {s * args.layers:.3f} s "
-                  f"({t / (s * args.layers):.0f} tok/s for linear attention alone); floor {floor * 1e3:.3f} ms/layer "
-                  f"at {hbm:.0f} GB/s")
+    bench_layer([int(t) for t in args.tokens.split(",")], args.layers, hbm)
 
 
 if __name__ == "__main__":
