@@ -12,7 +12,7 @@ import torch
 from tqdm import tqdm
 
 from krasis_run.codecs import encode_parts
-from krasis_run.format import CODECS, DENSE_CODECS
+from krasis_run.format import CODECS, DENSE_CODECS, Q4_GROUP, Q4_GROUPS
 
 from . import __version__
 from .checkpoint import Checkpoint, CompileError, read_json, resolve
@@ -74,14 +74,14 @@ def _compress(data: bytes) -> tuple[bytes, str]:
 
 
 def _write_dense(w: ArtifactWriter, group: Group, chunk: PlannedChunk, dense_codec: str, stats: ErrorStats,
-                 rounding: str) -> None:
+                 rounding: str, q4_group: int) -> None:
     for spec, planned in zip(group.tensors, chunk.tensors, strict=True):
         weight = spec.load()
         codec = KIND_CODEC.get(spec.kind, dense_codec)
         if codec == "f32":
             encoded = {"w": weight.float()}
         else:
-            quantized = quantize(codec, weight, rounding)
+            quantized = quantize(codec, weight, rounding, q4_group)
             if spec.kind == "matrix":
                 stats.add("dense", weight, quantized["sq_err"])
             encoded = encode_parts(codec, "rows", quantized)
@@ -90,7 +90,7 @@ def _write_dense(w: ArtifactWriter, group: Group, chunk: PlannedChunk, dense_cod
 
 
 def _write_experts(w: ArtifactWriter, group: Group, codec: str, sections: tuple[str, ...], stats: ErrorStats,
-                   rounding: str) -> None:
+                   rounding: str, q4_group: int) -> None:
     src = group.experts
     per_expert = 2 * (math.prod(src.gate_up_shape) + math.prod(src.down_shape))
     step = max(1, EXPERT_SLICE_BYTES // per_expert)
@@ -99,7 +99,7 @@ def _write_experts(w: ArtifactWriter, group: Group, codec: str, sections: tuple[
     cpu_blocks: list[dict] = []
     for start in range(0, src.count, step):
         gate_up, down = src.load(start, min(start + step, src.count))
-        q_gate_up, q_down = quantize(codec, gate_up, rounding), quantize(codec, down, rounding)
+        q_gate_up, q_down = quantize(codec, gate_up, rounding, q4_group), quantize(codec, down, rounding, q4_group)
         stats.add("experts", gate_up, q_gate_up["sq_err"])
         stats.add("experts", down, q_down["sq_err"])
         if "gpu" in sections:
@@ -121,13 +121,15 @@ def _write_experts(w: ArtifactWriter, group: Group, codec: str, sections: tuple[
 
 def compile_model(model: str, out: str | Path, quant: str = "q4", dense_quant: str = "q8",
                   sections: tuple[str, ...] = ("gpu", "cpu"), revision: str | None = None,
-                  progress: bool = True, rounding: str = "refit") -> CompileReport:
+                  progress: bool = True, rounding: str = "refit", q4_group: int = Q4_GROUP) -> CompileReport:
     if quant not in CODECS:
         raise CompileError(f"--quant must be one of {', '.join(CODECS)}, not {quant!r}")
     if dense_quant not in DENSE_CODECS:
         raise CompileError(f"--dense-quant must be one of {', '.join(DENSE_CODECS)}, not {dense_quant!r}")
     if rounding not in ROUNDINGS:
         raise CompileError(f"--rounding must be one of {', '.join(ROUNDINGS)}, not {rounding!r}")
+    if q4_group not in Q4_GROUPS:
+        raise CompileError(f"--q4-group must be one of {', '.join(map(str, Q4_GROUPS))}, not {q4_group}")
     if not sections or set(sections) - {"gpu", "cpu"}:
         raise CompileError("--sections takes gpu, cpu or gpu,cpu")
     started = time.perf_counter()
@@ -147,7 +149,7 @@ def compile_model(model: str, out: str | Path, quant: str = "q4", dense_quant: s
     ckpt = Checkpoint(source.folder)
     groups = arch.groups(ckpt, args)
     blob, compression = _compress(tokenizer_json)
-    chunks = plan_chunks(groups, quant, dense_quant, sections, {"tokenizer.json": len(blob)})
+    chunks = plan_chunks(groups, quant, dense_quant, sections, {"tokenizer.json": len(blob)}, q4_group)
     stats = ErrorStats()
     header = {
         "architecture": architecture,
@@ -155,7 +157,7 @@ def compile_model(model: str, out: str | Path, quant: str = "q4", dense_quant: s
         "generation_config": read_json(source.folder, "generation_config.json", required=False),
         "tokenizer": {"blob": "tokenizer.json", "config": tokenizer_config, "chat_template": chat_template},
         "quant": {
-            "experts": quant, "dense": dense_quant, "rounding": rounding,
+            "experts": quant, "dense": dense_quant, "rounding": rounding, "q4_group": q4_group,
             "rel_l2_error": {"experts": ERROR_PLACEHOLDER, "dense": ERROR_PLACEHOLDER},
         },
         "sections": list(sections),
@@ -168,9 +170,9 @@ def compile_model(model: str, out: str | Path, quant: str = "q4", dense_quant: s
         w.write("tokenizer.json", None, blob)
         for group in tqdm(groups, desc="compile", unit="layer", disable=not progress):
             dense_chunk = chunk_of[group.name if group.layer is None else f"{group.name}.dense"]
-            _write_dense(w, group, dense_chunk, dense_quant, stats, rounding)
+            _write_dense(w, group, dense_chunk, dense_quant, stats, rounding, q4_group)
             if group.experts is not None:
-                _write_experts(w, group, quant, sections, stats, rounding)
+                _write_experts(w, group, quant, sections, stats, rounding, q4_group)
         header["quant"]["rel_l2_error"].update(stats.relative())
         size = w.finish()
     return CompileReport(

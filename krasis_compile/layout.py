@@ -15,6 +15,7 @@ from krasis_run.codecs import encode_parts, interleave_gate_up, matrix_parts, pa
 from krasis_run.format import (
     ALIGN,
     PART_ALIGN,
+    Q4_GROUP,
     SECTION_BLOB,
     SECTION_DENSE,
     SECTION_EXPERTS_CPU,
@@ -112,19 +113,20 @@ def _place_parts(table: dict[str, tuple[str, list[int]]]) -> tuple[dict[str, dic
     return parts, cursor
 
 
-def plan_tensor(name: str, codec: str, layout: str, shape: list[int], chunk: str) -> PlannedTensor:
+def plan_tensor(name: str, codec: str, layout: str, shape: list[int], chunk: str,
+                group: int = Q4_GROUP) -> PlannedTensor:
     t = PlannedTensor(name, codec, layout, shape, chunk)
-    t.parts, t.length = _place_parts(matrix_parts(codec, layout, shape))
+    t.parts, t.length = _place_parts(matrix_parts(codec, layout, shape, group))
     return t
 
 
-def plan_cpu_blocks(name: str, codec: str, experts: ExpertSource, chunk: str) -> PlannedTensor:
+def plan_cpu_blocks(name: str, codec: str, experts: ExpertSource, chunk: str, group: int = Q4_GROUP) -> PlannedTensor:
     """Per expert contiguous: gate_up parts then down parts, each expert starting on a page."""
     t = PlannedTensor(name, codec, "cpu_blocks", [experts.count], chunk, experts=experts.count)
     t.matrices = {"gate_up": experts.gate_up_shape, "down": experts.down_shape}
     table = {}
     for matrix, shape in t.matrices.items():
-        for part, spec in matrix_parts(codec, "cpu_blocks", shape).items():
+        for part, spec in matrix_parts(codec, "cpu_blocks", shape, group).items():
             table[f"{matrix}.{part}"] = spec
     t.parts, size = _place_parts(table)
     t.expert_stride = align_up(size, ALIGN)
@@ -133,7 +135,7 @@ def plan_cpu_blocks(name: str, codec: str, experts: ExpertSource, chunk: str) ->
 
 
 def plan_chunks(groups: list[Group], expert_codec: str, dense_codec: str, sections: tuple[str, ...],
-                blob_sizes: dict[str, int]) -> list[PlannedChunk]:
+                blob_sizes: dict[str, int], q4_group: int = Q4_GROUP) -> list[PlannedChunk]:
     chunks = []
     if blob_sizes:
         blobs = [PlannedTensor(n, "blob", "raw", [size], "blobs", length=size) for n, size in blob_sizes.items()]
@@ -142,7 +144,8 @@ def plan_chunks(groups: list[Group], expert_codec: str, dense_codec: str, sectio
         section = SECTION_GLOBAL if g.layer is None else SECTION_DENSE
         chunk = g.name if g.layer is None else f"{g.name}.dense"
         dense = [
-            plan_tensor(t.name, KIND_CODEC.get(t.kind, dense_codec), "rows", t.shape, chunk) for t in g.tensors
+            plan_tensor(t.name, KIND_CODEC.get(t.kind, dense_codec), "rows", t.shape, chunk, q4_group)
+            for t in g.tensors
         ]
         chunks.append(PlannedChunk(chunk, section, g.layer, dense))
         if g.experts is None:
@@ -151,13 +154,13 @@ def plan_chunks(groups: list[Group], expert_codec: str, dense_codec: str, sectio
         if "gpu" in sections:
             chunk = f"{g.name}.experts_gpu"
             chunks.append(PlannedChunk(chunk, SECTION_EXPERTS_GPU, g.layer, [
-                plan_tensor(g.gpu_gate_up, expert_codec, "rows", [e.count, *e.gate_up_shape], chunk),
-                plan_tensor(g.gpu_down, expert_codec, "rows", [e.count, *e.down_shape], chunk),
+                plan_tensor(g.gpu_gate_up, expert_codec, "rows", [e.count, *e.gate_up_shape], chunk, q4_group),
+                plan_tensor(g.gpu_down, expert_codec, "rows", [e.count, *e.down_shape], chunk, q4_group),
             ]))
         if "cpu" in sections:
             chunk = f"{g.name}.experts_cpu"
             chunks.append(PlannedChunk(chunk, SECTION_EXPERTS_CPU, g.layer, [
-                plan_cpu_blocks(g.cpu_blocks, expert_codec, e, chunk)
+                plan_cpu_blocks(g.cpu_blocks, expert_codec, e, chunk, q4_group)
             ]))
     return chunks
 

@@ -37,10 +37,10 @@ def _keep_better(best: list[torch.Tensor], candidate: list[torch.Tensor]) -> lis
             for b, c in zip(best, candidate, strict=True)]
 
 
-def quantize_q4(w: torch.Tensor, rounding: str = "refit") -> dict[str, torch.Tensor]:
-    """w [..., N, K] -> q uint8 [..., N, K] in 0..15, scale/zero bf16 [..., N, K/32]: w ~ (q - 8) * scale + zero."""
+def quantize_q4(w: torch.Tensor, rounding: str = "refit", group: int = Q4_GROUP) -> dict[str, torch.Tensor]:
+    """w [..., N, K] -> q uint8 [..., N, K] in 0..15, scale/zero bf16 [..., N, K/group]: w ~ (q - 8) * scale + zero."""
     *lead, n, k = w.shape
-    groups = w.float().reshape(*lead, n, k // Q4_GROUP, Q4_GROUP)
+    groups = w.float().reshape(*lead, n, k // group, group)
     wmin, wmax = groups.amin(-1), groups.amax(-1)
     scale = _bf16(((wmax - wmin) / 15).clamp_min(1e-10))
     zero = _bf16(wmin + Q4_OFFSET * scale)
@@ -76,22 +76,22 @@ def quantize_q8(w: torch.Tensor) -> dict[str, torch.Tensor]:
     return {"q": q.to(torch.int8), "scale": scale.to(torch.bfloat16), "sq_err": err.sum()}
 
 
-def _quantize_rows(codec: str, w: torch.Tensor, rounding: str) -> dict[str, torch.Tensor]:
+def _quantize_rows(codec: str, w: torch.Tensor, rounding: str, group: int) -> dict[str, torch.Tensor]:
     if codec == "q4":
-        return quantize_q4(w, rounding)
+        return quantize_q4(w, rounding, group)
     if codec == "q8":
         return quantize_q8(w)
     stored = w.to(torch.bfloat16)
     return {"w": stored, "sq_err": (stored.float() - w.float()).square().sum()}
 
 
-def quantize(codec: str, w: torch.Tensor, rounding: str = "refit") -> dict[str, torch.Tensor]:
+def quantize(codec: str, w: torch.Tensor, rounding: str = "refit", group: int = Q4_GROUP) -> dict[str, torch.Tensor]:
     """Quantize w [..., N, K] a few rows at a time: float32 temporaries stay small and cache-resident,
     so a 600 MB lm_head costs tens of MB of working memory, not gigabytes."""
     *lead, n, k = w.shape
     rows = w.reshape(-1, k)
     step = max(1, SLICE_ELEMENTS // k)
-    pieces = [_quantize_rows(codec, rows[i:i + step], rounding) for i in range(0, rows.shape[0], step)]
+    pieces = [_quantize_rows(codec, rows[i:i + step], rounding, group) for i in range(0, rows.shape[0], step)]
     out = {}
     for name in pieces[0]:
         if name == "sq_err":

@@ -18,13 +18,13 @@ import torch
 
 from krasis_run.codecs import part_nbytes
 from krasis_run.format import (
-    FORMAT_VERSION,
     PREAMBLE_SIZE,
     Preamble,
     crc32,
     crc_hex,
     data_start,
     encode_header,
+    version_needed,
 )
 
 from .checkpoint import CompileError
@@ -67,7 +67,7 @@ class ArtifactWriter:
     # ------------------------------------------------------------ header
 
     def _encoded_header(self, reserve: int | None) -> bytes:
-        header = dict(self.header, format="krs", format_version=FORMAT_VERSION)
+        header = dict(self.header, format="krs", format_version=version_needed(self.header))
         header["chunks"] = [
             {"name": c.name, "section": c.section, "layer": c.layer, "offset": c.offset,
              "length": c.length, "crc32": self.crc_chunk[c.name]}
@@ -184,7 +184,7 @@ class ArtifactWriter:
             raise CompileError(f"internal: tensors never written: {missing[:5]}")
         self._pad_to(self.file_size, False, False)
         raw = self._encoded_header(self.reserve)
-        preamble = Preamble(FORMAT_VERSION, len(raw), crc32(raw)).pack()
+        preamble = Preamble(version_needed(self.header), len(raw), crc32(raw)).pack()
         try:
             self._file.seek(0)
             self._file.write(preamble)

@@ -23,11 +23,13 @@ from .format import (
     DTYPE_SIZES,
     PART_ALIGN,
     PREAMBLE_SIZE,
+    Q4_GROUP,
     KrsError,
     Preamble,
     crc_hex,
     data_start,
     decode_header,
+    version_needed,
 )
 
 VERIFY_PIECE = 64 << 20
@@ -122,6 +124,10 @@ class Artifact:
             raise KrsError("corrupt artifact: header and preamble disagree on the format version")
         self._mm = mmap.mmap(self._file.fileno(), 0, access=mmap.ACCESS_READ)
         try:
+            self.q4_group = (self.header.get("quant") or {}).get("q4_group", Q4_GROUP)  # columns per q4 scale
+            if self.version < version_needed(self.header):
+                raise KrsError(f"corrupt artifact: q4 groups of {self.q4_group} need format version 2, "
+                               f"the file says {self.version}")
             self.chunks = self._validate_chunks()
             self._tensor_specs = self._validate_tensors()
             self._validate_blobs()
@@ -198,10 +204,12 @@ class Artifact:
         if spec.get("experts"):
             expected = {}
             for matrix, shape in spec.get("matrices", {}).items():
-                for part, ds in matrix_parts(spec["codec"], spec["layout"], _check_shape(shape, name)).items():
+                shape = _check_shape(shape, name)
+                for part, ds in matrix_parts(spec["codec"], spec["layout"], shape, self.q4_group).items():
                     expected[f"{matrix}.{part}"] = ds
         else:
-            expected = matrix_parts(spec.get("codec"), spec.get("layout"), _check_shape(spec.get("shape"), name))
+            expected = matrix_parts(spec.get("codec"), spec.get("layout"), _check_shape(spec.get("shape"), name),
+                                    self.q4_group)
         if set(expected) != set(parts):
             raise KrsError(f"corrupt artifact: tensor {name!r} parts {sorted(parts)} do not match its codec")
         for part, (dtype, shape) in expected.items():

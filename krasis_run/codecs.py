@@ -4,8 +4,8 @@ The compiler packs with these functions and the runtime unpacks with them; the c
 (rounding, search) is the compiler's business (krasis_compile/quantize.py), not the format's.
 
 Logical quantized values, for a matrix [..., N, K] (N output rows, K input columns):
-  q4:   q uint8 in [0, 15], scale and zero bf16 per (row, group of 32 along K);
-        w = (q - 8) * scale + zero
+  q4:   q uint8 in [0, 15], scale and zero bf16 per (row, group of 32 or 64 along K: the artifact's
+        quant.q4_group); w = (q - 8) * scale + zero
   q8:   q int8 in [-127, 127], scale bf16 per row;  w = q * scale
   bf16: w stored as is.
 """
@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import torch
 
-from .format import CPU_BLOCK_ROWS, DTYPE_SIZES, Q4_GROUP, Q4_OFFSET, KrsError
+from .format import CPU_BLOCK_ROWS, DTYPE_SIZES, Q4_GROUP, Q4_GROUPS, Q4_OFFSET, KrsError
 
 HALF_BLOCK = CPU_BLOCK_ROWS // 2
 TORCH_DTYPES = {"u8": torch.uint8, "i8": torch.int8, "bf16": torch.bfloat16, "f32": torch.float32}
@@ -22,8 +22,9 @@ TORCH_DTYPES = {"u8": torch.uint8, "i8": torch.int8, "bf16": torch.bfloat16, "f3
 # ---------------------------------------------------------------- part tables
 
 
-def matrix_parts(codec: str, layout: str, shape: list[int]) -> dict[str, tuple[str, list[int]]]:
-    """Part name -> (dtype, shape) of one stored matrix [..., N, K]; the order is the storage order."""
+def matrix_parts(codec: str, layout: str, shape: list[int], group: int = Q4_GROUP) -> dict[str, tuple[str, list[int]]]:
+    """Part name -> (dtype, shape) of one stored matrix [..., N, K]; the order is the storage order.
+    `group`: q4 columns per scale/zero."""
     if codec in ("bf16", "f32"):
         return {"w": (codec, list(shape))}
     *lead, n, k = shape
@@ -31,17 +32,19 @@ def matrix_parts(codec: str, layout: str, shape: list[int]) -> dict[str, tuple[s
         return {"q": ("i8", list(shape)), "scale": ("bf16", [*lead, n])}
     if codec != "q4":
         raise KrsError(f"unknown codec {codec!r}")
-    if k % Q4_GROUP:
-        raise KrsError(f"q4 needs the input dimension to be a multiple of {Q4_GROUP}, got {k}")
+    if group not in Q4_GROUPS:
+        raise KrsError(f"q4 groups of {group} columns are not supported (supported: {Q4_GROUPS})")
+    if k % group:
+        raise KrsError(f"q4 needs the input dimension to be a multiple of {group}, got {k}")
     if layout == "rows":
-        groups = [*lead, n, k // Q4_GROUP]
+        groups = [*lead, n, k // group]
         return {"q": ("u8", [*lead, n, k // 2]), "scale": ("bf16", groups), "zero": ("bf16", groups)}
     if layout == "cpu_blocks":
         if lead or n % CPU_BLOCK_ROWS:
             raise KrsError(f"q4 CPU blocks need rows in multiples of {CPU_BLOCK_ROWS}, got {n}")
         return {
             "q": ("u8", [n // CPU_BLOCK_ROWS, k, HALF_BLOCK]),
-            "scale_zero": ("bf16", [k // Q4_GROUP, n, 2]),
+            "scale_zero": ("bf16", [k // group, n, 2]),
         }
     raise KrsError(f"unknown layout {layout!r}")
 
@@ -118,10 +121,18 @@ def deinterleave_gate_up(rows: torch.Tensor) -> torch.Tensor:
 # ---------------------------------------------------------------- reconstruction
 
 
+def q4_group(k: int, groups: int) -> int:
+    """Columns per q4 scale of a matrix with k columns and `groups` scales a row (its stored shapes say it)."""
+    if not groups or k % groups or k // groups not in Q4_GROUPS:
+        raise KrsError(f"q4 matrix of {k} columns with {groups} scales a row: not a supported grouping")
+    return k // groups
+
+
 def dequant_q4(q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -> torch.Tensor:
-    """q [..., N, K] values 0..15, scale/zero [..., N, K/32] -> float32 weights."""
+    """q [..., N, K] values 0..15, scale/zero [..., N, K/group] -> float32 weights."""
     *lead, n, k = q.shape
-    groups = q.reshape(*lead, n, k // Q4_GROUP, Q4_GROUP).float() - Q4_OFFSET
+    group = q4_group(k, scale.shape[-1])
+    groups = q.reshape(*lead, n, k // group, group).float() - Q4_OFFSET
     w = groups * scale.float().unsqueeze(-1) + zero.float().unsqueeze(-1)
     return w.reshape(*lead, n, k)
 
@@ -138,7 +149,7 @@ def dequant_parts(codec: str, layout: str, parts: dict[str, torch.Tensor]) -> to
         return dequant_q8(parts["q"], parts["scale"])
     if layout == "rows":
         return dequant_q4(unpack_q4_rows(parts["q"]), parts["scale"], parts["zero"])
-    sz = parts["scale_zero"].transpose(0, 1)  # [N, K/32, 2]
+    sz = parts["scale_zero"].transpose(0, 1)  # [N, K/group, 2]
     return dequant_q4(unpack_q4_blocks(parts["q"]), sz[..., 0], sz[..., 1])
 
 

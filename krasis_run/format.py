@@ -12,7 +12,7 @@ import zlib
 from dataclasses import dataclass
 
 MAGIC = b"KRASIS\x00\x1a"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # the newest this krasis reads and writes; 2 adds q4 groups of 64 (quant.q4_group)
 ALIGN = 4096  # every chunk starts on a page boundary so a layer range can be mapped/DMA'd as is
 PART_ALIGN = 64  # parts inside a chunk start on a cache line (SIMD loads)
 PREAMBLE = struct.Struct("<8sIIQII")  # magic, version, flags, header_len, header_crc32, reserved
@@ -20,7 +20,8 @@ PREAMBLE_SIZE = PREAMBLE.size  # 32 bytes
 MAX_HEADER_BYTES = 256 << 20  # refuse absurd header lengths before reading them
 
 # Expert codecs and their groupings (formats/KRS.md, "Codecs").
-Q4_GROUP = 32
+Q4_GROUP = 32  # the default q4 group, and the activation group of the integer kernels
+Q4_GROUPS = (32, 64)  # q4 columns per scale/zero (quant.q4_group): 5.0 or 4.5 bits a weight
 Q4_OFFSET = 8  # w = (q - 8) * scale + zero
 Q8_MAX = 127  # w = q * scale, q in [-127, 127]
 CPU_BLOCK_ROWS = 64  # Q4 CPU blocks: 64 output rows, nibble d pairs row d with row d + 32
@@ -36,6 +37,12 @@ SECTION_BLOB = "blob"
 
 NUMPY_DTYPES = {"u8": "uint8", "i8": "int8", "bf16": "uint16", "f32": "float32", "i32": "int32"}
 DTYPE_SIZES = {"u8": 1, "i8": 1, "bf16": 2, "f32": 4, "i32": 4}
+
+
+def version_needed(header: dict) -> int:
+    """The oldest format version that can read this header: an artifact with q4 groups of 32 stays version 1, so
+    a krasis that predates quant.q4_group still reads it, and refuses ("upgrade krasis") one it would misread."""
+    return 1 if (header.get("quant") or {}).get("q4_group", Q4_GROUP) == Q4_GROUP else 2
 
 
 class KrsError(Exception):

@@ -31,6 +31,11 @@ def quant_x(x: torch.Tensor) -> torch.Tensor:
     return (q * amax / 127).view(m, kp)[:, :k]
 
 
+def split_codec(name: str) -> tuple[str, int]:
+    """Test parameter -> (codec, q4 group): "q4g64" is q4 with a scale and zero per 64 columns."""
+    return ("q4", 64) if name == "q4g64" else (name, 32)
+
+
 def rel(got: torch.Tensor, want: torch.Tensor) -> float:
     return float((got.double() - want.double()).norm() / want.double().norm())
 
@@ -39,12 +44,12 @@ class Ref:
     """Float64 weights a quantized matrix decodes to, split as the kernels compute them: the q4 zero
     term (zero * sum of x per group) takes the exact activations, the rest the int8-rounded ones."""
 
-    def __init__(self, codec: str, w: torch.Tensor):
-        self.qz = {k: v for k, v in quantize(codec, w).items() if k != "sq_err"}
+    def __init__(self, codec: str, w: torch.Tensor, group: int = 32):
+        self.qz = {k: v for k, v in quantize(codec, w, group=group).items() if k != "sq_err"}
         self.zero = torch.zeros(w.shape, dtype=torch.float64)
         if codec == "q4":
             self.w = dequant_q4(self.qz["q"], self.qz["scale"], self.qz["zero"]).double()
-            self.zero = self.qz["zero"].double().repeat_interleave(32, dim=-1)
+            self.zero = self.qz["zero"].double().repeat_interleave(group, dim=-1)
         elif codec == "q8":
             self.w = dequant_q8(self.qz["q"], self.qz["scale"]).double()
         else:
@@ -65,13 +70,14 @@ class Ref:
 SHAPES = [(1, 32), (7, 64), (37, 288), (100, 96), (130, 2048), (515, 160)]
 
 
-@pytest.mark.parametrize("codec", ["q8", "q4", "bf16", "f32"])
+@pytest.mark.parametrize("name", ["q8", "q4", "q4g64", "bf16", "f32"])
 @pytest.mark.parametrize("threads", [1, 3])
-def test_linear_matches_reference(isa, codec, threads):
+def test_linear_matches_reference(isa, name, threads):
     native.load().krs_set_threads(threads)
+    codec, group = split_codec(name)
     g = torch.Generator().manual_seed(1)
-    for n, k in SHAPES + [(33, 50), (9, 7)]:
-        if codec == "q4" and k % 32:
+    for n, k in SHAPES + [(33, 50), (9, 7), (11, 576)]:
+        if codec == "q4" and k % group:
             continue
         w = torch.randn(n, k, generator=g)
         for m in (1, 3):
@@ -81,7 +87,7 @@ def test_linear_matches_reference(isa, codec, threads):
                 got = native.linear("f32", x, n, w)
                 assert rel(got, x.double() @ w.double().T) < 1e-5
                 continue
-            ref = Ref(codec, w)
+            ref = Ref(codec, w, group)
             parts = encode_parts(codec, "rows", ref.qz)
             names = {"q8": ("q", "scale"), "q4": ("q", "scale", "zero"), "bf16": ("w",)}[codec]
             got = native.linear(codec, x, n, *[parts[p] for p in names])
@@ -93,14 +99,15 @@ def test_linear_matches_reference(isa, codec, threads):
                 assert rel(got, exact) < 2e-2, (n, k, m)  # what int8 activations cost
 
 
-@pytest.mark.parametrize("codec", ["q8", "q4", "bf16", "f32"])
+@pytest.mark.parametrize("name", ["q8", "q4", "q4g64", "bf16", "f32"])
 @pytest.mark.parametrize("threads", [1, 3])
-def test_linear_multi_equals_one_call_per_matrix(isa, codec, threads):
+def test_linear_multi_equals_one_call_per_matrix(isa, name, threads):
     """Several matrices in one call (a layer's q, k and v): each output equals that matrix's own call, bit for bit (one
     quantization of x, rows computed alike whatever chunk they fall in), with rows not a multiple of any chunk."""
     native.load().krs_set_threads(threads)
+    codec, group = split_codec(name)
     g = torch.Generator().manual_seed(2)
-    k = 96
+    k = 192
     names = {"q8": ("q", "scale"), "q4": ("q", "scale", "zero"), "bf16": ("w",), "f32": ("w",)}[codec]
     matrices = []
     for n in (300, 36, 7):
@@ -108,7 +115,8 @@ def test_linear_multi_equals_one_call_per_matrix(isa, codec, threads):
         if codec == "f32":
             matrices.append([w])
         else:
-            parts = encode_parts(codec, "rows", {k_: v for k_, v in quantize(codec, w).items() if k_ != "sq_err"})
+            quantized = quantize(codec, w, group=group)
+            parts = encode_parts(codec, "rows", {k_: v for k_, v in quantized.items() if k_ != "sq_err"})
             matrices.append([parts[p] for p in names])
     for m in (1, 3):
         x = torch.randn(m, k, generator=g)
@@ -148,11 +156,11 @@ def test_stacked_qkv_runs_as_one_call(tiny):
     assert np.array_equal(got, three.logits(ids))
 
 
-def expert_blocks(codec: str, e: int, h: int, i: int, seed: int):
+def expert_blocks(codec: str, e: int, h: int, i: int, seed: int, group: int = 32):
     g = torch.Generator().manual_seed(seed)
     gate_up = torch.randn(e, 2 * i, h, generator=g) * h**-0.5
     down = torch.randn(e, h, i, generator=g) * i**-0.5
-    ref_gu, ref_dn = Ref(codec, gate_up), Ref(codec, down)
+    ref_gu, ref_dn = Ref(codec, gate_up, group), Ref(codec, down, group)
     blocks = [cpu_block_parts(codec, ref_gu.qz, ref_dn.qz, x) for x in range(e)]
     names = {"q4": ("q", "scale_zero"), "q8": ("q", "scale"), "bf16": ("w", "w")}[codec]
     ptrs = torch.tensor([[b[f"gate_up.{names[0]}"].data_ptr(), b[f"gate_up.{names[1]}"].data_ptr(),
@@ -176,19 +184,22 @@ def moe_reference(x, ids, wts, ref_gu, ref_dn, quantized: bool):
     return out
 
 
-@pytest.mark.parametrize("codec", ["q4", "q8", "bf16"])
+@pytest.mark.parametrize("name", ["q4", "q4g64", "q8", "bf16"])
 @pytest.mark.parametrize("threads", [1, 4])
-def test_moe_matches_reference(isa, codec, threads):
+def test_moe_matches_reference(isa, name, threads):
     native.load().krs_set_threads(threads)
-    for h, i, e, k, m in [(64, 32, 8, 2, 1), (128, 96, 6, 3, 5), (192, 64, 16, 8, 2)]:
-        blocks, ptrs, ref_gu, ref_dn = expert_blocks(codec, e, h, i, seed=h + i)
+    codec, group = split_codec(name)
+    for h, i, e, k, m in [(64, 32, 8, 2, 1), (128, 96, 6, 3, 5), (192, 64, 16, 8, 2), (256, 192, 8, 4, 3)]:
+        if i % group:
+            continue
+        blocks, ptrs, ref_gu, ref_dn = expert_blocks(codec, e, h, i, seed=h + i, group=group)
         g = torch.Generator().manual_seed(e)
         x = torch.randn(m, h, generator=g)
         ids = torch.stack([torch.randperm(e, generator=g)[:k] for _ in range(m)]).to(torch.int32)
         if m > 1:
             ids[1] = ids[0]  # tokens sharing experts
         wts = torch.rand(m, k, generator=g)
-        got = native.moe(codec, x, ids, wts, ptrs, h, i, e)
+        got = native.moe(codec, x, ids, wts, ptrs, h, i, e, group=group)
         exact = moe_reference(x, ids, wts, ref_gu, ref_dn, quantized=False)
         if codec == "bf16":
             assert rel(got, exact) < 1e-5
@@ -279,12 +290,12 @@ def test_build_is_keyed_by_source(tmp_path, monkeypatch):
     assert path.parent == tmp_path and build.source_hash() in path.name and build.find_library() == path
 
 
-def _serve_layers(codec: str, layers: int, h: int, i: int, e: int, k: int):
+def _serve_layers(codec: str, layers: int, h: int, i: int, e: int, k: int, group: int = 32):
     """Per layer: pinned-like buffers (x, ids, weights, out), its expert table, flags, and the expected sum."""
     flags = torch.zeros(2 * layers * 16, dtype=torch.int32)
     rows, want, keep = [], [], [flags]
     for layer in range(layers):
-        blocks, ptrs, ref_gu, ref_dn = expert_blocks(codec, e, h, i, seed=layer)
+        blocks, ptrs, ref_gu, ref_dn = expert_blocks(codec, e, h, i, seed=layer, group=group)
         g = torch.Generator().manual_seed(100 + layer)
         x = torch.randn(1, h, generator=g)
         ids = torch.randperm(e, generator=g)[:k].to(torch.int32)[None]
@@ -294,12 +305,12 @@ def _serve_layers(codec: str, layers: int, h: int, i: int, e: int, k: int):
         keep += [blocks, ptrs, x, ids, wts, out]
         rows.append([flags.data_ptr() + 128 * layer, flags.data_ptr() + 128 * layer + 64, x.data_ptr(),
                      ids.data_ptr(), wts.data_ptr(), out.data_ptr(), ptrs.data_ptr()])
-        want.append(native.moe(codec, x, ids, wts, ptrs, h, i, e))
+        want.append(native.moe(codec, x, ids, wts, ptrs, h, i, e, group=group))
     return torch.tensor(rows, dtype=torch.int64), flags, want, keep
 
 
-@pytest.mark.parametrize("codec", ["q4", "q8"])
-def test_moe_serve_follows_the_flags(codec):
+@pytest.mark.parametrize("name", ["q4", "q4g64", "q8"])
+def test_moe_serve_follows_the_flags(name):
     """The CPU side of a one-graph decode step: each layer runs only once its ready flag is set (here by a
     thread standing in for the GPU, layer by layer, checking done before setting the next), clears ready,
     and sets done with that layer's experts in out; the stats count the blocks read."""
@@ -307,7 +318,8 @@ def test_moe_serve_follows_the_flags(codec):
     import time
 
     h, i, e, k, layers = 128, 64, 16, 4, 3
-    table, flags, want, keep = _serve_layers(codec, layers, h, i, e, k)
+    codec, group = split_codec(name)
+    table, flags, want, keep = _serve_layers(codec, layers, h, i, e, k, group)
     outs = keep[6::6]
     order = []
 
@@ -323,7 +335,7 @@ def test_moe_serve_follows_the_flags(codec):
     stats = torch.zeros(3, dtype=torch.float64)
     thread = threading.Thread(target=gpu)
     thread.start()
-    native.moe_serve(codec, h, i, e, k, table, 10.0, stats)
+    native.moe_serve(codec, h, i, e, k, table, 10.0, stats, group=group)
     thread.join()
     assert order == [(0, 0), (1, 0), (2, 0)]  # ready cleared by the CPU, done set, in layer order
     for got, expected in zip(outs, want, strict=True):

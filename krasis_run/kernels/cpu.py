@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from ..artifact import RowsStack
-from ..codecs import dequant_parts, pack_q4_blocks, split_gate_up_output
+from ..codecs import dequant_parts, pack_q4_blocks, q4_group, split_gate_up_output
 from ..format import Q4_GROUP
 from .attention import causal_attention
 from .reference import norm_rope, rms_norm, route
@@ -86,6 +86,14 @@ def _f32(*tensors: torch.Tensor) -> bool:
     return True
 
 
+def blocks_group(blocks) -> int:
+    """Columns per scale/zero of a q4 CPU-block tensor (its down part's shapes say it); Q4_GROUP otherwise."""
+    if blocks.codec != "q4":
+        return Q4_GROUP
+    width = blocks.matrices["down"][1]
+    return q4_group(width, blocks.expert(0, "down")["scale_zero"].shape[0])
+
+
 class CpuOps:
     """embed / linear / experts on float32 activations; weights are artifact TensorViews (or float tensors)."""
 
@@ -146,7 +154,8 @@ class CpuOps:
         elif codec == "q4" and layout == "cpu_blocks":  # torch's own 64-row blocks (AVX-512 builds)
             q = parts["q"]
             packed = q.view(q.shape[0] * q.shape[2] * 2, q.shape[1] // 2)
-            y = torch.ops.aten._weight_int4pack_mm_for_cpu(xb, packed, Q4_GROUP, parts["scale_zero"])
+            group = q4_group(q.shape[1], parts["scale_zero"].shape[0])
+            y = torch.ops.aten._weight_int4pack_mm_for_cpu(xb, packed, group, parts["scale_zero"])
         else:
             raise ValueError(f"no CPU kernel for {codec} in the {layout} layout")
         y = y.float()
@@ -166,7 +175,8 @@ class CpuOps:
             if q.dim() == 2 and q.is_contiguous():
                 k = q.shape[1] * (2 if w.codec == "q4" else 1)  # q4 rows: two weights a byte
                 ptrs = [p.data_ptr() for p in ws] + [None] * (3 - len(ws))
-                direct = (self.native.CODECS[w.codec], k, q.shape[0], *ptrs)
+                group = q4_group(k, ws[1].shape[-1]) if w.codec == "q4" else Q4_GROUP
+                direct = (self.native.codec_id(w.codec, group), k, q.shape[0], *ptrs)
         entry = self._native_rows[id(w)] = (w, args, direct)
         return entry
 
@@ -299,7 +309,7 @@ class CpuOps:
             if not _f32(topk_weights):
                 topk_weights = topk_weights.float().contiguous()
             return self.native.moe(blocks.codec, x, topk_ids, topk_weights, self._native_expert_table(blocks),
-                                   hidden, width, blocks.experts, out=out)
+                                   hidden, width, blocks.experts, out=out, group=blocks_group(blocks))
         t, k = topk_ids.shape
         flat_ids = topk_ids.flatten().long()
         if t and int(flat_ids.max()) >= blocks.experts:

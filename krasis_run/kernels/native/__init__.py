@@ -21,6 +21,21 @@ from . import build as _build
 
 ISAS = ("scalar", "avx2", "avx512")
 CODECS = {"bf16": 1, "q8": 2, "q4": 3, "f32": 4}
+Q4_G64 = 5  # the id of q4 with a scale and zero per 64 columns (krasis_native.c)
+
+
+def codec_id(codec: str, group: int = 32) -> int:
+    """The library's id of a codec; q4 has one per grouping (columns per scale/zero: 32 or 64)."""
+    if codec == "q4" and group == 64:
+        return Q4_G64
+    if codec == "q4" and group != 32:
+        raise ValueError(f"no native q4 kernel for groups of {group} columns")
+    return CODECS[codec]
+
+
+def _rows_group(codec: str, k: int, parts) -> int:
+    """Columns per scale of a q4 rows matrix (parts: q, scale, zero); 32 for the other codecs."""
+    return k // parts[1].shape[-1] if codec == "q4" else 32
 ISA_ENV = "KRASIS_CPU_ISA"
 PIN_ENV = "KRASIS_PIN"
 
@@ -146,7 +161,7 @@ def linear(codec: str, x, n: int, w0, w1=None, w2=None, out=None):
     (float32 [M, n] contiguous, e.g. a pinned buffer) receives the result instead of a new tensor."""
     m, k = x.shape
     y = _out(out, (m, n))
-    _check(_lib().krs_linear(CODECS[codec], x.data_ptr(), m, k, n, w0.data_ptr(),
+    _check(_lib().krs_linear(codec_id(codec, _rows_group(codec, k, (w0, w1))), x.data_ptr(), m, k, n, w0.data_ptr(),
                              w1.data_ptr() if w1 is not None else None,
                              w2.data_ptr() if w2 is not None else None, y.data_ptr()), "linear")
     return y
@@ -161,25 +176,29 @@ def linear_multi(codec: str, x, matrices: list[list], out=None):
     rows = (ctypes.c_int * len(ns))(*ns)
     parts = (ctypes.c_void_p * (3 * len(ns)))(*[p.data_ptr() if p is not None else None
                                                for w in matrices for p in (list(w) + [None] * 3)[:3]])
-    _check(_lib().krs_linear_multi(CODECS[codec], x.data_ptr(), m, k, len(ns), rows, parts, y.data_ptr()),
+    group = _rows_group(codec, k, matrices[0])
+    if any(_rows_group(codec, k, w) != group for w in matrices):
+        raise ValueError("linear_multi takes matrices of one q4 grouping")
+    _check(_lib().krs_linear_multi(codec_id(codec, group), x.data_ptr(), m, k, len(ns), rows, parts, y.data_ptr()),
            "linear_multi")
     return y
 
 
-def moe(codec: str, x, ids, weights, ptrs, hidden: int, width: int, experts: int, out=None):
+def moe(codec: str, x, ids, weights, ptrs, hidden: int, width: int, experts: int, out=None, group: int = 32):
     """x float32 [M, H]; ids int32 [M, k]; weights float32 [M, k]; ptrs int64 [E, 4] (see krasis_native.c)
     -> float32 [M, H], the routing-weighted sum of the selected experts. An id < 0 skips its slot: it adds
     nothing and no expert is read for it (a hybrid engine passes -1 for the experts it runs on the GPU;
     all -1 gives zeros); an id >= experts raises. `out` (float32 [M, H] contiguous, e.g. a pinned buffer)
-    receives the result instead of a new tensor."""
+    receives the result instead of a new tensor. `group`: q4 columns per scale/zero."""
     m, k = ids.shape
     y = _out(out, (m, hidden))
-    _check(_lib().krs_moe(CODECS[codec], x.data_ptr(), m, hidden, width, experts, k, ids.data_ptr(),
+    _check(_lib().krs_moe(codec_id(codec, group), x.data_ptr(), m, hidden, width, experts, k, ids.data_ptr(),
                           weights.data_ptr(), ptrs.data_ptr(), y.data_ptr()), "moe")
     return y
 
 
-def moe_serve(codec: str, hidden: int, width: int, experts: int, topk: int, table, timeout_s: float, stats) -> None:
+def moe_serve(codec: str, hidden: int, width: int, experts: int, topk: int, table, timeout_s: float, stats,
+              group: int = 32) -> None:
     """The CPU side of a decode step captured as one CUDA graph (krs_moe_serve in krasis_native.c): per row of
     table (int64 [L, 7]: ready flag, done flag, x, ids, weights, out, expert pointer table; every address
     pinned host memory the caller keeps alive) wait for `ready`, run that layer's experts into `out`, set
@@ -189,7 +208,7 @@ def moe_serve(codec: str, hidden: int, width: int, experts: int, topk: int, tabl
         raise ValueError("table must be a contiguous int64 [L, 7] tensor")
     if stats.dtype != torch.float64 or stats.numel() != 3:
         raise ValueError("stats must be a float64 tensor of 3 values")
-    rc = _lib().krs_moe_serve(CODECS[codec], hidden, width, experts, topk, table.shape[0], table.data_ptr(),
+    rc = _lib().krs_moe_serve(codec_id(codec, group), hidden, width, experts, topk, table.shape[0], table.data_ptr(),
                               float(timeout_s), stats.data_ptr())
     if rc == -4:
         raise TimeoutError(f"the GPU did not hand over a layer within {timeout_s:g} s")

@@ -26,7 +26,12 @@
 #endif
 
 enum { ISA_SCALAR = 0, ISA_AVX2 = 1, ISA_AVX512 = 2 };
-enum { CODEC_BF16 = 1, CODEC_Q8 = 2, CODEC_Q4 = 3, CODEC_F32 = 4 };
+/* q4 comes in two groupings (formats/KRS.md): a scale and zero per 32 columns (CODEC_Q4) or per 64
+ * (CODEC_Q4_G64). The activations stay in groups of 32 either way; a kernel takes gsh = log2(weight
+ * group / 32) and reads the scale of activation group g at g >> gsh. */
+enum { CODEC_BF16 = 1, CODEC_Q8 = 2, CODEC_Q4 = 3, CODEC_F32 = 4, CODEC_Q4_G64 = 5 };
+static inline int is_q4(int codec) { return codec == CODEC_Q4 || codec == CODEC_Q4_G64; }
+static inline int q4_shift(int codec) { return codec == CODEC_Q4_G64; }
 
 typedef struct {
     int K, Kp, G;   /* length, padded to 32, groups */
@@ -177,9 +182,10 @@ static void xq_quantize(XQ *x, const float *v, int q4rows, xq32_fn group32) {
 
 /* ---------------------------------------------------------------- kernels per instruction set */
 
-typedef void (*q4b_fn)(const uint8_t *, const uint16_t *, int, int, int, const XQ *, float *);
+typedef void (*q4b_fn)(const uint8_t *, const uint16_t *, int, int, int, int, const XQ *, float *);
 typedef void (*q8_fn)(const int8_t *, const uint16_t *, int, int, int, const XQ *, float *);
-typedef void (*q4r_fn)(const uint8_t *, const uint16_t *, const uint16_t *, int, int, int, const XQ *, float *);
+typedef void (*q4r_fn)(const uint8_t *, const uint16_t *, const uint16_t *, int, int, int, int, const XQ *,
+                       float *);
 typedef void (*bf16_fn)(const uint16_t *, int, int, int, const float *, float *);
 typedef void (*f32_fn)(const float *, int, int, int, const float *, float *);
 typedef void (*attn_fn)(const float *, const uint16_t *, const uint16_t *, int, int, int, float, float *, float *);
@@ -321,7 +327,10 @@ static inline void rows_dot(const Kernels *kn, int codec, const void *w0, const 
                             int r0, int r1, const XQ *xq, const float *xf, float *out) {
     switch (codec) {
     case CODEC_Q8: kn->q8((const int8_t *)w0, (const uint16_t *)w1, K, r0, r1, xq, out); break;
-    case CODEC_Q4: kn->q4r((const uint8_t *)w0, (const uint16_t *)w1, (const uint16_t *)w2, K, r0, r1, xq, out); break;
+    case CODEC_Q4:
+    case CODEC_Q4_G64:
+        kn->q4r((const uint8_t *)w0, (const uint16_t *)w1, (const uint16_t *)w2, K, q4_shift(codec), r0, r1, xq, out);
+        break;
     case CODEC_BF16: kn->bf16((const uint16_t *)w0, K, r0, r1, xf, out); break;
     default: kn->f32((const float *)w0, K, r0, r1, xf, out); break;
     }
@@ -329,6 +338,7 @@ static inline void rows_dot(const Kernels *kn, int codec, const void *w0, const 
 
 /* y[M, sum ns] = x[M, K] @ [W_0; W_1; ...]^T for `count` dense matrices of one codec stored as rows, each its own
  * parts (parts[3 i .. 3 i + 2]: q8: q, scale, -; q4: q, scale, zero; bf16/f32: w, -, -), the outputs side by side.
+ * q4 takes K a multiple of its group.
  * x is quantized once and all rows go to one parallel region: a layer's q, k and v projections in one call (k and
  * v alone are 512-row calls that read at a third of the bandwidth of a long one, the fork/join and the ramp-up of
  * the streams left over). Threads split the output rows in chunks that never span two matrices; each chunk of rows
@@ -337,10 +347,10 @@ static inline void rows_dot(const Kernels *kn, int codec, const void *w0, const 
 int krs_linear_multi(int codec, const float *x, int M, int K, int count, const int *ns, const void *const *parts,
                      float *y) {
     init();
-    if (codec == CODEC_Q4 && K % 32) return -1;
+    if (is_q4(codec) && K % (32 << q4_shift(codec))) return -1;
     if (count < 1 || count > KRS_MAX_MATRICES) return -1;
     const Kernels *kn = &KERNELS[g_isa];
-    const int quant = codec == CODEC_Q8 || codec == CODEC_Q4;
+    const int quant = codec == CODEC_Q8 || is_q4(codec);
     const int nt = g_threads;
     int N = 0, col[KRS_MAX_MATRICES], first[KRS_MAX_MATRICES + 1];
     for (int i = 0; i < count; i++) {
@@ -361,7 +371,7 @@ int krs_linear_multi(int codec, const float *x, int M, int K, int count, const i
 #pragma omp parallel for schedule(static) num_threads(nt) if (M > 8)
         for (int m = 0; m < M; m++) {
             xq_init(&xq[m], K, mem + xb * m);
-            xq_quantize(&xq[m], x + (size_t)m * K, codec == CODEC_Q4, kn->xq32);
+            xq_quantize(&xq[m], x + (size_t)m * K, is_q4(codec), kn->xq32);
         }
     }
     int chunk = (N + nt * 4 - 1) / (nt * 4);
@@ -405,9 +415,10 @@ int krs_linear(int codec, const float *x, int M, int K, int N, const void *w0, c
 int krs_moe(int codec, const float *x, int M, int H, int I, int E, int topk, const int32_t *ids, const float *wts,
             const int64_t *ptrs, float *out) {
     init();
-    if (I % 32 || H % 64 || (codec == CODEC_Q4 && H % 32)) return -1;
+    const int q4 = is_q4(codec), gsh = q4_shift(codec);
+    if (I % (32 << gsh) || H % 64) return -1;
     const Kernels *kn = &KERNELS[g_isa];
-    const int quant = codec == CODEC_Q8 || codec == CODEC_Q4;
+    const int quant = codec == CODEC_Q8 || q4;
     const int S = M * topk;
     for (int s = 0; s < S; s++)
         if (ids[s] >= E) return -3;
@@ -472,9 +483,9 @@ int krs_moe(int codec, const float *x, int M, int H, int I, int E, int topk, con
             const int64_t *p = ptrs + (size_t)e * 4;
             for (int j = ustart[u]; j < ustart[u + 1]; j++) {
                 int s = order[j], m = s / topk;
-                if (codec == CODEC_Q4)
+                if (q4)
                     kn->q4b((const uint8_t *)p[0] + (size_t)c * H * 32, (const uint16_t *)p[1], 2 * I, 64 * c, H,
-                            &xq[m], o64);
+                            gsh, &xq[m], o64);
                 else
                     rows_dot(kn, codec, (const void *)p[0], (const void *)p[1], NULL, H, 64 * c, 64 * c + 64,
                              quant ? &xq[m] : NULL, x + (size_t)m * H, o64);
@@ -493,9 +504,9 @@ int krs_moe(int codec, const float *x, int M, int H, int I, int E, int topk, con
                 const int64_t *p = ptrs + (size_t)uniq[u] * 4;
                 for (int j = ustart[u]; j < ustart[u + 1]; j++) {
                     int s = order[j], m = s / topk;
-                    if (codec == CODEC_Q4)
-                        kn->q4b((const uint8_t *)p[2] + (size_t)b * I * 32, (const uint16_t *)p[3], H, r0, I, &hq[s],
-                                o64);
+                    if (q4)
+                        kn->q4b((const uint8_t *)p[2] + (size_t)b * I * 32, (const uint16_t *)p[3], H, r0, I, gsh,
+                                &hq[s], o64);
                     else
                         rows_dot(kn, codec, (const void *)p[2], (const void *)p[3], NULL, I, r0, r1,
                                  quant ? &hq[s] : NULL, hf + (size_t)s * I, o64);
