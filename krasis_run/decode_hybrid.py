@@ -287,6 +287,7 @@ class HybridDecodeEngine:
         self.captures = 0  # after the first, the kernels are compiled: captures again skip the warm-up steps
         self.pending: dict[int, object] = {}  # layer -> event after its stage copies (eager CUDA)
         self.timing = dict(steps=0, step_s=0.0, gpu_wait_s=0.0, cpu_experts_s=0.0, cpu_picks=0)  # where time goes
+        self.step_log: list[float] = []  # seconds of each decode call of the current sequence (capture included)
         # Hot experts: VRAM the prefill workspace needs only while prefilling holds, during decode, the experts
         # the last prompt routed to most (of the layers not resident), loaded after each prefill.
         self.hot_bytes = hot_bytes if gpu_experts and prefill.section == SECTION_EXPERTS_GPU else 0
@@ -340,6 +341,7 @@ class HybridDecodeEngine:
         if capacity > self.context:
             raise KrsError(f"{capacity} tokens do not fit the GPU KV cache of {self.context} tokens (--context)")
         self.epoch += 1  # the storage is this engine's one cache: the sequence before loses it
+        self.step_log = []
         cache = KVCache.over(self.kv)
         cache.epoch = self.epoch
         return cache
@@ -664,7 +666,7 @@ class HybridDecodeEngine:
     # ---------------------------------------------------------------- decode
     @torch.inference_mode()
     def decode(self, token: int, cache: KVCache) -> torch.Tensor:
-        started = time.perf_counter()
+        called = started = time.perf_counter()
         if getattr(cache, "epoch", self.epoch) != self.epoch:
             raise KrsError("another sequence has taken the GPU KV cache since this one started: the GPU engine "
                            "holds one sequence at a time")
@@ -695,8 +697,10 @@ class HybridDecodeEngine:
             if self.cuda:
                 torch.cuda.synchronize(self.device)
         cache.advance(pos + 1)
+        ended = time.perf_counter()
         self.timing["steps"] += 1
-        self.timing["step_s"] += time.perf_counter() - started
+        self.timing["step_s"] += ended - started
+        self.step_log.append(ended - called)
         return self.logits_host.clone()
 
     def close(self) -> None:

@@ -146,6 +146,12 @@ def decode_speed(rt, runs: int = 3, tokens: int = 64) -> list[float]:
     for _ in range(runs):
         list(rt.generate(ids, max_new_tokens=tokens + 1, stop_token_ids=set()))
         speeds.append(rt.timings.decode_tok_s())
+        log = sorted(getattr(rt.engine, "step_log", []))
+        if log:  # where a run's time goes beyond its steady step: the first step, the slowest
+            first = rt.engine.step_log[0]
+            print(f"  decode steps (ms): first {1e3 * first:.2f}, median {1e3 * log[len(log) // 2]:.3f}, "
+                  f"min {1e3 * log[0]:.3f}, max of the rest {1e3 * max(rt.engine.step_log[1:] or [0]):.2f}, "
+                  f"sum {1e3 * sum(log):.1f}", flush=True)
     return speeds
 
 

@@ -200,7 +200,9 @@ def glue_ms(path: Path, threads: int, steps: int = 50, repeats: int = 7) -> dict
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--layers", type=int, default=4)
-    ap.add_argument("--quant", default="q4,q8", help="comma-separated expert codecs")
+    ap.add_argument("--quant", default="q4,q8",
+                    help="comma-separated expert codecs (q4g64: q4 with a scale and zero per 64 columns, for experts "
+                         "and any q4 dense matrix)")
     ap.add_argument("--dense-quant", default="q8", help="comma-separated dense codecs (q8, bf16, q4)")
     ap.add_argument("--kernels", default="native,torch", help="comma-separated CPU kernels to time")
     ap.add_argument("--vocab", type=int, default=SHAPE["vocab_size"], help="vocabulary (lm_head rows)")
@@ -243,7 +245,10 @@ def main() -> None:
                 seconds = time.perf_counter() - start
                 print(f"wrote {out.stat().st_size / 1e9:.1f} GB synthetic artifact in {seconds:.0f} s", flush=True)
             elif not out.exists():
-                compiled = compile_artifact(folder, out, quant, dense_quant)
+                from scripts.synthetic_artifact import split_quant
+
+                codec, group = split_quant(quant)
+                compiled = compile_artifact(folder, out, codec, dense_quant, q4_group=group)
             for kernel in args.kernels.split(","):
                 bandwidth = read_bandwidth(threads)  # beside each run: it drifts on shared machines
                 decode = bench_decode(out, threads, args.prompt, args.tokens, kernel)

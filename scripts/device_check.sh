@@ -18,6 +18,11 @@ for step in "$@"; do
       # what a q8-dense GPU placement touches: the GEMV, hybrid decode and the families' CUDA paths
       python3 -m pytest -q tests/test_decode_kernels.py tests/test_hybrid_decode.py tests/test_family_engines.py \
         tests/test_gpu_prefill.py -k "cuda and not interpreter" 2>&1 | tail -25 | tee "$OUT/cudatests.log" ;;
+    groups)
+      # q4 with a scale and zero per 64 columns: its CUDA tests, and the native kernels on this CPU's AVX-512 path
+      python3 -m pytest -q tests/test_q4_groups.py tests/test_decode_kernels.py tests/test_gpu_prefill.py \
+        tests/test_native_kernels.py -k "(cuda and not interpreter) or avx512" 2>&1 | tail -25 \
+        | tee "$OUT/groups.log" ;;
     linear)
       python3 scripts/bench_decode_kernels.py --linear-only --iters 20 --json "$OUT/linear.json" 2>&1 | tee "$OUT/linear.log"
       grep -o 'best_linear_q8 [0-9,]*' "$OUT/linear.log" | cut -d' ' -f2 > "$OUT/linear_best.txt" ;;

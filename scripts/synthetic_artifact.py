@@ -24,6 +24,12 @@ SHAPE = dict(architectures=["Qwen3MoeForCausalLM"], model_type="qwen3_moe", voca
              norm_topk_prob=True, max_position_embeddings=40960, tie_word_embeddings=False)
 
 
+def split_quant(name: str) -> tuple[str, int]:
+    """A benchmark's expert codec name -> (codec, q4 group): "q4g64" is q4 with a scale and zero per 64 columns
+    (krasis-compile --q4-group 64), "q4" per 32."""
+    return ("q4", 64) if name == "q4g64" else (name, 32)
+
+
 EMBED_SCALE = 1e5  # with per-layer routers: every layer then routes each token its own way, near uniformly
 
 
@@ -103,10 +109,12 @@ def write_synthetic(out: Path, layers: int, quant: str, sections: tuple[str, ...
     else:
         config, groups = family_groups(shape, layers)
     tokenizer = Tokenizer(models.WordLevel({"<unk>": 0}, unk_token="<unk>")).to_str().encode()
-    chunks = plan_chunks(groups, quant, dense_codec, sections, {"tokenizer.json": len(tokenizer)})
+    quant, q4_group = split_quant(quant)  # q4g64: every q4 matrix (experts and q4 dense) in groups of 64
+    chunks = plan_chunks(groups, quant, dense_codec, sections, {"tokenizer.json": len(tokenizer)}, q4_group)
     header = {"architecture": config["architectures"][0], "config": config, "generation_config": {},
               "tokenizer": {"blob": "tokenizer.json", "config": {}, "chat_template": None},
-              "quant": {"experts": quant, "dense": dense_codec, "rounding": "synthetic", "rel_l2_error": {}},
+              "quant": {"experts": quant, "dense": dense_codec, "rounding": "synthetic", "rel_l2_error": {},
+                        "q4_group": q4_group},
               "sections": list(sections), "source": {"kind": "synthetic"}, "compiler": {"name": "scripts/bench.py"},
               "blobs": {"tokenizer.json": {"compression": "none", "raw_length": len(tokenizer)}}}
     g = torch.Generator().manual_seed(0)

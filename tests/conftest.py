@@ -22,11 +22,12 @@ class TinyModel:
         self.folder, self.model, self.layout = folder, model, layout
         self._artifacts: dict[tuple[str, str], Path] = {}
 
-    def artifact(self, quant: str = "q4", dense_quant: str = "q8") -> Path:
-        key = (quant, dense_quant)
+    def artifact(self, quant: str = "q4", dense_quant: str = "q8", q4_group: int = 32) -> Path:
+        key = (quant, dense_quant, q4_group)
         if key not in self._artifacts:
-            out = self.folder.parent / f"{self.folder.name}-{quant}-{dense_quant}.krs"
-            compile_model(str(self.folder), out, quant=quant, dense_quant=dense_quant, progress=False)
+            out = self.folder.parent / f"{self.folder.name}-{quant}-{dense_quant}-g{q4_group}.krs"
+            compile_model(str(self.folder), out, quant=quant, dense_quant=dense_quant, progress=False,
+                          q4_group=q4_group)
             self._artifacts[key] = out
         return self._artifacts[key]
 
@@ -41,6 +42,13 @@ def tiny(request, tmp_path_factory) -> TinyModel:
     seed = 0 if request.param == "per_expert" else 1
     model = fixtures.build(folder, request.param, seed=seed)
     return TinyModel(folder, model, request.param)
+
+
+@pytest.fixture(scope="session")
+def tiny_g64(tmp_path_factory) -> TinyModel:
+    """The tiny Qwen3-MoE with expert width 64, so q4 groups of 64 columns fit every matrix."""
+    folder = tmp_path_factory.mktemp("models") / "tiny-g64"
+    return TinyModel(folder, fixtures.build(folder, "per_expert", seed=3, moe_intermediate_size=64), "per_expert")
 
 
 @pytest.fixture(scope="session")

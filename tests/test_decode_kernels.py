@@ -37,11 +37,12 @@ def rel_l2(got: torch.Tensor, want: torch.Tensor) -> float:
 # ---------------------------------------------------------------- routed experts: data and plain math
 
 
-def random_tiles(codec: str, slots: int, n: int, k: int, gen: torch.Generator) -> dict[str, torch.Tensor]:
-    """Stacked GPU "rows" parts [slots, n, k] of random quantized values."""
+def random_tiles(codec: str, slots: int, n: int, k: int, gen: torch.Generator, group: int = 32
+                 ) -> dict[str, torch.Tensor]:
+    """Stacked GPU "rows" parts [slots, n, k] of random quantized values (q4: a scale and zero per `group` columns)."""
     if codec == "q4":
         q = torch.randint(0, 16, (slots, n, k), generator=gen, dtype=torch.uint8)
-        groups = (slots, n, k // 32)
+        groups = (slots, n, k // group)
         scale = 0.005 + 0.02 * torch.rand(groups, generator=gen)
         zero = 0.01 * torch.randn(groups, generator=gen)
         return {"q": pack_q4_rows(q), "scale": scale.bfloat16(), "zero": zero.bfloat16()}
@@ -61,8 +62,9 @@ def plain_weights(codec: str, parts: dict[str, torch.Tensor]) -> torch.Tensor:
     q = torch.empty(*packed.shape[:-1], 2 * packed.shape[-1], dtype=torch.float64)
     q[..., 0::2] = packed & 15  # even column in the low nibble
     q[..., 1::2] = packed >> 4
-    scale = parts["scale"].double().repeat_interleave(32, dim=-1)
-    zero = parts["zero"].double().repeat_interleave(32, dim=-1)
+    group = q.shape[-1] // parts["scale"].shape[-1]
+    scale = parts["scale"].double().repeat_interleave(group, dim=-1)
+    zero = parts["zero"].double().repeat_interleave(group, dim=-1)
     return (q - 8) * scale + zero
 
 
@@ -86,7 +88,7 @@ def plain_moe(x, ids, weights, slot_of, codec, gate_up, down) -> torch.Tensor:
 MOE_CASES = [(1, 8, 96, 64, 16, 10), (3, 2, 160, 96, 12, 12), (3, 5, 96, 96, 20, 7), (2, 4, 64, 32, 8, 0)]
 
 
-def moe_inputs(codec: str, case, seed: int):
+def moe_inputs(codec: str, case, seed: int, group: int = 32):
     m, k, h, inter, experts, resident = case
     gen = torch.Generator().manual_seed(seed)
     x = torch.randn(m, h, generator=gen)
@@ -99,8 +101,8 @@ def moe_inputs(codec: str, case, seed: int):
     ids = ids.int() if seed % 2 else ids  # both index dtypes
     weights = torch.softmax(torch.randn(m, k, generator=gen), dim=-1)
     slots = max(resident, 1) if resident else 3  # all non-resident: tiles exist but none is mapped
-    gate_up = random_tiles(codec, slots, 2 * inter, h, gen)
-    down = random_tiles(codec, slots, h, inter, gen)
+    gate_up = random_tiles(codec, slots, 2 * inter, h, gen, group)
+    down = random_tiles(codec, slots, h, inter, gen, group)
     if resident == 0:
         slot_of.fill_(-1)
     return x, ids, weights, slot_of, codec, gate_up, down
@@ -319,6 +321,31 @@ class InterpretedKernels:
         assert moe_decode(*args, out=out, use_triton=True) is out
         assert rel_l2(out, plain_moe(*args)) < 1e-5
 
+    @pytest.mark.parametrize("kernel", ["int8", "float", "float-steps", "bytes"])
+    def test_moe_triton_q4_groups_of_64(self, monkeypatch, kernel):
+        """q4 tiles with a scale and zero per 64 columns (SUB = 2): H = 192 is 3 weight groups (6 of the kernels' 32-
+        column groups: a partial step of 8, or 3 steps of 2), I = 128 is 2; one chosen expert is not resident."""
+        tiles = {"Q4G_INT8": kernel == "int8", "Q4G_BLOCK_N": 64, "Q4G_DOWN_BLOCK_N": 64, "MOE_BLOCK_N": 64,
+                 "DOWN_BLOCK_N": 64, "GATE_UP_BLOCK_K": 128, "DOWN_BLOCK_K": 64}
+        if kernel == "float-steps":
+            tiles.update(Q4G_GROUPS=2, Q4G_DOWN_GROUPS=2, Q4G_DOWN_UNROLL=2, Q4G_DOWN_EXPERTS=2)
+        if kernel == "bytes":
+            tiles["Q4_KERNEL"] = "bytes"
+        for name, value in tiles.items():
+            monkeypatch.setattr(decode_gpu, name, value)
+        args = moe_inputs("q4", (3, 3, 192, 128, 6, 5), seed=19, group=64)
+        assert args[5]["scale"].shape[-1] == 3 and args[6]["scale"].shape[-1] == 2
+        want = plain_moe(*args)
+        assert rel_l2(moe_decode_torch(*args), want) < 1e-5
+        assert rel_l2(moe_decode(*args, use_triton=True), want) < (1e-2 if kernel == "int8" else 1e-5)
+
+    def test_q4_rows_triton_groups_of_64(self):
+        gen = torch.Generator().manual_seed(1)
+        parts = random_tiles("q4", 3, 40, 192, gen, group=64)
+        got = dequant.q4_rows(parts["q"], parts["scale"], parts["zero"], use_triton=True)
+        assert torch.allclose(got.float(), dequant.q4_rows_torch(**parts).float(), rtol=1 / 128, atol=0)
+        assert torch.allclose(got.double(), plain_weights("q4", parts), rtol=1 / 128, atol=1e-6)
+
     @pytest.mark.parametrize("variant", ["unroll", "stages", "atomic", "atomic-1", "all-experts"])
     def test_moe_triton_q4_grouped_variants(self, monkeypatch, variant):
         """The grouped q4 kernels' selectable variants (the sweep's), with partial steps: H = 160 is 5 groups, I = 96
@@ -456,10 +483,11 @@ def test_cuda_linear_q8_at_30b_shapes(n, k, m):
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (run on the GPU host)")
 @pytest.mark.parametrize("int8", [True, False])
 @pytest.mark.parametrize("m", [1, 4])
-def test_cuda_moe_q4_at_30b_shapes(monkeypatch, int8, m):
+@pytest.mark.parametrize("group", [32, 64])
+def test_cuda_moe_q4_at_30b_shapes(monkeypatch, int8, m, group):
     """The compiled q4 kernels (dp4a with Q4G_INT8) at the 30B-A3B expert shape, some chosen experts not resident."""
     monkeypatch.setattr(decode_gpu, "Q4G_INT8", int8)
-    x, ids, weights, slot_of, codec, gate_up, down = moe_inputs("q4", (m, 8, 2048, 768, 16, 12), seed=m)
+    x, ids, weights, slot_of, codec, gate_up, down = moe_inputs("q4", (m, 8, 2048, 768, 16, 12), seed=m, group=group)
     want = plain_moe(x, ids, weights, slot_of, codec, gate_up, down)
     cuda = [t.cuda() for t in (x, ids, weights, slot_of)]
     got = moe_decode(*cuda, codec, {k: v.cuda() for k, v in gate_up.items()}, {k: v.cuda() for k, v in down.items()})

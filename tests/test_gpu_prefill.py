@@ -205,12 +205,13 @@ def test_chunked_attention_after_earlier_prefill(tiny_per_expert):
 
 @cuda
 @pytest.mark.parametrize("deinterleave", [False, True])
-def test_triton_q4_blocks_match_torch_reference(deinterleave):
+@pytest.mark.parametrize("group", [32, 64])
+def test_triton_q4_blocks_match_torch_reference(deinterleave, group):
     from test_prefill_kernels import strided_blocks
 
     from krasis_run.kernels.dequant import q4_blocks
 
-    q, scale_zero = strided_blocks(experts=5, rows=256, cols=192, device="cuda")  # strided views, as streamed
+    q, scale_zero = strided_blocks(experts=5, rows=256, cols=192, device="cuda", group=group)  # strided, as streamed
     want = q4_blocks(q, scale_zero, deinterleave, use_triton=False)
     assert torch.equal(q4_blocks(q, scale_zero, deinterleave, use_triton=True), want)
 

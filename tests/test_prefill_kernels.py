@@ -57,26 +57,27 @@ def test_combine_triton_interpreted(interpret):
     assert torch.equal(big[:2], torch.full((2, 384), 7.0)) and torch.equal(big[11:], torch.full((1, 384), 7.0))
 
 
-def strided_blocks(experts=3, rows=128, cols=96, pad=40, seed=2, device="cpu"):
+def strided_blocks(experts=3, rows=128, cols=96, pad=40, seed=2, device="cpu", group=32):
     """q and scale_zero as part_views makes them: per expert [q bytes | scale_zero | padding], expert_stride apart."""
     g = torch.Generator().manual_seed(seed)
     q_bytes = rows // 64 * cols * 32
-    sz_bytes = cols // 32 * rows * 2 * 2
+    sz_bytes = cols // group * rows * 2 * 2
     stride = q_bytes + sz_bytes + pad
     buf = torch.randint(0, 256, (experts * stride,), dtype=torch.uint8, generator=g)
-    sz = (torch.rand(experts, cols // 32, rows, 2, generator=g) * 0.1 - 0.02).to(torch.bfloat16)
+    sz = (torch.rand(experts, cols // group, rows, 2, generator=g) * 0.1 - 0.02).to(torch.bfloat16)
     for e in range(experts):
         buf[e * stride + q_bytes:e * stride + q_bytes + sz_bytes] = sz[e].flatten().view(torch.uint8)
     buf = buf.to(device)
     q = buf.as_strided((experts, rows // 64, cols, 32), (stride, cols * 32, 32, 1))
     scale_zero = buf[q_bytes:].as_strided((experts, sz_bytes), (stride, 1)).view(torch.bfloat16)
-    return q, scale_zero.reshape(experts, cols // 32, rows, 2)
+    return q, scale_zero.reshape(experts, cols // group, rows, 2)
 
 
 @pytest.mark.parametrize("deinterleave", [False, True])
-def test_q4_blocks_triton_interpreted(interpret, deinterleave):
+@pytest.mark.parametrize("group", [32, 64])
+def test_q4_blocks_triton_interpreted(interpret, deinterleave, group):
     kernel = dequant._triton_q4_blocks.__wrapped__()
-    q, scale_zero = strided_blocks()
+    q, scale_zero = strided_blocks(cols=192, group=group)
     assert not q.is_contiguous()  # the kernel reads the strided views in place
     want = dequant._q4_blocks(q, scale_zero)
     if deinterleave:

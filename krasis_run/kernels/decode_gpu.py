@@ -8,7 +8,7 @@ and output shapes come from tensor shapes only, never from tensor values, and no
 decided inside the kernels, from device tensors, by masks and loop bounds.
 
 Expert tiles are the artifact's GPU "rows" layout (formats/KRS.md §5) stacked over the resident slots S:
-  q4:   q uint8 [S, N, K/2] (byte j: column 2j low nibble, 2j+1 high), scale/zero bf16 [S, N, K/32]
+  q4:   q uint8 [S, N, K/2] (byte j: column 2j low nibble, 2j+1 high), scale/zero bf16 [S, N, K/group]
   q8:   q int8 [S, N, K], scale bf16 [S, N]
   bf16: w bf16 [S, N, K]
 with gate_up [S, 2I, H] (the I gate rows, then the I up rows) and down [S, H, I].
@@ -22,7 +22,8 @@ import math
 import torch
 import torch.nn.functional as F
 
-from ..codecs import dequant_parts
+from ..codecs import dequant_parts, q4_group
+from ..format import Q4_GROUP
 
 # Tile sizes: the fastest of scripts/bench_decode_kernels.py --sweep on the H200 (small tiles, many programs:
 # 46.5 us per 30B-A3B layer at M=1 in a CUDA graph against 128 us for 16-row tiles and 4 warps);
@@ -98,20 +99,20 @@ def _kernels():
         return None
 
     @triton.jit
-    def _q4_tile(q_ptr, s_ptr, z_ptr, qrow, srow, bcols, mask, xe, xo):
-        # q4 "rows" codec (KRS.md §5): w = (q - 8) * scale + zero, one scale/zero per 32 columns.
+    def _q4_tile(q_ptr, s_ptr, z_ptr, qrow, srow, bcols, mask, xe, xo, SUB: tl.constexpr):
+        # q4 "rows" codec (KRS.md §5): w = (q - 8) * scale + zero, one scale/zero per 32 * SUB columns.
         # qrow/srow: element offsets of each row's bytes / groups; bcols: byte columns; xe/xo: the inputs of
-        # the even / odd columns, broadcastable to the tile. 16 bytes = 32 columns share one scale and zero.
+        # the even / odd columns, broadcastable to the tile. 16 * SUB bytes share one scale and zero.
         b = tl.load(q_ptr + qrow + bcols, mask=mask, other=0).to(tl.int32)
-        s = tl.load(s_ptr + srow + bcols // 16, mask=mask, other=0.0).to(tl.float32)
-        z = tl.load(z_ptr + srow + bcols // 16, mask=mask, other=0.0).to(tl.float32)
+        s = tl.load(s_ptr + srow + bcols // (16 * SUB), mask=mask, other=0.0).to(tl.float32)
+        z = tl.load(z_ptr + srow + bcols // (16 * SUB), mask=mask, other=0.0).to(tl.float32)
         lo = ((b & 15) - 8).to(tl.float32) * s + z
         hi = ((b >> 4) - 8).to(tl.float32) * s + z
         return lo * xe + hi * xo
 
     @triton.jit
     def gate_up_q4_kernel(x_ptr, ids_ptr, slot_ptr, q_ptr, s_ptr, z_ptr, act_ptr, TOPK, INTER, H, q_slot, s_slot,
-                          BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+                          BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SUB: tl.constexpr):
         # one (token, chosen expert) pair x BLOCK_N outputs: gate and up rows together, act = silu(gate) * up
         pair = tl.program_id(0)
         m = pair // TOPK
@@ -121,7 +122,7 @@ def _kernels():
         # bound because the interpreter mistypes block & scalar-bool as int32
         rmask = rows < tl.where(slot >= 0, INTER, 0)
         slot = tl.maximum(slot, 0).to(tl.int64)
-        hb, ng = H // 2, H // 32
+        hb, ng = H // 2, H // (32 * SUB)
         g_q = slot * q_slot + rows[:, None].to(tl.int64) * hb
         u_q = g_q + INTER * hb
         g_s = slot * s_slot + rows[:, None].to(tl.int64) * ng
@@ -134,8 +135,8 @@ def _kernels():
             xe = tl.load(x_ptr + m * H + 2 * bcols, mask=bmask, other=0.0).to(tl.float32)[None, :]
             xo = tl.load(x_ptr + m * H + 2 * bcols + 1, mask=bmask, other=0.0).to(tl.float32)[None, :]
             mask = rmask[:, None] & bmask[None, :]
-            acc_g += _q4_tile(q_ptr, s_ptr, z_ptr, g_q, g_s, bcols[None, :], mask, xe, xo)
-            acc_u += _q4_tile(q_ptr, s_ptr, z_ptr, u_q, u_s, bcols[None, :], mask, xe, xo)
+            acc_g += _q4_tile(q_ptr, s_ptr, z_ptr, g_q, g_s, bcols[None, :], mask, xe, xo, SUB)
+            acc_u += _q4_tile(q_ptr, s_ptr, z_ptr, u_q, u_s, bcols[None, :], mask, xe, xo, SUB)
         g = tl.sum(acc_g, 1)
         u = tl.sum(acc_u, 1)
         act = g / (1.0 + tl.exp(-g)) * u
@@ -225,7 +226,7 @@ def _kernels():
     @triton.jit
     def gate_up_q4i_kernel(xq_ptr, dx_ptr, sx_ptr, fs_ptr, ids_ptr, slot_ptr, q_ptr, s_ptr, z_ptr, act_ptr, TOPK,
                            INTER, H, q_slot, s_slot, BLOCK_N: tl.constexpr, GROUPS: tl.constexpr,
-                           DP4A: tl.constexpr):
+                           DP4A: tl.constexpr, SUB: tl.constexpr):
         # gate_up_q4g_kernel's grid and tiles with int8 inputs (Q4G_INT8): per row and group
         #   s * dx * (sum_j q_j xq_j - 8 sum_j xq_j) + z * sum_j x_j
         pair = tl.program_id(0)
@@ -238,7 +239,7 @@ def _kernels():
         rows_gu = (rows + (r // BLOCK_N) * INTER).to(tl.int64)
         ng = H // 32
         qrow = (slot * q_slot + rows_gu * (ng * 4))[:, None, None]
-        srow = (slot * s_slot + rows_gu * ng)[:, None]
+        srow = (slot * s_slot + rows_gu * (ng // SUB))[:, None]  # a scale and zero per SUB groups of 32
         xrow = m.to(tl.int64) * ng
         acc = tl.zeros([2 * BLOCK_N, GROUPS], dtype=tl.float32)
         w4 = tl.arange(0, 4)
@@ -258,8 +259,8 @@ def _kernels():
             dx = tl.load(dx_ptr + xrow + groups, mask=gmask, other=0.0)
             sx = tl.load(sx_ptr + xrow + groups, mask=gmask, other=0)
             fs = tl.load(fs_ptr + xrow + groups, mask=gmask, other=0.0)
-            scale = tl.load(s_ptr + srow + groups[None, :], mask=mask, other=0.0).to(tl.float32)
-            zero = tl.load(z_ptr + srow + groups[None, :], mask=mask, other=0.0).to(tl.float32)
+            scale = tl.load(s_ptr + srow + groups[None, :] // SUB, mask=mask, other=0.0).to(tl.float32)
+            zero = tl.load(z_ptr + srow + groups[None, :] // SUB, mask=mask, other=0.0).to(tl.float32)
             acc += scale * ((dot - 8 * sx[None, :]).to(tl.float32) * dx[None, :]) + zero * fs[None, :]
         gu = tl.sum(acc, 1)
         g, u = tl.split(tl.trans(tl.reshape(gu, [2, BLOCK_N])))
@@ -269,12 +270,12 @@ def _kernels():
 
     @triton.jit
     def _gate_up_q4g_steps(acc, g0, ng, q_ptr, s_ptr, z_ptr, qrow, srow, rmask, x_ptr, xbase, GROUPS: tl.constexpr,
-                           UNROLL: tl.constexpr):
+                           UNROLL: tl.constexpr, SUB: tl.constexpr):
         # UNROLL group steps of gate_up_q4g_kernel, unrolled: their loads are independent, so all can be in flight
         for u in tl.static_range(UNROLL):
             groups = g0 + u * GROUPS + tl.arange(0, GROUPS)
             gmask = groups < ng
-            acc += _q4_group_step(q_ptr, s_ptr, z_ptr, qrow + groups[None, :] * 4, srow + groups[None, :],
+            acc += _q4_group_step(q_ptr, s_ptr, z_ptr, qrow + groups[None, :] * 4, srow + groups[None, :] // SUB,
                                   rmask[:, None] & gmask[None, :], x_ptr, (xbase + groups * 32)[None, :],
                                   gmask[None, :])
         return acc
@@ -282,7 +283,8 @@ def _kernels():
     @triton.jit
     def gate_up_q4g_kernel(x_ptr, ids_ptr, slot_ptr, q_ptr, s_ptr, z_ptr, act_ptr, y_ptr, TOPK, INTER, H, q_slot,
                            s_slot, MH, BLOCK_N: tl.constexpr, GROUPS: tl.constexpr, UNROLL: tl.constexpr,
-                           STAGES: tl.constexpr, ZERO_BLOCK: tl.constexpr, ALIGNED: tl.constexpr):
+                           STAGES: tl.constexpr, ZERO_BLOCK: tl.constexpr, ALIGNED: tl.constexpr,
+                           SUB: tl.constexpr):
         # grouped q4 (Q4_KERNEL): the grid of gate_up_q4_kernel; q_ptr is the tiles as int32 words, q_slot in words.
         # The BLOCK_N gate rows and their BLOCK_N up rows form one tile of 2 * BLOCK_N rows sharing each input load.
         # A loop step covers UNROLL x GROUPS groups; STAGES > 1 software-pipelines the loop (tl.range num_stages:
@@ -300,16 +302,16 @@ def _kernels():
         # ALIGNED: a row's words as ng * 4, which the compiler knows is a multiple of 4 (16 bytes), so each group's
         # 4 words load as one 16-byte vector; H // 8 is only known even (8-byte loads), the first measured kernel
         qrow = (slot * q_slot + rows_gu * (ng * 4 if ALIGNED else H // 8))[:, None]
-        srow = (slot * s_slot + rows_gu * ng)[:, None]
+        srow = (slot * s_slot + rows_gu * (ng // SUB))[:, None]
         acc = tl.zeros([2 * BLOCK_N, GROUPS, 8], dtype=tl.float32)
         if STAGES > 1:
             for g0 in tl.range(0, ng, GROUPS * UNROLL, num_stages=STAGES):
                 acc = _gate_up_q4g_steps(acc, g0, ng, q_ptr, s_ptr, z_ptr, qrow, srow, rmask, x_ptr, m * H, GROUPS,
-                                         UNROLL)
+                                         UNROLL, SUB)
         else:
             for g0 in range(0, ng, GROUPS * UNROLL):
                 acc = _gate_up_q4g_steps(acc, g0, ng, q_ptr, s_ptr, z_ptr, qrow, srow, rmask, x_ptr, m * H, GROUPS,
-                                         UNROLL)
+                                         UNROLL, SUB)
         gu = tl.sum(tl.sum(acc, 2), 1)
         g, u = tl.split(tl.trans(tl.reshape(gu, [2, BLOCK_N])))
         act = g / (1.0 + tl.exp(-g)) * u
@@ -322,7 +324,7 @@ def _kernels():
 
     @triton.jit
     def _down_q4g_steps(acc, g0, ng, q_ptr, s_ptr, z_ptr, qrow, srow, tmask, act_ptr, pair, jmask, INTER,
-                        GROUPS: tl.constexpr, UNROLL: tl.constexpr):
+                        GROUPS: tl.constexpr, UNROLL: tl.constexpr, SUB: tl.constexpr):
         # UNROLL group steps of down_q4g_kernel, unrolled (as _gate_up_q4g_steps)
         for u in tl.static_range(UNROLL):
             groups = g0 + u * GROUPS + tl.arange(0, GROUPS)
@@ -330,14 +332,16 @@ def _kernels():
             # each expert's act inputs, shared by its BLOCK_N rows: [EXPERTS, 1, G]
             xoff = (pair * INTER)[:, None, None] + groups[None, None, :] * 32
             xmask = jmask[:, None, None] & gmask[None, None, :]
-            acc += _q4_group_step(q_ptr, s_ptr, z_ptr, qrow + groups[None, None, :] * 4, srow + groups[None, None, :],
+            acc += _q4_group_step(q_ptr, s_ptr, z_ptr, qrow + groups[None, None, :] * 4,
+                                  srow + groups[None, None, :] // SUB,
                                   tmask[:, :, None] & gmask[None, None, :], act_ptr, xoff, xmask)
         return acc
 
     @triton.jit
     def down_q4g_kernel(act_ptr, ids_ptr, w_ptr, slot_ptr, q_ptr, s_ptr, z_ptr, part_ptr, TOPK, NJ, INTER, H, q_slot,
                         s_slot, EXPERTS: tl.constexpr, BLOCK_N: tl.constexpr, GROUPS: tl.constexpr,
-                        UNROLL: tl.constexpr, STAGES: tl.constexpr, ATOMIC: tl.constexpr, ALIGNED: tl.constexpr):
+                        UNROLL: tl.constexpr, STAGES: tl.constexpr, ATOMIC: tl.constexpr, ALIGNED: tl.constexpr,
+                        SUB: tl.constexpr):
         # grouped q4 down: program (token m, block jb of EXPERTS chosen experts) x BLOCK_N output rows -> the
         # weighted sum over those experts in part [M, NJ, H] (NJ = cdiv(k, EXPERTS); NJ = 1: part is the output).
         # ATOMIC: part is the output [M, H], zeroed beforehand, and each program adds its sum into it with
@@ -354,16 +358,16 @@ def _kernels():
         slot = tl.maximum(slot, 0).to(tl.int64)
         ng = INTER // 32
         qrow = ((slot * q_slot)[:, None] + rows[None, :].to(tl.int64) * (ng * 4 if ALIGNED else INTER // 8))[:, :, None]
-        srow = ((slot * s_slot)[:, None] + rows[None, :].to(tl.int64) * ng)[:, :, None]
+        srow = ((slot * s_slot)[:, None] + rows[None, :].to(tl.int64) * (ng // SUB))[:, :, None]
         acc = tl.zeros([EXPERTS, BLOCK_N, GROUPS, 8], dtype=tl.float32)
         if STAGES > 1:
             for g0 in tl.range(0, ng, GROUPS * UNROLL, num_stages=STAGES):
                 acc = _down_q4g_steps(acc, g0, ng, q_ptr, s_ptr, z_ptr, qrow, srow, tmask, act_ptr, pair, jmask,
-                                      INTER, GROUPS, UNROLL)
+                                      INTER, GROUPS, UNROLL, SUB)
         else:
             for g0 in range(0, ng, GROUPS * UNROLL):
                 acc = _down_q4g_steps(acc, g0, ng, q_ptr, s_ptr, z_ptr, qrow, srow, tmask, act_ptr, pair, jmask,
-                                      INTER, GROUPS, UNROLL)
+                                      INTER, GROUPS, UNROLL, SUB)
         out = tl.sum(tl.sum(tl.sum(acc, 3), 2) * w[:, None], 0)
         if ATOMIC:
             tl.atomic_add(part_ptr + m * H + rows, out, mask=rows < H, sem="relaxed")
@@ -413,13 +417,13 @@ def _kernels():
 
     @triton.jit
     def down_q4_kernel(act_ptr, ids_ptr, w_ptr, slot_ptr, q_ptr, s_ptr, z_ptr, out_ptr, TOPK, INTER, H, q_slot,
-                       s_slot, KP: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+                       s_slot, KP: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SUB: tl.constexpr):
         # one token x BLOCK_N output rows; the rows of all k experts load together (more bytes in flight)
         m = tl.program_id(0)
         j, jmask, slot, resident, w = _expert_slots(ids_ptr, w_ptr, slot_ptr, m, TOPK, KP)
         rows = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
         rmask = rows < H
-        ib, ng = INTER // 2, INTER // 32
+        ib, ng = INTER // 2, INTER // (32 * SUB)
         qrow = (slot * q_slot)[:, None, None] + rows[None, :, None].to(tl.int64) * ib
         srow = (slot * s_slot)[:, None, None] + rows[None, :, None].to(tl.int64) * ng
         tmask = resident[:, None] & rmask[None, :]
@@ -432,12 +436,12 @@ def _kernels():
             ae = tl.load(act_ptr + arow + 2 * bcols[None, :], mask=amask, other=0.0)[:, None, :]
             ao = tl.load(act_ptr + arow + 2 * bcols[None, :] + 1, mask=amask, other=0.0)[:, None, :]
             mask = tmask[:, :, None] & bmask[None, None, :]
-            acc += tl.sum(_q4_tile(q_ptr, s_ptr, z_ptr, qrow, srow, bcols[None, None, :], mask, ae, ao), 2)
+            acc += tl.sum(_q4_tile(q_ptr, s_ptr, z_ptr, qrow, srow, bcols[None, None, :], mask, ae, ao, SUB), 2)
         tl.store(out_ptr + m * H + rows, tl.sum(acc * w[:, None], 0), mask=rmask)
 
     @triton.jit
     def down_q4_pairs_kernel(act_ptr, ids_ptr, w_ptr, slot_ptr, q_ptr, s_ptr, z_ptr, part_ptr, TOPK, INTER, H, q_slot,
-                             s_slot, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+                             s_slot, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SUB: tl.constexpr):
         # one (token, chosen expert) pair x BLOCK_N output rows -> its weighted share in part [M*k, H]: k times the
         # programs of one program per row block, each streaming one expert's rows in short 2D tiles (the 3D tiles
         # of down_q4_kernel spill registers); a sum over k then gives the output, in a fixed order
@@ -447,7 +451,7 @@ def _kernels():
         rmask = rows < tl.where(slot >= 0, H, 0)  # not resident: loads nothing, stores zeros
         w = tl.load(w_ptr + pair)
         slot = tl.maximum(slot, 0).to(tl.int64)
-        ib, ng = INTER // 2, INTER // 32
+        ib, ng = INTER // 2, INTER // (32 * SUB)
         qrow = slot * q_slot + rows[:, None].to(tl.int64) * ib
         srow = slot * s_slot + rows[:, None].to(tl.int64) * ng
         acc = tl.zeros([BLOCK_N, BLOCK_K // 2], dtype=tl.float32)
@@ -456,7 +460,8 @@ def _kernels():
             bmask = bcols < ib
             ae = tl.load(act_ptr + pair * INTER + 2 * bcols, mask=bmask, other=0.0)[None, :]
             ao = tl.load(act_ptr + pair * INTER + 2 * bcols + 1, mask=bmask, other=0.0)[None, :]
-            acc += _q4_tile(q_ptr, s_ptr, z_ptr, qrow, srow, bcols[None, :], rmask[:, None] & bmask[None, :], ae, ao)
+            acc += _q4_tile(q_ptr, s_ptr, z_ptr, qrow, srow, bcols[None, :], rmask[:, None] & bmask[None, :], ae, ao,
+                            SUB)
         tl.store(part_ptr + pair * H + rows, tl.sum(acc, 1) * w, mask=rows < H)
 
     @triton.jit
@@ -694,16 +699,22 @@ def moe_decode_launches(x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: t
     return y, [("gate_up", gate_up_launch), ("down", down_launch)]
 
 
+def _sub(k: int, scale: torch.Tensor) -> int:
+    """32-column groups per scale of stacked q4 tiles with k columns (the kernels' SUB)."""
+    return q4_group(k, scale.shape[-1]) // Q4_GROUP
+
+
 def _q4_bytes_launches(kern, x, ids, weights, slot_of, gu, dn, act, y) -> list:
     """q4 through the per-byte kernels (Q4_KERNEL = "bytes")."""
     m, h = x.shape
     topk, inter = act.shape[1:]
+    sub_a, sub_b = _sub(h, gu["scale"]), _sub(inter, dn["scale"])
     bk_a, bk_b = _block(h, GATE_UP_BLOCK_K), _block(inter, DOWN_BLOCK_K)
 
     def gate_up_launch():
         kern["gate_up_q4"][(m * topk, kern["cdiv"](inter, MOE_BLOCK_N))](
             x, ids, slot_of, gu["q"], gu["scale"], gu["zero"], act, topk, inter, h, gu["q"].stride(0),
-            gu["scale"].stride(0), BLOCK_N=MOE_BLOCK_N, BLOCK_K=bk_a, num_warps=MOE_WARPS)
+            gu["scale"].stride(0), BLOCK_N=MOE_BLOCK_N, BLOCK_K=bk_a, SUB=sub_a, num_warps=MOE_WARPS)
 
     if DOWN_PAIRS:
         part = torch.empty(m, topk, h, dtype=torch.float32, device=x.device)
@@ -711,24 +722,28 @@ def _q4_bytes_launches(kern, x, ids, weights, slot_of, gu, dn, act, y) -> list:
         def down_launch():
             kern["down_q4_pairs"][(m * topk, kern["cdiv"](h, DOWN_BLOCK_N))](
                 act, ids, weights, slot_of, dn["q"], dn["scale"], dn["zero"], part, topk, inter, h,
-                dn["q"].stride(0), dn["scale"].stride(0), BLOCK_N=DOWN_BLOCK_N, BLOCK_K=bk_b, num_warps=MOE_WARPS)
+                dn["q"].stride(0), dn["scale"].stride(0), BLOCK_N=DOWN_BLOCK_N, BLOCK_K=bk_b, SUB=sub_b,
+                num_warps=MOE_WARPS)
 
         return [("gate_up", gate_up_launch), ("down", down_launch), ("sum", lambda: torch.sum(part, 1, out=y))]
 
     def down_launch():
         kern["down_q4"][(m, kern["cdiv"](h, DOWN_BLOCK_N))](
             act, ids, weights, slot_of, dn["q"], dn["scale"], dn["zero"], y, topk, inter, h, dn["q"].stride(0),
-            dn["scale"].stride(0), KP=next_pow2(topk), BLOCK_N=DOWN_BLOCK_N, BLOCK_K=bk_b, num_warps=MOE_WARPS)
+            dn["scale"].stride(0), KP=next_pow2(topk), BLOCK_N=DOWN_BLOCK_N, BLOCK_K=bk_b, SUB=sub_b,
+            num_warps=MOE_WARPS)
 
     return [("gate_up", gate_up_launch), ("down", down_launch)]
 
 
 def _q4_grouped_launches(kern, x, ids, weights, slot_of, gu, dn, act, y, x_int8=None) -> list:
     """q4 through the group-factored kernels (Q4_KERNEL = "grouped"): the tiles read as int32 words (rows of
-    K/2 bytes, K a multiple of 32, so every row and group starts on a word)."""
+    K/2 bytes, K a multiple of 32, so every row and group starts on a word). The kernels work in groups of 32
+    columns and read a scale and zero per SUB of them (groups of 64: SUB = 2)."""
     m, h = x.shape
     topk, inter = act.shape[1:]
     gu_q, dn_q = gu["q"].view(torch.int32), dn["q"].view(torch.int32)
+    sub_a, sub_b = _sub(h, gu["scale"]), _sub(inter, dn["scale"])
     groups_a, groups_b = _block(h // 32, Q4G_GROUPS), _block(inter // 32, Q4G_DOWN_GROUPS)
     unroll_a = max(1, min(Q4G_UNROLL, -(-(h // 32) // groups_a)))  # no more unrolled steps than the row has
     unroll_b = max(1, min(Q4G_DOWN_UNROLL, -(-(inter // 32) // groups_b)))
@@ -745,7 +760,7 @@ def _q4_grouped_launches(kern, x, ids, weights, slot_of, gu, dn, act, y, x_int8=
             kern["gate_up_q4g"][grid_a](
                 x, ids, slot_of, gu_q, gu["scale"], gu["zero"], act, y, topk, inter, h, gu_q.stride(0),
                 gu["scale"].stride(0), m * h, BLOCK_N=Q4G_BLOCK_N, GROUPS=groups_a, UNROLL=unroll_a,
-                STAGES=Q4G_STAGES, ZERO_BLOCK=zero_block, ALIGNED=Q4G_ALIGNED, num_warps=Q4G_WARPS)
+                STAGES=Q4G_STAGES, ZERO_BLOCK=zero_block, ALIGNED=Q4G_ALIGNED, SUB=sub_a, num_warps=Q4G_WARPS)
 
         launches = [("gate_up", gate_up_launch)]
 
@@ -756,7 +771,7 @@ def _q4_grouped_launches(kern, x, ids, weights, slot_of, gu, dn, act, y, x_int8=
         kern["down_q4g"][(m * nj, kern["cdiv"](h, Q4G_DOWN_BLOCK_N))](
             act, ids, weights, slot_of, dn_q, dn["scale"], dn["zero"], part, topk, nj, inter, h, dn_q.stride(0),
             dn["scale"].stride(0), EXPERTS=experts, BLOCK_N=Q4G_DOWN_BLOCK_N, GROUPS=groups_b, UNROLL=unroll_b,
-            STAGES=Q4G_DOWN_STAGES, ATOMIC=atomic, ALIGNED=Q4G_ALIGNED, num_warps=Q4G_DOWN_WARPS)
+            STAGES=Q4G_DOWN_STAGES, ATOMIC=atomic, ALIGNED=Q4G_ALIGNED, SUB=sub_b, num_warps=Q4G_DOWN_WARPS)
 
     launches.append(("down", down_launch))
     if nj > 1 and not atomic:
@@ -787,7 +802,7 @@ def _q4_int8_gate_up_launches(kern, x, ids, slot_of, gu_q, gu, act, grid_a, grou
     def gate_up():
         kern["gate_up_q4i"][grid_a](*xq, ids, slot_of, gu_q, gu["scale"], gu["zero"], act, topk, inter, h,
                                     gu_q.stride(0), gu["scale"].stride(0), BLOCK_N=Q4G_BLOCK_N, GROUPS=groups_a,
-                                    DP4A=x.is_cuda, num_warps=Q4G_WARPS)
+                                    DP4A=x.is_cuda, SUB=_sub(h, gu["scale"]), num_warps=Q4G_WARPS)
 
     return ([] if x_int8 is not None else [("quantize", quantize)]) + [("gate_up", gate_up)]
 

@@ -13,8 +13,8 @@ import functools
 
 import torch
 
-from ..codecs import HALF_BLOCK
-from ..format import CPU_BLOCK_ROWS, Q4_GROUP, Q4_OFFSET
+from ..codecs import HALF_BLOCK, q4_group
+from ..format import CPU_BLOCK_ROWS, Q4_OFFSET
 
 BLOCK = 1024  # packed bytes per Triton program
 
@@ -28,12 +28,13 @@ def _triton_q4_rows():
         return None
 
     @triton.jit
-    def q4_rows_kernel(q_ptr, scale_ptr, zero_ptr, out_ptr, n_bytes, BLOCK: tl.constexpr):
-        # byte j holds columns 2j (low nibble) and 2j+1; groups of 32 columns = 16 bytes share a scale/zero
+    def q4_rows_kernel(q_ptr, scale_ptr, zero_ptr, out_ptr, n_bytes, BLOCK: tl.constexpr, GROUP_BYTES: tl.constexpr):
+        # byte j holds columns 2j (low nibble) and 2j+1; a group of 32 or 64 columns = GROUP_BYTES bytes shares a
+        # scale/zero (rows hold whole groups, so the flat byte index over group bytes is the flat group index)
         offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
         mask = offs < n_bytes
         byte = tl.load(q_ptr + offs, mask=mask, other=0).to(tl.int32)
-        group = offs // 16
+        group = offs // GROUP_BYTES
         scale = tl.load(scale_ptr + group, mask=mask, other=0.0).to(tl.float32)
         zero = tl.load(zero_ptr + group, mask=mask, other=0.0).to(tl.float32)
         lo = ((byte & 15) - 8).to(tl.float32) * scale + zero
@@ -44,20 +45,22 @@ def _triton_q4_rows():
     def run(q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -> torch.Tensor:
         out = torch.empty(*q.shape[:-1], q.shape[-1] * 2, dtype=torch.bfloat16, device=q.device)
         n = q.numel()
+        group = q4_group(2 * q.shape[-1], scale.shape[-1])
         q4_rows_kernel[(triton.cdiv(n, BLOCK),)](q.contiguous(), scale.contiguous(), zero.contiguous(), out, n,
-                                                 BLOCK=BLOCK)
+                                                 BLOCK=BLOCK, GROUP_BYTES=group // 2)
         return out
 
     return run
 
 
 def q4_rows_torch(q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -> torch.Tensor:
-    """Reference: packed [..., N, K/2] + scale/zero [..., N, K/32] -> bf16 [..., N, K]."""
+    """Reference: packed [..., N, K/2] + scale/zero [..., N, K/group] -> bf16 [..., N, K]."""
     lo = (q & 0xF).to(torch.bfloat16) - Q4_OFFSET
     hi = (q >> 4).to(torch.bfloat16) - Q4_OFFSET
     vals = torch.stack([lo, hi], dim=-1).flatten(-2)  # [..., N, K], exact small integers in bf16
     *lead, n, k = vals.shape
-    groups = vals.view(*lead, n, k // Q4_GROUP, Q4_GROUP).float()
+    group = q4_group(k, scale.shape[-1])
+    groups = vals.view(*lead, n, k // group, group).float()
     out = groups * scale.float().unsqueeze(-1) + zero.float().unsqueeze(-1)
     return out.view(*lead, n, k).to(torch.bfloat16)
 
@@ -71,7 +74,7 @@ EXPERT_SLICE = 16  # experts dequantized per step: float32 temporaries stay ~1/8
 
 
 def _q4_blocks(q: torch.Tensor, scale_zero: torch.Tensor) -> torch.Tensor:
-    """CPU blocks with an expert dim: q [E, N/64, K, 32], scale_zero [E, K/32, N, 2] -> bf16 [E, N, K]."""
+    """CPU blocks with an expert dim: q [E, N/64, K, 32], scale_zero [E, K/group, N, 2] -> bf16 [E, N, K]."""
     e, nb, k, _ = q.shape
     if e > EXPERT_SLICE:
         out = torch.empty(e, nb * CPU_BLOCK_ROWS, k, dtype=torch.bfloat16, device=q.device)
@@ -81,8 +84,9 @@ def _q4_blocks(q: torch.Tensor, scale_zero: torch.Tensor) -> torch.Tensor:
         return out
     lo, hi = (q & 0xF).transpose(2, 3), (q >> 4).transpose(2, 3)  # [E, NB, 32, K]
     vals = torch.cat([lo, hi], dim=2).reshape(e, nb * CPU_BLOCK_ROWS, k).to(torch.bfloat16) - Q4_OFFSET
-    sz = scale_zero.transpose(1, 2).float()  # [E, N, K/32, 2]
-    groups = vals.view(e, -1, k // Q4_GROUP, Q4_GROUP).float()
+    sz = scale_zero.transpose(1, 2).float()  # [E, N, K/group, 2]
+    group = q4_group(k, scale_zero.shape[1])
+    groups = vals.view(e, -1, k // group, group).float()
     out = groups * sz[..., 0].unsqueeze(-1) + sz[..., 1].unsqueeze(-1)
     return out.view(e, -1, k).to(torch.bfloat16)
 
@@ -100,9 +104,9 @@ def _triton_q4_blocks():
 
     @triton.jit
     def q4_blocks_kernel(q_ptr, sz_ptr, out_ptr, q_expert_stride, sz_expert_stride, n_blocks, rows, cols,
-                         DEINTERLEAVE: tl.constexpr, BLOCK_COLS: tl.constexpr):
+                         DEINTERLEAVE: tl.constexpr, BLOCK_COLS: tl.constexpr, GROUP: tl.constexpr):
         # q [E, NB, K, 32] bytes: byte b of column c in block nb holds row nb*64 + b (low nibble) and
-        # nb*64 + 32 + b (high nibble); scale_zero [E, K/32, N, 2] bf16 (scale, zero) per row and 32 columns.
+        # nb*64 + 32 + b (high nibble); scale_zero [E, K/GROUP, N, 2] bf16 (scale, zero) per row and GROUP columns.
         # Experts lie q_expert_stride / sz_expert_stride elements apart (strided views of the layer's bytes).
         pid = tl.program_id(0)  # one (expert, 64-row block); program_id(1) picks BLOCK_COLS columns
         e = pid // n_blocks
@@ -112,7 +116,7 @@ def _triton_q4_blocks():
         mask = (c < cols) & (b < 32)
         q_base = q_ptr + e.to(tl.int64) * q_expert_stride + nb.to(tl.int64) * cols * 32
         byte = tl.load(q_base + c * 32 + b, mask=mask, other=0).to(tl.int32)
-        sz_base = sz_ptr + e.to(tl.int64) * sz_expert_stride + (c // 32) * rows * 2
+        sz_base = sz_ptr + e.to(tl.int64) * sz_expert_stride + (c // GROUP) * rows * 2
         row_lo = nb * 64 + b
         row_hi = row_lo + 32
         s_lo = tl.load(sz_base + row_lo * 2, mask=mask, other=0.0).to(tl.float32)
@@ -139,7 +143,8 @@ def _triton_q4_blocks():
         out = torch.empty(e, rows, k, dtype=torch.bfloat16, device=q.device)
         q4_blocks_kernel[(e * nb, triton.cdiv(k, BLOCK_COLS))](q, scale_zero, out, q.stride(0), scale_zero.stride(0),
                                                                 nb, rows, k, DEINTERLEAVE=deinterleave,
-                                                                BLOCK_COLS=BLOCK_COLS)
+                                                                BLOCK_COLS=BLOCK_COLS,
+                                                                GROUP=q4_group(k, scale_zero.shape[1]))
         return out
 
     return run
@@ -147,7 +152,7 @@ def _triton_q4_blocks():
 
 def q4_blocks(q: torch.Tensor, scale_zero: torch.Tensor, deinterleave: bool,
               use_triton: bool | None = None) -> torch.Tensor:
-    """CPU blocks q [E, N/64, K, 32], scale_zero [E, K/32, N, 2] (strided per expert is fine) -> bf16 [E, N, K],
+    """CPU blocks q [E, N/64, K, 32], scale_zero [E, K/group, N, 2] (strided per expert is fine) -> bf16 [E, N, K],
     with gate rows first when `deinterleave` (the gate_up matrix)."""
     kernel = _triton_q4_blocks() if (q.is_cuda if use_triton is None else use_triton) else None
     if kernel is not None:
