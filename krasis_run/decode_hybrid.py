@@ -697,11 +697,14 @@ class HybridDecodeEngine:
             if self.cuda:
                 torch.cuda.synchronize(self.device)
         cache.advance(pos + 1)
+        # a pageable copy for the caller: clone() of the pinned buffer would allocate pinned memory again
+        logits = torch.empty(self.logits_host.shape, dtype=self.logits_host.dtype)
+        logits.copy_(self.logits_host)
         ended = time.perf_counter()
         self.timing["steps"] += 1
         self.timing["step_s"] += ended - started
         self.step_log.append(ended - called)
-        return self.logits_host.clone()
+        return logits
 
     def close(self) -> None:
         self.plan = None
