@@ -296,6 +296,7 @@ def parse_args() -> argparse.Namespace:
                     "keep at most this many cores busy")
     ap.add_argument("--wait", type=float, default=120, help="longest wait for --max-busy (s); then run anyway")
     ap.add_argument("--workdir", type=Path, default=Path("/tmp/krasis-vs-llamacpp"))
+    ap.add_argument("--types", default="", help="only these llama.cpp types and their pairs (e.g. Q4_0)")
     ap.add_argument("--label", default="dev", help="machine name in the JSON file name")
     ap.add_argument("--json", type=Path, default=None, help="default bench/results/llamacpp-vs-krasis-LABEL-DATE.json")
     return ap.parse_args()
@@ -303,6 +304,8 @@ def parse_args() -> argparse.Namespace:
 
 def main() -> None:
     args = parse_args()
+    if args.types:
+        PAIRS[:] = [pair for pair in PAIRS if pair[0] in args.types.split(",")]
     use_llama_python(args.llama_cpp, args.pydeps)
     start = time.perf_counter()
     files = prepare(args)
