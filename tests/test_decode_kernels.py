@@ -244,7 +244,7 @@ class InterpretedKernels:
         ng = 5
         xq = torch.empty(3, ng * 8, dtype=torch.int32)
         dx, sx, fs = torch.empty(3, ng), torch.empty(3, ng, dtype=torch.int32), torch.empty(3, ng)
-        decode_gpu._kernels()["quantize_x"][(3,)](x, xq, dx, sx, fs, 160, GP=8)
+        decode_gpu._kernels()["quantize_x"][(3,)](x, xq, dx, sx, fs, 160, GP=8, PDL=False)
         bytes_ = xq.view(torch.int8).view(3, ng, 4, 2, 4)  # [row, group, word of 8 columns, even/odd, byte]
         got = bytes_.permute(0, 1, 2, 4, 3).reshape(3, 160)  # byte i of the even word: column 2i of the 8
         groups = x.view(3, ng, 32)
@@ -434,7 +434,7 @@ class InterpretedKernels:
         got = add_rms_norm(x, delta, w, 1e-6, use_triton=True, x_int8=groups)
         assert torch.equal(got, want) and torch.equal(x, x_glue)  # the residual updated in place alike
         ref = decode_gpu.int8_groups(1, h, "cpu")
-        decode_gpu._kernels()["quantize_x"][(1,)](want, *ref, h, GP=4)
+        decode_gpu._kernels()["quantize_x"][(1,)](want, *ref, h, GP=4, PDL=False)
         assert all(torch.equal(a, b) for a, b in zip(groups, ref, strict=True))
         x_moe, ids, weights, slot_of, codec, gate_up, down = moe_inputs("q4", (1, 2, h, 64, 4, 3), seed=4)
         plain = moe_decode(got, ids, weights, slot_of, codec, gate_up, down, use_triton=True)

@@ -18,7 +18,7 @@ import functools
 import torch
 import torch.nn.functional as F
 
-from .decode_gpu import next_pow2
+from .decode_gpu import next_pow2, pdl
 from .reference import norm_rope, rms_norm, route
 
 # Rows up to this many columns are held in registers in one pass (x read once); wider rows loop over blocks
@@ -40,8 +40,10 @@ def _kernels():
 
     @triton.jit
     def rms_norm_kernel(x_ptr, w_ptr, out_ptr, H, x_row, out_row, eps, BLOCK: tl.constexpr,
-                        ONE_PASS: tl.constexpr):
+                        ONE_PASS: tl.constexpr, PDL: tl.constexpr):
         # one row: x * rsqrt(mean(x^2) + eps) * w in float32 (the reference's order of operations), then the cast
+        if PDL:  # launched early (programmatic dependent launch): wait until the kernel before is done
+            tl.extra.cuda.gdc_wait()
         row = tl.program_id(0).to(tl.int64)
         x_ptr += row * x_row
         out_ptr += row * out_row
@@ -66,8 +68,10 @@ def _kernels():
 
     @triton.jit
     def route_kernel(logits_ptr, ids_ptr, w_ptr, E, l_row, ids_row, w_row, K: tl.constexpr,
-                     RENORM: tl.constexpr, BLOCK_E: tl.constexpr, KP: tl.constexpr):
+                     RENORM: tl.constexpr, BLOCK_E: tl.constexpr, KP: tl.constexpr, PDL: tl.constexpr):
         # one token: softmax over the E experts in float32, then K rounds of (max with its index, record, mask out)
+        if PDL:  # launched early (programmatic dependent launch): wait until the kernel before is done
+            tl.extra.cuda.gdc_wait()
         row = tl.program_id(0).to(tl.int64)
         cols = tl.arange(0, BLOCK_E)
         emask = cols < E
@@ -81,11 +85,13 @@ def _kernels():
     @triton.jit
     def router_kernel(x_ptr, w_ptr, logits_ptr, ticket_ptr, ids_ptr, wts_ptr, take_ptr, xs_ptr, ids_s_ptr, wts_s_ptr,
                       H, E, K: tl.constexpr, RENORM: tl.constexpr, ROWS: tl.constexpr, BLOCK_H: tl.constexpr,
-                      BLOCK_E: tl.constexpr, KP: tl.constexpr, STAGE: tl.constexpr):
+                      BLOCK_E: tl.constexpr, KP: tl.constexpr, STAGE: tl.constexpr, PDL: tl.constexpr):
         # one token: ROWS router rows (logits) a program; the last program to finish (a ticket: an atomic counter
         # it re-arms) takes the top k of all E logits, as route_kernel. STAGE: it also hands the CPU its share of
         # the layer (into pinned host memory the GPU writes over PCIe): x in float32, the ids with those the GPU
         # takes (take_ptr[id] != 0) as -1, and the weights.
+        if PDL:  # launched early (programmatic dependent launch): wait until the kernel before is done
+            tl.extra.cuda.gdc_wait()
         rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
         rmask = rows < E
         acc = tl.zeros([ROWS, BLOCK_H], dtype=tl.float32)
@@ -138,9 +144,11 @@ def _kernels():
 
     @triton.jit
     def add_rms_norm_kernel(x_ptr, d_ptr, w_ptr, out_ptr, H, x_row, d_row, out_row, eps, xq_ptr, dx_ptr, sx_ptr,
-                            fs_ptr, BLOCK: tl.constexpr, QUANT: tl.constexpr):
+                            fs_ptr, BLOCK: tl.constexpr, QUANT: tl.constexpr, PDL: tl.constexpr):
         # one row: the residual add x += delta (in place, float32), then RMSNorm of the sum into out; QUANT: also
         # the int8 groups of that output (decode_gpu's quantize_x_kernel's), which the MoE's gate_up then reads
+        if PDL:  # launched early (programmatic dependent launch): wait until the kernel before is done
+            tl.extra.cuda.gdc_wait()
         row = tl.program_id(0).to(tl.int64)
         cols = tl.arange(0, BLOCK)
         mask = cols < H
@@ -157,9 +165,11 @@ def _kernels():
 
     @triton.jit
     def norm_rope_store_kernel(q_ptr, k_ptr, v_ptr, qw_ptr, kw_ptr, cos_ptr, sin_ptr, q_out_ptr, keys_ptr,
-                               values_ptr, pos_ptr, NQ, NKV, eps, HALF: tl.constexpr):
+                               values_ptr, pos_ptr, NQ, NKV, eps, HALF: tl.constexpr, PDL: tl.constexpr):
         # one head per program: q heads -> q_out; k heads -> the cache row at pos (both normed and rotated as in
         # the prefill's norm_rope kernel); v heads copied to that row
+        if PDL:  # launched early (programmatic dependent launch): wait until the kernel before is done
+            tl.extra.cuda.gdc_wait()
         h = tl.program_id(0)
         row = tl.load(pos_ptr).to(tl.int64) * NKV
         if h < NQ + NKV:
@@ -231,7 +241,7 @@ def rms_norm_decode(x: torch.Tensor, weight: torch.Tensor, eps: float, out_dtype
     # ~16 columns a thread: 4 warps at H=2048, 16 at 8192 (a guess; scripts/bench_decode_kernels.py times it)
     warps = max(1, min(16, block // 512))
     _kernels()["rms_norm"][(m,)](x, weight.contiguous(), y, h, x.stride(0), y.stride(0), eps, BLOCK=block,
-                                 ONE_PASS=one_pass, num_warps=warps)
+                                 ONE_PASS=one_pass, num_warps=warps, **pdl(x))
     return y
 
 
@@ -257,7 +267,7 @@ def add_rms_norm(x: torch.Tensor, delta: torch.Tensor, weight: torch.Tensor, eps
     quant = x_int8 if x_int8 is not None else (y,) * 4  # unused pointers where QUANT is off
     _kernels()["add_rms_norm"][(m,)](x, delta, weight.contiguous(), y, h, x.stride(0), delta.stride(0), y.stride(0),
                                      eps, *quant, BLOCK=block, QUANT=x_int8 is not None,
-                                     num_warps=max(1, min(16, block // 512)))
+                                     num_warps=max(1, min(16, block // 512)), **pdl(x))
     return y
 
 
@@ -293,7 +303,8 @@ def route_decode(logits: torch.Tensor, k: int, renormalize: bool, ids_out: torch
     # few warps: the k rounds are k cross-lane reductions in a row, and each extra warp adds a shared-memory step
     warps = max(1, min(4, block_e // 256))
     _kernels()["route"][(m,)](logits, ids, weights, e, logits.stride(0), ids.stride(0), weights.stride(0), K=k,
-                              RENORM=bool(renormalize), BLOCK_E=block_e, KP=next_pow2(k), num_warps=warps)
+                              RENORM=bool(renormalize), BLOCK_E=block_e, KP=next_pow2(k), num_warps=warps,
+                              **pdl(logits))
     return ids, weights
 
 
@@ -321,7 +332,8 @@ def norm_rope_store_decode(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_
         return q_out
     q_out = torch.empty(1, nq, d, dtype=torch.bfloat16, device=q.device)
     _kernels()["norm_rope_store"][(nq + 2 * nkv,)](q, k, v, q_weight.contiguous(), k_weight.contiguous(), cos, sin,
-                                                   q_out, keys, values, pos, nq, nkv, eps, HALF=d // 2, num_warps=1)
+                                                   q_out, keys, values, pos, nq, nkv, eps, HALF=d // 2, num_warps=1,
+                                                   **pdl(q))
     return q_out
 
 
@@ -367,5 +379,5 @@ def router_decode(x: torch.Tensor, weight: torch.Tensor, k: int, renormalize: bo
     _kernels()["router"][(-(-e // ROUTER_ROWS),)](
         _rows(x), weight.contiguous(), logits, ticket, ids, weights, take, xs, ids_s, wts_s, h, e, K=k,
         RENORM=bool(renormalize), ROWS=ROUTER_ROWS, BLOCK_H=min(ROUTER_MAX_BLOCK, next_pow2(h)), BLOCK_E=next_pow2(e),
-        KP=next_pow2(k), STAGE=stage is not None, num_warps=ROUTER_WARPS)
+        KP=next_pow2(k), STAGE=stage is not None, num_warps=ROUTER_WARPS, **pdl(x))
     return ids, weights

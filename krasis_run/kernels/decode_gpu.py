@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import functools
 import math
+import os
 
 import torch
 import torch.nn.functional as F
@@ -77,6 +78,32 @@ ATTN_PROGRAMS = 512
 ATTN_WARPS = 4
 
 
+# Programmatic dependent launch: each decode kernel is launched while the one before it finishes, and waits in its
+# first instruction (gdc_wait) until that one is done; in a CUDA graph a dependent launch then costs 0.3-0.4 us less
+# (scripts/bench_launch_gaps.py on the H200: 1.26 -> 0.99 us a kernel at 132 programs, 1.69 -> 1.31 at 512), ~768
+# launches a 48-layer step. Hopper or newer, a Triton with gdc_wait; off elsewhere, under the interpreter, and with
+# KRASIS_DECODE_PDL=0.
+DECODE_PDL = os.environ.get("KRASIS_DECODE_PDL", "1") != "0"
+
+
+@functools.cache
+def _pdl_supported(device_index: int) -> bool:
+    try:
+        import triton.language as tl
+    except ImportError:
+        return False
+    return (hasattr(tl.extra.cuda, "gdc_wait") and os.environ.get("TRITON_INTERPRET") != "1"
+            and torch.cuda.get_device_capability(device_index)[0] >= 9)
+
+
+def pdl(t: torch.Tensor) -> dict:
+    """A decode kernel's launch options for its inputs' device: PDL (the kernel's constexpr) and Triton's launch_pdl
+    where the GPU and Triton have them."""
+    if DECODE_PDL and t.is_cuda and _pdl_supported(t.device.index if t.device.index is not None else 0):
+        return {"PDL": True, "launch_pdl": True}
+    return {"PDL": False}
+
+
 def next_pow2(n: int) -> int:
     return 1 << max(0, (n - 1).bit_length())
 
@@ -112,8 +139,10 @@ def _kernels():
 
     @triton.jit
     def gate_up_q4_kernel(x_ptr, ids_ptr, slot_ptr, q_ptr, s_ptr, z_ptr, act_ptr, TOPK, INTER, H, q_slot, s_slot,
-                          BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SUB: tl.constexpr):
+                          BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SUB: tl.constexpr, PDL: tl.constexpr):
         # one (token, chosen expert) pair x BLOCK_N outputs: gate and up rows together, act = silu(gate) * up
+        if PDL:  # launched early (programmatic dependent launch): wait until the kernel before is done
+            tl.extra.cuda.gdc_wait()
         pair = tl.program_id(0)
         m = pair // TOPK
         rows = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -214,8 +243,10 @@ def _kernels():
         tl.store(fs_ptr + row * ng + g, tl.sum(tl.sum(x, 2), 1), mask=gmask)
 
     @triton.jit
-    def quantize_x_kernel(x_ptr, xq_ptr, dx_ptr, sx_ptr, fs_ptr, H, GP: tl.constexpr):
+    def quantize_x_kernel(x_ptr, xq_ptr, dx_ptr, sx_ptr, fs_ptr, H, GP: tl.constexpr, PDL: tl.constexpr):
         # one row of x into the int8 groups the q4 gate_up reads (_quantize_store)
+        if PDL:  # launched early (programmatic dependent launch): wait until the kernel before is done
+            tl.extra.cuda.gdc_wait()
         row = tl.program_id(0).to(tl.int64)
         ng = H // 32
         g = tl.arange(0, GP)
@@ -226,9 +257,11 @@ def _kernels():
     @triton.jit
     def gate_up_q4i_kernel(xq_ptr, dx_ptr, sx_ptr, fs_ptr, ids_ptr, slot_ptr, q_ptr, s_ptr, z_ptr, act_ptr, TOPK,
                            INTER, H, q_slot, s_slot, BLOCK_N: tl.constexpr, GROUPS: tl.constexpr,
-                           DP4A: tl.constexpr, SUB: tl.constexpr):
+                           DP4A: tl.constexpr, SUB: tl.constexpr, PDL: tl.constexpr):
         # gate_up_q4g_kernel's grid and tiles with int8 inputs (Q4G_INT8): per row and group
         #   s * dx * (sum_j q_j xq_j - 8 sum_j xq_j) + z * sum_j x_j
+        if PDL:  # launched early (programmatic dependent launch): wait until the kernel before is done
+            tl.extra.cuda.gdc_wait()
         pair = tl.program_id(0)
         m = pair // TOPK
         r = tl.arange(0, 2 * BLOCK_N)
@@ -284,12 +317,14 @@ def _kernels():
     def gate_up_q4g_kernel(x_ptr, ids_ptr, slot_ptr, q_ptr, s_ptr, z_ptr, act_ptr, y_ptr, TOPK, INTER, H, q_slot,
                            s_slot, MH, BLOCK_N: tl.constexpr, GROUPS: tl.constexpr, UNROLL: tl.constexpr,
                            STAGES: tl.constexpr, ZERO_BLOCK: tl.constexpr, ALIGNED: tl.constexpr,
-                           SUB: tl.constexpr):
+                           SUB: tl.constexpr, PDL: tl.constexpr):
         # grouped q4 (Q4_KERNEL): the grid of gate_up_q4_kernel; q_ptr is the tiles as int32 words, q_slot in words.
         # The BLOCK_N gate rows and their BLOCK_N up rows form one tile of 2 * BLOCK_N rows sharing each input load.
         # A loop step covers UNROLL x GROUPS groups; STAGES > 1 software-pipelines the loop (tl.range num_stages:
         # the next steps' loads are issued before this step's math). ZERO_BLOCK > 0: the programs also zero the
         # output y [M*H] (MH elements, ZERO_BLOCK each), for a down kernel that accumulates with atomics.
+        if PDL:  # launched early (programmatic dependent launch): wait until the kernel before is done
+            tl.extra.cuda.gdc_wait()
         pair = tl.program_id(0)
         m = pair // TOPK
         r = tl.arange(0, 2 * BLOCK_N)
@@ -341,12 +376,14 @@ def _kernels():
     def down_q4g_kernel(act_ptr, ids_ptr, w_ptr, slot_ptr, q_ptr, s_ptr, z_ptr, part_ptr, TOPK, NJ, INTER, H, q_slot,
                         s_slot, EXPERTS: tl.constexpr, BLOCK_N: tl.constexpr, GROUPS: tl.constexpr,
                         UNROLL: tl.constexpr, STAGES: tl.constexpr, ATOMIC: tl.constexpr, ALIGNED: tl.constexpr,
-                        SUB: tl.constexpr):
+                        SUB: tl.constexpr, PDL: tl.constexpr):
         # grouped q4 down: program (token m, block jb of EXPERTS chosen experts) x BLOCK_N output rows -> the
         # weighted sum over those experts in part [M, NJ, H] (NJ = cdiv(k, EXPERTS); NJ = 1: part is the output).
         # ATOMIC: part is the output [M, H], zeroed beforehand, and each program adds its sum into it with
         # tl.atomic_add (the NJ shares of a row arrive in no fixed order: float sums not bit-reproducible).
         # UNROLL / STAGES: as in gate_up_q4g_kernel (I = 768 is 24 groups: GROUPS 8 x UNROLL 3 is one step).
+        if PDL:  # launched early (programmatic dependent launch): wait until the kernel before is done
+            tl.extra.cuda.gdc_wait()
         m = tl.program_id(0) // NJ
         j = (tl.program_id(0) % NJ) * EXPERTS + tl.arange(0, EXPERTS)
         jmask = j < TOPK
@@ -376,8 +413,10 @@ def _kernels():
 
     @triton.jit
     def gate_up_dense_kernel(x_ptr, ids_ptr, slot_ptr, q_ptr, s_ptr, act_ptr, TOPK, INTER, H, q_slot,
-                             HAS_SCALE: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+                             HAS_SCALE: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PDL: tl.constexpr):
         # q8 (int8 rows, one scale per row) or bf16 (HAS_SCALE=False), same grid as the q4 kernel
+        if PDL:  # launched early (programmatic dependent launch): wait until the kernel before is done
+            tl.extra.cuda.gdc_wait()
         pair = tl.program_id(0)
         m = pair // TOPK
         rows = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -417,8 +456,11 @@ def _kernels():
 
     @triton.jit
     def down_q4_kernel(act_ptr, ids_ptr, w_ptr, slot_ptr, q_ptr, s_ptr, z_ptr, out_ptr, TOPK, INTER, H, q_slot,
-                       s_slot, KP: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SUB: tl.constexpr):
+                       s_slot, KP: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SUB: tl.constexpr,
+                       PDL: tl.constexpr):
         # one token x BLOCK_N output rows; the rows of all k experts load together (more bytes in flight)
+        if PDL:  # launched early (programmatic dependent launch): wait until the kernel before is done
+            tl.extra.cuda.gdc_wait()
         m = tl.program_id(0)
         j, jmask, slot, resident, w = _expert_slots(ids_ptr, w_ptr, slot_ptr, m, TOPK, KP)
         rows = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -441,10 +483,13 @@ def _kernels():
 
     @triton.jit
     def down_q4_pairs_kernel(act_ptr, ids_ptr, w_ptr, slot_ptr, q_ptr, s_ptr, z_ptr, part_ptr, TOPK, INTER, H, q_slot,
-                             s_slot, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SUB: tl.constexpr):
+                             s_slot, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SUB: tl.constexpr,
+                             PDL: tl.constexpr):
         # one (token, chosen expert) pair x BLOCK_N output rows -> its weighted share in part [M*k, H]: k times the
         # programs of one program per row block, each streaming one expert's rows in short 2D tiles (the 3D tiles
         # of down_q4_kernel spill registers); a sum over k then gives the output, in a fixed order
+        if PDL:  # launched early (programmatic dependent launch): wait until the kernel before is done
+            tl.extra.cuda.gdc_wait()
         pair = tl.program_id(0)
         rows = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
         slot = tl.load(slot_ptr + tl.load(ids_ptr + pair))
@@ -466,7 +511,10 @@ def _kernels():
 
     @triton.jit
     def down_dense_kernel(act_ptr, ids_ptr, w_ptr, slot_ptr, q_ptr, s_ptr, out_ptr, TOPK, INTER, H, q_slot,
-                          HAS_SCALE: tl.constexpr, KP: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+                          HAS_SCALE: tl.constexpr, KP: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                          PDL: tl.constexpr):
+        if PDL:  # launched early (programmatic dependent launch): wait until the kernel before is done
+            tl.extra.cuda.gdc_wait()
         m = tl.program_id(0)
         j, jmask, slot, resident, w = _expert_slots(ids_ptr, w_ptr, slot_ptr, m, TOPK, KP)
         rows = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -488,11 +536,13 @@ def _kernels():
 
     @triton.jit
     def linear_q8_kernel(x_ptr, q_ptr, s_ptr, y_ptr, N, K, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                         ACC2D: tl.constexpr):
+                         ACC2D: tl.constexpr, PDL: tl.constexpr):
         # y[m, rows] = scale[rows] * sum_k q[rows, k] x[m, k] in float32, stored bf16 (as F.linear on bf16 gives);
         # one input row m per program_id(1): the int8 rows come from L2 again for a second one. ACC2D: a [rows,
         # columns] accumulator summed once at the end; else each step's products are summed as they come (fewer
         # registers, so longer steps: more bytes in flight per program)
+        if PDL:  # launched early (programmatic dependent launch): wait until the kernel before is done
+            tl.extra.cuda.gdc_wait()
         m = tl.program_id(1).to(tl.int64)
         rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
         rmask = rows < N
@@ -526,9 +576,11 @@ def _kernels():
 
     @triton.jit
     def attn_split_kernel(q_ptr, k_ptr, v_ptr, len_ptr, o_ptr, ml_ptr, qk_scale, kv_pos, kv_head, G, NSPLIT,
-                          D: tl.constexpr, GP: tl.constexpr, BLOCK: tl.constexpr):
+                          D: tl.constexpr, GP: tl.constexpr, BLOCK: tl.constexpr, PDL: tl.constexpr):
         # one kv head x one split of the cached positions, all G query heads of that kv head at once so K and V
         # are read once; online softmax in base 2; writes unnormalised partials (acc, max, sum) per query head
+        if PDL:  # launched early (programmatic dependent launch): wait until the kernel before is done
+            tl.extra.cuda.gdc_wait()
         kvh = tl.program_id(0)
         split = tl.program_id(1)
         length, per = _split_bounds(len_ptr, NSPLIT, BLOCK)
@@ -564,7 +616,9 @@ def _kernels():
 
     @triton.jit
     def attn_combine_kernel(o_ptr, ml_ptr, len_ptr, out_ptr, NSPLIT, D: tl.constexpr, SP: tl.constexpr,
-                            BLOCK: tl.constexpr):
+                            BLOCK: tl.constexpr, PDL: tl.constexpr):
+        if PDL:  # launched early (programmatic dependent launch): wait until the kernel before is done
+            tl.extra.cuda.gdc_wait()
         h = tl.program_id(0)
         length, per = _split_bounds(len_ptr, NSPLIT, BLOCK)
         s = tl.arange(0, SP)
@@ -690,11 +744,13 @@ def moe_decode_launches(x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: t
 
     def gate_up_launch():
         kern["gate_up_dense"][grid_a](x, ids, slot_of, gu[key], gu.get("scale", gu[key]), act, topk, inter, h,
-                                      gu[key].stride(0), HAS_SCALE=has_scale, BLOCK_N=MOE_BLOCK_N, BLOCK_K=bk_a)
+                                      gu[key].stride(0), HAS_SCALE=has_scale, BLOCK_N=MOE_BLOCK_N, BLOCK_K=bk_a,
+                                      **pdl(x))
 
     def down_launch():
         kern["down_dense"][grid_b](act, ids, weights, slot_of, dn[key], dn.get("scale", dn[key]), y, topk, inter, h,
-                                   dn[key].stride(0), HAS_SCALE=has_scale, KP=kp, BLOCK_N=DOWN_BLOCK_N, BLOCK_K=bk_b)
+                                   dn[key].stride(0), HAS_SCALE=has_scale, KP=kp, BLOCK_N=DOWN_BLOCK_N, BLOCK_K=bk_b,
+                                   **pdl(x))
 
     return y, [("gate_up", gate_up_launch), ("down", down_launch)]
 
@@ -714,7 +770,7 @@ def _q4_bytes_launches(kern, x, ids, weights, slot_of, gu, dn, act, y) -> list:
     def gate_up_launch():
         kern["gate_up_q4"][(m * topk, kern["cdiv"](inter, MOE_BLOCK_N))](
             x, ids, slot_of, gu["q"], gu["scale"], gu["zero"], act, topk, inter, h, gu["q"].stride(0),
-            gu["scale"].stride(0), BLOCK_N=MOE_BLOCK_N, BLOCK_K=bk_a, SUB=sub_a, num_warps=MOE_WARPS)
+            gu["scale"].stride(0), BLOCK_N=MOE_BLOCK_N, BLOCK_K=bk_a, SUB=sub_a, num_warps=MOE_WARPS, **pdl(x))
 
     if DOWN_PAIRS:
         part = torch.empty(m, topk, h, dtype=torch.float32, device=x.device)
@@ -723,7 +779,7 @@ def _q4_bytes_launches(kern, x, ids, weights, slot_of, gu, dn, act, y) -> list:
             kern["down_q4_pairs"][(m * topk, kern["cdiv"](h, DOWN_BLOCK_N))](
                 act, ids, weights, slot_of, dn["q"], dn["scale"], dn["zero"], part, topk, inter, h,
                 dn["q"].stride(0), dn["scale"].stride(0), BLOCK_N=DOWN_BLOCK_N, BLOCK_K=bk_b, SUB=sub_b,
-                num_warps=MOE_WARPS)
+                num_warps=MOE_WARPS, **pdl(x))
 
         return [("gate_up", gate_up_launch), ("down", down_launch), ("sum", lambda: torch.sum(part, 1, out=y))]
 
@@ -731,7 +787,7 @@ def _q4_bytes_launches(kern, x, ids, weights, slot_of, gu, dn, act, y) -> list:
         kern["down_q4"][(m, kern["cdiv"](h, DOWN_BLOCK_N))](
             act, ids, weights, slot_of, dn["q"], dn["scale"], dn["zero"], y, topk, inter, h, dn["q"].stride(0),
             dn["scale"].stride(0), KP=next_pow2(topk), BLOCK_N=DOWN_BLOCK_N, BLOCK_K=bk_b, SUB=sub_b,
-            num_warps=MOE_WARPS)
+            num_warps=MOE_WARPS, **pdl(x))
 
     return [("gate_up", gate_up_launch), ("down", down_launch)]
 
@@ -760,7 +816,7 @@ def _q4_grouped_launches(kern, x, ids, weights, slot_of, gu, dn, act, y, x_int8=
             kern["gate_up_q4g"][grid_a](
                 x, ids, slot_of, gu_q, gu["scale"], gu["zero"], act, y, topk, inter, h, gu_q.stride(0),
                 gu["scale"].stride(0), m * h, BLOCK_N=Q4G_BLOCK_N, GROUPS=groups_a, UNROLL=unroll_a,
-                STAGES=Q4G_STAGES, ZERO_BLOCK=zero_block, ALIGNED=Q4G_ALIGNED, SUB=sub_a, num_warps=Q4G_WARPS)
+                STAGES=Q4G_STAGES, ZERO_BLOCK=zero_block, ALIGNED=Q4G_ALIGNED, SUB=sub_a, num_warps=Q4G_WARPS, **pdl(x))
 
         launches = [("gate_up", gate_up_launch)]
 
@@ -771,7 +827,7 @@ def _q4_grouped_launches(kern, x, ids, weights, slot_of, gu, dn, act, y, x_int8=
         kern["down_q4g"][(m * nj, kern["cdiv"](h, Q4G_DOWN_BLOCK_N))](
             act, ids, weights, slot_of, dn_q, dn["scale"], dn["zero"], part, topk, nj, inter, h, dn_q.stride(0),
             dn["scale"].stride(0), EXPERTS=experts, BLOCK_N=Q4G_DOWN_BLOCK_N, GROUPS=groups_b, UNROLL=unroll_b,
-            STAGES=Q4G_DOWN_STAGES, ATOMIC=atomic, ALIGNED=Q4G_ALIGNED, SUB=sub_b, num_warps=Q4G_DOWN_WARPS)
+            STAGES=Q4G_DOWN_STAGES, ATOMIC=atomic, ALIGNED=Q4G_ALIGNED, SUB=sub_b, num_warps=Q4G_DOWN_WARPS, **pdl(x))
 
     launches.append(("down", down_launch))
     if nj > 1 and not atomic:
@@ -797,12 +853,12 @@ def _q4_int8_gate_up_launches(kern, x, ids, slot_of, gu_q, gu, act, grid_a, grou
     xq = x_int8 if x_int8 is not None else int8_groups(m, h, x.device)
 
     def quantize():
-        kern["quantize_x"][(m,)](x, *xq, h, GP=next_pow2(ng), num_warps=4)
+        kern["quantize_x"][(m,)](x, *xq, h, GP=next_pow2(ng), num_warps=4, **pdl(x))
 
     def gate_up():
         kern["gate_up_q4i"][grid_a](*xq, ids, slot_of, gu_q, gu["scale"], gu["zero"], act, topk, inter, h,
                                     gu_q.stride(0), gu["scale"].stride(0), BLOCK_N=Q4G_BLOCK_N, GROUPS=groups_a,
-                                    DP4A=x.is_cuda, SUB=_sub(h, gu["scale"]), num_warps=Q4G_WARPS)
+                                    DP4A=x.is_cuda, SUB=_sub(h, gu["scale"]), num_warps=Q4G_WARPS, **pdl(x))
 
     return ([] if x_int8 is not None else [("quantize", quantize)]) + [("gate_up", gate_up)]
 
@@ -832,7 +888,7 @@ def linear_q8(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, out: torch.
     x = (x if x.dtype in (torch.float32, torch.bfloat16) else x.float()).contiguous()
     kern["linear_q8"][(kern["cdiv"](n, LINEAR_Q8_BLOCK_N), m)](
         x, q.contiguous(), scale.contiguous(), y, n, k, BLOCK_N=LINEAR_Q8_BLOCK_N,
-        BLOCK_K=_block(k, LINEAR_Q8_BLOCK_K), ACC2D=LINEAR_Q8_ACC2D, num_warps=LINEAR_Q8_WARPS)
+        BLOCK_K=_block(k, LINEAR_Q8_BLOCK_K), ACC2D=LINEAR_Q8_ACC2D, num_warps=LINEAR_Q8_WARPS, **pdl(x))
     return y
 
 
@@ -889,8 +945,9 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
     k_cache, v_cache = k_cache.contiguous(), v_cache.contiguous()
     kern["attn_split"][(kv_heads, nsplit)](q.contiguous(), k_cache, v_cache, length, parts, ml, qk_scale,
                                            k_cache.stride(0), k_cache.stride(1), group, nsplit, D=dim,
-                                           GP=max(16, next_pow2(group)), BLOCK=ATTN_BLOCK, num_warps=ATTN_WARPS)
+                                           GP=max(16, next_pow2(group)), BLOCK=ATTN_BLOCK, num_warps=ATTN_WARPS,
+                                           **pdl(q))
     kern["attn_combine"][(heads,)](parts, ml, length, y, nsplit, D=dim, SP=next_pow2(nsplit),
-                                   BLOCK=ATTN_BLOCK)
+                                   BLOCK=ATTN_BLOCK, **pdl(q))
     return y
 
