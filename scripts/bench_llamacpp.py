@@ -146,8 +146,8 @@ def compile_missing(folder: Path, artifacts: dict[tuple[str, str], Path]) -> Non
 
     todo = [(q, d, path) for (q, d), path in artifacts.items() if not path.exists()]
     with ThreadPoolExecutor(max_workers=max(1, len(todo))) as pool:
-        jobs = [pool.submit(bench_decode.compile_artifact, folder, path, split_quant(q)[0], d, sections=("cpu",),
-                            rounding="minmax", q4_group=split_quant(q)[1]) for q, d, path in todo]
+        jobs = [pool.submit(bench_decode.compile_artifact, folder, path, split_quant(q)[0], split_quant(d)[0],
+                            sections=("cpu",), rounding="minmax", q4_group=split_quant(q)[1]) for q, d, path in todo]
         for job in jobs:
             job.result()
 
