@@ -38,7 +38,8 @@ def render_card(s: Summary, filename: str) -> str:
         f"- **Model**: {s.layers} layers ({s.moe_layers} MoE), {s.experts} experts, top-{s.experts_per_token}, "
         f"hidden {s.hidden_size}, vocab {s.vocab_size}, context {s.context_length} tokens",
         f"- **Quantization**: routed experts `{q.get('experts')}`, dense matrices `{q.get('dense')}` "
-        f"(rounding `{q.get('rounding')}`); relative L2 weight error: experts {err.get('experts')}, "
+        f"(q4: a scale and zero per {q.get('q4_group', 32)} weights; rounding `{q.get('rounding')}`); relative L2 "
+        f"weight error: experts {err.get('experts')}, "
         f"dense {err.get('dense')}",
         f"- **File**: {size(s.file_size)}, krs format version {s.format_version}, compiled by "
         f"{s.compiler.get('name')} {s.compiler.get('version')}: needs krasis {s.compiler.get('version')} or newer",

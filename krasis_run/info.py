@@ -131,7 +131,8 @@ def render(s: Summary) -> str:
         f"model         {s.layers} layers ({s.moe_layers} MoE), hidden {s.hidden_size}, "
         f"{s.attention_heads}/{s.kv_heads} attention/KV heads, {s.experts} experts (top-{s.experts_per_token}), "
         f"vocab {s.vocab_size}, context {s.context_length}",
-        f"quantization  experts {q.get('experts')}, dense {q.get('dense')}, rounding {q.get('rounding')}; "
+        f"quantization  experts {q.get('experts')}, dense {q.get('dense')}, q4 groups of {q.get('q4_group', 32)}, "
+        f"rounding {q.get('rounding')}; "
         f"rel. L2 error experts {err.get('experts')}, dense {err.get('dense')}",
         f"source        {source_text(s.source)}",
         "sections",
