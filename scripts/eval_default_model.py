@@ -2,9 +2,9 @@
 
     python scripts/eval_default_model.py [--sequences 32] [--length 256] [--json bench/results/quality.json]
 
-Compiles krasis_compile/default_model at bf16/bf16, q8/q8, q4/q8 and q4/bf16, runs one prefill pass
-per held-out sequence (Python standard library files the training script held out), and reports
-perplexity, the mean KL(bf16 || codec) of the next-token distributions, top-1 agreement with bf16,
+Compiles krasis_compile/default_model at bf16/bf16, q8/q8, q4/q8, q4/bf16 and q4/q4 (q4 in groups of 32 and
+64), runs one prefill pass per held-out sequence (Python standard library files the training script held
+out), and reports perplexity, the mean KL(bf16 || codec) of the next-token distributions, top-1 agreement with bf16,
 and decode tok/s of each artifact. With transformers installed it also reports the perplexity of the
 original checkpoint computed by transformers (the oracle).
 """
@@ -26,7 +26,9 @@ from krasis_compile.compile import compile_model
 
 ROOT = Path(__file__).resolve().parent.parent
 MODEL = ROOT / "krasis_compile" / "default_model"
-VARIANTS = [("bf16", "bf16"), ("q8", "q8"), ("q4", "q8"), ("q4", "bf16")]
+# (experts, dense, q4 group): q4 with a scale and zero per 32 columns (the default) or per 64 (--q4-group 64)
+VARIANTS = [("bf16", "bf16", 32), ("q8", "q8", 32), ("q4", "q8", 32), ("q4", "bf16", 32), ("q4", "q8", 64),
+            ("q4", "q4", 32), ("q4", "q4", 64)]
 
 
 def heldout_sequences(tokenizer, count: int, length: int) -> list[list[int]]:
@@ -77,15 +79,15 @@ def main() -> None:
 
     work = Path(tempfile.mkdtemp(prefix="krasis-eval-"))
     results, reference = {"sequences": args.sequences, "length": args.length, "variants": []}, None
-    for quant, dense in VARIANTS:
-        path = work / f"default-{quant}-{dense}.krs"
-        compile_model(str(MODEL), path, quant=quant, dense_quant=dense, progress=False)
+    for quant, dense, group in VARIANTS:
+        path = work / f"default-{quant}-{dense}-g{group}.krs"
+        compile_model(str(MODEL), path, quant=quant, dense_quant=dense, progress=False, q4_group=group)
         rt = krasis_run.load(path, threads=args.threads)
         sequences = heldout_sequences(rt.tokenizer, args.sequences, args.length)
         logprobs = [log_softmax(rt.logits(ids)[:-1].astype(np.float64)) for ids in sequences]
         nll = -sum(lp[np.arange(len(ids) - 1), ids[1:]].sum() for lp, ids in zip(logprobs, sequences, strict=True))
         ppl = float(np.exp(nll / sum(len(s) - 1 for s in sequences)))
-        row = dict(quant=quant, dense_quant=dense, perplexity=ppl, size_bytes=path.stat().st_size,
+        row = dict(quant=quant, dense_quant=dense, q4_group=group, perplexity=ppl, size_bytes=path.stat().st_size,
                    decode_tok_s=decode_speed(rt, sequences[0][:32]))
         if reference is None:
             reference = logprobs
@@ -100,12 +102,12 @@ def main() -> None:
     results["oracle_perplexity"] = oracle_perplexity(sequences)
     print(f"transformers (float32) perplexity: {results['oracle_perplexity']} "
           f"({time.perf_counter() - started:.0f} s)")
-    print("\n| experts | dense | perplexity | KL vs bf16 (nats) | top-1 agreement | size | decode tok/s |")
-    print("|---|---|---|---|---|---|---|")
+    print("\n| experts | dense | q4 group | perplexity | KL vs bf16 (nats) | top-1 agreement | size | decode tok/s |")
+    print("|---|---|---|---|---|---|---|---|")
     for r in results["variants"]:
         kl = f"{r['kl_vs_bf16']:.5f}" if "kl_vs_bf16" in r else "-"
         agree = f"{r['top1_agreement']:.1%}" if "top1_agreement" in r else "-"
-        print(f"| {r['quant']} | {r['dense_quant']} | {r['perplexity']:.3f} | {kl} | {agree} | "
+        print(f"| {r['quant']} | {r['dense_quant']} | {r['q4_group']} | {r['perplexity']:.3f} | {kl} | {agree} | "
               f"{r['size_bytes'] / 2**20:.1f} MiB | {r['decode_tok_s']:.0f} |")
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
