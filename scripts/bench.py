@@ -335,7 +335,7 @@ def main() -> None:
     device = torch.cuda.get_device_name()
     record = dict(device=device, date=datetime.date.today().isoformat(),
                   shape=args.shape, layers_measured=args.layers, scaled_to_layers=args.scale_to or args.layers,
-                  quant=args.quant, routers=args.routers, dense_gpu=args.dense_gpu, moe_act=args.moe_act,
+                  quant=args.quant, routers=args.routers, dense_gpu=args.dense_gpu,
                   linear_q8=[decode_gpu.LINEAR_Q8_BLOCK_N, decode_gpu.LINEAR_Q8_BLOCK_K, decode_gpu.LINEAR_Q8_WARPS,
                              decode_gpu.LINEAR_Q8_ACC2D],
                   attention=[decode_gpu.ATTN_PROGRAMS, decode_gpu.ATTN_BLOCK, decode_gpu.ATTN_WARPS],
