@@ -304,8 +304,6 @@ def main() -> None:
     ap.add_argument("--decode-context", type=int, default=0,
                     help="KV cache reserved for decode (default: the 4K prompt + 128; krasis-run's own default: 32768)")
     ap.add_argument("--attention", default="", help="PROGRAMS,BLOCK,WARPS of decode attention (default: decode_gpu's)")
-    ap.add_argument("--moe-act", choices=["bf16", "f32"], default="bf16",
-                    help="dtype of the routed experts' activations between the decode gate_up and down kernels")
     ap.add_argument("--dense-gpu", choices=["q8", "bf16"], default="q8",
                     help="dense matrices in VRAM as stored (q8 rows) or dequantized to bf16 (the layout before)")
     ap.add_argument("--linear-q8", default="",
@@ -315,7 +313,6 @@ def main() -> None:
     from krasis_run.kernels import decode_gpu
 
     krasis_run.planner.GPU_Q8_DENSE = args.dense_gpu == "q8"
-    decode_gpu.MOE_ACT_DTYPE = torch.bfloat16 if args.moe_act == "bf16" else torch.float32
     if args.attention:
         decode_gpu.ATTN_PROGRAMS, decode_gpu.ATTN_BLOCK, decode_gpu.ATTN_WARPS = map(int, args.attention.split(","))
     if args.linear_q8:

@@ -62,10 +62,6 @@ Q4G_ALIGNED = True
 # interpreter). The float kernel spent ~5 ALU ops a weight (nibble extraction, int->float, fma) and was bound by them
 # at ~1 TB/s (15.5 us a 30B-A3B layer, run 25); this does 5 integer ops per 8 weights.
 Q4G_INT8 = True
-# The routed experts' activations silu(gate) * up between the gate_up and down kernels: bf16 halves what every down
-# program reads of them (each act value is read once per 2 output rows: ~24 KB a program in float32, 4x its weight
-# bytes); the rounding (2^-9 relative) is far below q4's. The torch reference rounds alike.
-MOE_ACT_DTYPE = torch.bfloat16
 # q8 dense GEMV (linear_q8): output rows per program, input columns per loop step, warps, 2D accumulator; the fastest
 # of scripts/bench_decode_kernels.py --linear-only on the H200, timed as a step issues them (48 layers' q|k|v and
 # o_proj in one graph: 12.5 us a layer against 16.6 for cuBLAS on bf16; lm_head 102.7 us against 153.2, session 5);
@@ -686,7 +682,7 @@ def moe_decode_torch(x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torc
         w1 = dequant_parts(codec, "rows", {name: t[idx] for name, t in gate_up.items()})  # [M, k, 2I, H]
         gu = torch.einsum("mjnh,mh->mjn", w1, x.float())
         gate, up = gu.chunk(2, dim=-1)
-        act = (F.silu(gate) * up).to(MOE_ACT_DTYPE).float()  # rounded as the kernels store it
+        act = F.silu(gate) * up
         w2 = dequant_parts(codec, "rows", {name: t[idx] for name, t in down.items()})  # [M, k, H, I]
         per_expert = torch.einsum("mjhi,mji->mjh", w2, act)
         weights = torch.where(resident, topk_weights.float(), 0.0)
@@ -730,7 +726,7 @@ def moe_decode_launches(x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: t
     ids = topk_ids.contiguous()
     weights = topk_weights.float().contiguous()
     slot_of = slot_of_expert.contiguous()
-    act = torch.empty(m, topk, inter, dtype=MOE_ACT_DTYPE, device=x.device)
+    act = torch.empty(m, topk, inter, dtype=torch.float32, device=x.device)
     y = out if out is not None else torch.empty(m, h, dtype=torch.float32, device=x.device)
     gu = {name: t.contiguous() for name, t in gate_up.items()}
     dn = {name: t.contiguous() for name, t in down.items()}
