@@ -70,10 +70,13 @@ def time_it(fn, iters: int, flush: torch.Tensor | None) -> list[float]:
     return times
 
 
+Q4_GROUP = 32  # --q4-group: the columns that share a q4 scale and zero in the random tiles
+
+
 def random_parts(codec: str, n: int, k: int) -> dict[str, torch.Tensor]:
     dev = "cuda"
     if codec == "q4":
-        g = (EXPERTS, n, k // 32)
+        g = (EXPERTS, n, k // Q4_GROUP)
         return {"q": torch.randint(0, 256, (EXPERTS, n, k // 2), dtype=torch.uint8, device=dev),
                 "scale": (0.01 * torch.rand(g, device=dev)).bfloat16(),
                 "zero": (0.01 * torch.randn(g, device=dev)).bfloat16()}
@@ -181,7 +184,19 @@ SWEEP_CONFIGS = [
 ]
 
 
-def sweep_moe(iters: int, flush: torch.Tensor, ceiling: float) -> list[dict]:
+# --sweep-around: the engine's defaults (int8 gate_up, 8 experts a down program, 2 rows) and single-step changes
+AROUND = dict(Q4G_BASE, Q4G_ALIGNED=True, Q4G_BLOCK_N=2, Q4G_DOWN_BLOCK_N=2, Q4G_DOWN_UNROLL=3, Q4G_DOWN_EXPERTS=8,
+              Q4G_DOWN_WARPS=2)
+AROUND_CONFIGS = [AROUND] + [dict(AROUND, **change) for change in (
+    dict(Q4G_BLOCK_N=1), dict(Q4G_BLOCK_N=4), dict(Q4G_WARPS=2), dict(Q4G_GROUPS=4), dict(Q4G_GROUPS=16),
+    dict(Q4G_DOWN_BLOCK_N=1), dict(Q4G_DOWN_BLOCK_N=4), dict(Q4G_DOWN_BLOCK_N=4, Q4G_DOWN_WARPS=4),
+    dict(Q4G_DOWN_WARPS=1), dict(Q4G_DOWN_WARPS=4), dict(Q4G_DOWN_EXPERTS=4),
+    dict(Q4G_DOWN_EXPERTS=4, Q4G_DOWN_WARPS=1),
+    dict(Q4G_DOWN_GROUPS=4, Q4G_DOWN_UNROLL=6), dict(Q4G_DOWN_GROUPS=16, Q4G_DOWN_UNROLL=2),
+    dict(Q4G_DOWN_GROUPS=32, Q4G_DOWN_UNROLL=1))]
+
+
+def sweep_moe(iters: int, flush: torch.Tensor, ceiling: float, configs: list[dict] | None = None) -> list[dict]:
     """q4 moe_decode at M=1 in a CUDA graph for each of SWEEP_CONFIGS: the engine's real per-layer cost, then each
     of its kernels alone (gate_up, down, and the sum of partials where there is one), each in its own graph with L2
     flushed, to show where the time goes."""
@@ -193,7 +208,7 @@ def sweep_moe(iters: int, flush: torch.Tensor, ceiling: float) -> list[dict]:
     out = torch.empty(1, HIDDEN, device="cuda")
     want = moe_decode_torch(x, ids, weights, slot_of, "q4", gate_up, down)
     rows = [sweep_row(cfg, x, ids, weights, slot_of, gate_up, down, out, want, iters, flush, ceiling)
-            for cfg in SWEEP_CONFIGS]
+            for cfg in configs or SWEEP_CONFIGS]
     rows = [row for row in rows if row is not None]
     print_sweep_summary(rows)
     return rows
@@ -457,7 +472,12 @@ def main() -> None:
     ap.add_argument("--linear-only", action="store_true",
                     help="only the q8 dense GEMV against cuBLAS bf16, and the attention tile sweep")
     ap.add_argument("--attention-only", action="store_true", help="only the attention tile sweep")
+    ap.add_argument("--sweep-around", action="store_true",
+                    help="only the sweep, of the engine's q4 defaults and single-step changes to them")
+    ap.add_argument("--q4-group", type=int, default=32, choices=(32, 64), help="q4 columns per scale and zero")
     args = ap.parse_args()
+    global Q4_GROUP
+    Q4_GROUP = args.q4_group
     torch.manual_seed(0)
     flush = torch.empty(FLUSH_BYTES, dtype=torch.uint8, device="cuda")
     ceiling = copy_bandwidth()
@@ -468,6 +488,9 @@ def main() -> None:
         args.codec, args.sweep_only = "", True
     elif args.linear_only:
         rows += bench_linear(args.iters, flush, ceiling) + sweep_attention(args.iters, flush)
+        args.codec, args.sweep_only = "", True
+    elif args.sweep_around:
+        rows += sweep_moe(args.iters, flush, ceiling, AROUND_CONFIGS)
         args.codec, args.sweep_only = "", True
     elif args.sweep_only:
         rows += sweep_moe(args.iters, flush, ceiling)
