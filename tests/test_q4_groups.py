@@ -11,7 +11,7 @@ import torch
 from fixtures import prompt_ids
 from test_artifact import rewrite_header
 from test_compile import compile_cli, one_line_error
-from test_hybrid_decode import assert_same_greedy, greedy, hybrid_engine
+from test_hybrid_decode import assert_hybrid_equals_cpu, assert_same_greedy, greedy, hybrid_engine
 
 import krasis_run
 from krasis_compile.layout import cpu_block_parts
@@ -120,14 +120,7 @@ def test_group_64_streaming_prefill_matches_the_cpu_path(tiny_g64, section):
 @pytest.mark.parametrize("resident,mode", [(set(), "experts_in_ram"), ({1}, "budget"), ({0, 1, 2}, "all_gpu")])
 def test_group_64_hybrid_decode_equals_cpu_path(tiny_g64, resident, mode):
     rt = krasis_run.load(tiny_g64.artifact("q4", "q8", 64), threads=1, kernel="reference")
-    ids = prompt_ids(400, 20, seed=24)
-    want_tokens, want_logits = greedy(rt, rt.engine, ids, 12)
-    engine = hybrid_engine(rt, resident)
-    assert engine.mode == mode
-    got_tokens, got_logits = greedy(rt, engine, ids, 12)
-    assert_same_greedy(got_tokens, want_tokens, want_logits)
-    for got, want in zip(got_logits, want_logits, strict=True):
-        assert rel(got, want) < 3e-2
+    assert_hybrid_equals_cpu(rt, resident, mode, prompt_ids(400, 20, seed=24), 3e-2)
 
 
 def test_group_64_cpu_blocks_of_an_expert(tiny_g64):
