@@ -116,7 +116,7 @@ class CpuOps:
                 self._lib = self.native.load()
         self.kernel = "native" if self.native is not None else ("torch" if requested == "auto" else requested)
         self.int4_in_place = self.kernel in ("torch", "native") and torch_int4_reads_cpu_blocks()
-        self._expert_ptrs: dict[int, tuple[object, torch.Tensor]] = {}
+        self._expert_ptrs: dict[int, tuple[object, torch.Tensor, int]] = {}
         # weight -> (weight, native.linear arguments, (codec id, K, N, part addresses) for the direct call)
         self._native_rows: dict[int, tuple[object, tuple | None, tuple | None]] = {}
 
@@ -281,9 +281,13 @@ class CpuOps:
 
     def _native_expert_table(self, blocks) -> torch.Tensor:
         """[E, 4] int64 addresses of each expert's gate_up and down parts (cached per tensor)."""
+        return self._native_experts(blocks)[0]
+
+    def _native_experts(self, blocks) -> tuple[torch.Tensor, int]:
+        """(_native_expert_table, blocks_group), cached per tensor: a decode step asks for them in every layer."""
         cached = self._expert_ptrs.get(id(blocks))
         if cached is not None and cached[0] is blocks:
-            return cached[1]
+            return cached[1:]
         names = {"q4": ("q", "scale_zero"), "q8": ("q", "scale"), "bf16": ("w", "w")}[blocks.codec]
         rows = []
         for e in range(blocks.experts):
@@ -291,8 +295,8 @@ class CpuOps:
             rows.append([gate_up[names[0]].data_ptr(), gate_up[names[1]].data_ptr(),
                          down[names[0]].data_ptr(), down[names[1]].data_ptr()])
         table = torch.tensor(rows, dtype=torch.int64)
-        self._expert_ptrs[id(blocks)] = (blocks, table)
-        return table
+        self._expert_ptrs[id(blocks)] = (blocks, table, blocks_group(blocks))
+        return self._expert_ptrs[id(blocks)][1:]
 
     def experts(self, x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor, blocks,
                 out: torch.Tensor | None = None) -> torch.Tensor:
@@ -308,8 +312,9 @@ class CpuOps:
                 topk_ids = topk_ids.to(torch.int32).contiguous()
             if not _f32(topk_weights):
                 topk_weights = topk_weights.float().contiguous()
-            return self.native.moe(blocks.codec, x, topk_ids, topk_weights, self._native_expert_table(blocks),
-                                   hidden, width, blocks.experts, out=out, group=blocks_group(blocks))
+            table, group = self._native_experts(blocks)
+            return self.native.moe(blocks.codec, x, topk_ids, topk_weights, table, hidden, width, blocks.experts,
+                                   out=out, group=group)
         t, k = topk_ids.shape
         flat_ids = topk_ids.flatten().long()
         if t and int(flat_ids.max()) >= blocks.experts:
