@@ -82,8 +82,9 @@ ATTN_WARPS = 4
 # Programmatic dependent launch: each decode kernel is launched while the one before it finishes, and waits in its
 # first instruction (gdc_wait) until that one is done; in a CUDA graph a dependent launch then costs 0.3-0.4 us less
 # (scripts/bench_launch_gaps.py on the H200: 1.26 -> 0.99 us a kernel at 132 programs, 1.69 -> 1.31 at 512), ~768
-# launches a 48-layer step. Hopper or newer, a Triton with gdc_wait; off elsewhere, under the interpreter, and with
-# KRASIS_DECODE_PDL=0.
+# launches a 48-layer step (30B-A3B all on the GPU: 336 / 354 tok/s against 319 / 339 without, alternating on one
+# H200, docs/BENCHMARKS.md run 57). Hopper or newer, a Triton with gdc_wait; off elsewhere, under the interpreter,
+# and with KRASIS_DECODE_PDL=0.
 DECODE_PDL = os.environ.get("KRASIS_DECODE_PDL", "1") != "0"
 
 
