@@ -29,7 +29,6 @@ from .format import SECTION_EXPERTS_GPU, KrsError
 from .host_flags import StreamFlags
 from .host_flags import available as stream_flags_available
 from .kernels import decode_gpu
-from .kernels.cpu import blocks_group
 from .kernels.decode_glue import RMS_MAX_BLOCK, add_rms_norm, norm_rope_store_decode, route_decode, router_decode
 from .kernels.decode_gpu import decode_attention, int8_groups, moe_decode, next_pow2
 from .prefill_gpu import ExpertHandle, GpuOps, GpuPrefillEngine, part_views
@@ -573,7 +572,7 @@ class HybridDecodeEngine:
         stats = self.serve_stats.zero_()
         try:
             self.cpu_ops.native.moe_serve(blocks.codec, hidden, width, blocks.experts, self.args.num_experts_per_tok,
-                                          table, SERVE_TIMEOUT_S, stats, group=blocks_group(blocks))
+                                          table, SERVE_TIMEOUT_S, stats, group=self.cpu_ops._native_experts(blocks)[1])
         except TimeoutError as e:
             raise KrsError(f"decode step failed: {e}") from e
         finally:

@@ -17,6 +17,8 @@ import os
 
 import torch
 
+from ...codecs import q4_group
+from ...format import Q4_GROUP
 from . import build as _build
 
 ISAS = ("scalar", "avx2", "avx512")
@@ -24,18 +26,20 @@ CODECS = {"bf16": 1, "q8": 2, "q4": 3, "f32": 4}
 Q4_G64 = 5  # the id of q4 with a scale and zero per 64 columns (krasis_native.c)
 
 
-def codec_id(codec: str, group: int = 32) -> int:
+def codec_id(codec: str, group: int = Q4_GROUP) -> int:
     """The library's id of a codec; q4 has one per grouping (columns per scale/zero: 32 or 64)."""
     if codec == "q4" and group == 64:
         return Q4_G64
-    if codec == "q4" and group != 32:
+    if codec == "q4" and group != Q4_GROUP:
         raise ValueError(f"no native q4 kernel for groups of {group} columns")
     return CODECS[codec]
 
 
 def _rows_group(codec: str, k: int, parts) -> int:
-    """Columns per scale of a q4 rows matrix (parts: q, scale, zero); 32 for the other codecs."""
-    return k // parts[1].shape[-1] if codec == "q4" else 32
+    """Columns per scale of a q4 rows matrix (parts: q, scale, zero); the default for the other codecs."""
+    return q4_group(k, parts[1].shape[-1]) if codec == "q4" else Q4_GROUP
+
+
 ISA_ENV = "KRASIS_CPU_ISA"
 PIN_ENV = "KRASIS_PIN"
 
@@ -184,7 +188,8 @@ def linear_multi(codec: str, x, matrices: list[list], out=None):
     return y
 
 
-def moe(codec: str, x, ids, weights, ptrs, hidden: int, width: int, experts: int, out=None, group: int = 32):
+def moe(codec: str, x, ids, weights, ptrs, hidden: int, width: int, experts: int, out=None,
+        group: int = Q4_GROUP):
     """x float32 [M, H]; ids int32 [M, k]; weights float32 [M, k]; ptrs int64 [E, 4] (see krasis_native.c)
     -> float32 [M, H], the routing-weighted sum of the selected experts. An id < 0 skips its slot: it adds
     nothing and no expert is read for it (a hybrid engine passes -1 for the experts it runs on the GPU;
@@ -198,7 +203,7 @@ def moe(codec: str, x, ids, weights, ptrs, hidden: int, width: int, experts: int
 
 
 def moe_serve(codec: str, hidden: int, width: int, experts: int, topk: int, table, timeout_s: float, stats,
-              group: int = 32) -> None:
+              group: int = Q4_GROUP) -> None:
     """The CPU side of a decode step captured as one CUDA graph (krs_moe_serve in krasis_native.c): per row of
     table (int64 [L, 7]: ready flag, done flag, x, ids, weights, out, expert pointer table; every address
     pinned host memory the caller keeps alive) wait for `ready`, run that layer's experts into `out`, set
