@@ -30,8 +30,8 @@ from .host_flags import StreamFlags
 from .host_flags import available as stream_flags_available
 from .kernels import decode_gpu
 from .kernels.decode_glue import RMS_MAX_BLOCK, add_rms_norm, norm_rope_store_decode, route_decode, router_decode
-from .kernels.decode_gpu import decode_attention, int8_groups, moe_decode, next_pow2
-from .prefill_gpu import ExpertHandle, GpuOps, GpuPrefillEngine, part_views
+from .kernels.decode_gpu import decode_attention, int8_groups, linear_q8, moe_decode, next_pow2
+from .prefill_gpu import ExpertHandle, GpuOps, GpuPrefillEngine, Q8Rows, part_views
 
 SERVE_TIMEOUT_S = 60.0  # the CPU waits this long for the GPU to hand over a layer before it gives up
 
@@ -135,7 +135,8 @@ class HybridOps(GpuOps):
         super().__init__(device, codec, "rows", exact)
         self.engine, self.cpu_ops = engine, cpu_ops
         self.staged: int | None = None  # the layer whose CPU inputs the router kernel just wrote to its stage
-        self._int8_memo: tuple | None = None  # (normed x, its int8 groups) of the last add_rms_norm
+        self._int8_memo: tuple | None = None  # (x, its int8 groups) of the last add_rms_norm or attention
+        self.has_q8 = False  # q8 matrices on the GPU (the engine sets it)
         self.moe_norms: set[int] = set()  # ids of the norm weights whose output goes to a layer's experts
         # the router kernel's tickets, one per layer (so no two launches can share one), always left at zero
         self.tickets = torch.zeros(engine.args.num_hidden_layers, dtype=torch.int32, device=device)
@@ -170,19 +171,42 @@ class HybridOps(GpuOps):
         keys, values = cache.cache.keys[layer], cache.cache.values[layer]
         return norm_rope_store_decode(q, k, v, q_weight, k_weight, eps, cos, sin, keys, values, start_pos), keys, values
 
+    def _int8_inputs(self) -> bool:
+        """Whether the q8 GEMVs read int8 inputs (decode_gpu.Q8_INT8, q8 matrices on the GPU, Triton)."""
+        return self.has_q8 and decode_gpu.Q8_INT8 and not self.exact and decode_gpu._kernels() is not None
+
     def add_rms_norm(self, x: torch.Tensor, delta: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-        """For q4 experts with int8 inputs, the norm's kernel also writes the normed row's int8 groups, which this
-        layer's GPU experts then read (a quantize kernel fewer a layer)."""
+        """Where an int8 reader follows, the norm's kernel also writes the normed row's int8 groups: this layer's
+        q4 GPU experts (Q4G_INT8; a quantize kernel fewer a layer) or the q8 GEMVs of the next layer's attention
+        and the lm_head (Q8_INT8)."""
         h = x.shape[-1]
-        if (id(weight) in self.moe_norms and x.is_cuda and not self.exact and self.codec == "q4"
-                and decode_gpu.Q4G_INT8 and x.shape[0] == 1 and x.dtype == torch.float32 and x.is_contiguous()
-                and h % 32 == 0 and next_pow2(h) <= RMS_MAX_BLOCK and decode_gpu._kernels() is not None
-                and any(layer.on_gpu for layer in self.engine.layers.values())):
+        experts = (id(weight) in self.moe_norms and self.codec == "q4" and decode_gpu.Q4G_INT8
+                   and any(layer.on_gpu for layer in self.engine.layers.values()))
+        if ((experts or self._int8_inputs()) and x.is_cuda and not self.exact and x.shape[0] == 1
+                and x.dtype == torch.float32 and x.is_contiguous() and h % 32 == 0 and next_pow2(h) <= RMS_MAX_BLOCK
+                and decode_gpu._kernels() is not None):
             x_int8 = int8_groups(1, h, x.device)
             y = add_rms_norm(x, delta, weight, eps, x_int8=x_int8)
             self._int8_memo = (y, x_int8)
             return y
         return super().add_rms_norm(x, delta, weight, eps)
+
+    def _int8_groups_of(self, x: torch.Tensor) -> tuple[torch.Tensor, ...] | None:
+        """The int8 groups written with x (or with the tensor x is a whole-row view of: the lm_head takes h[-1:])."""
+        memo = self._int8_memo
+        if memo is None:
+            return None
+        y = memo[0]
+        same = x is y or (x._base is y and x.data_ptr() == y.data_ptr() and x.shape == y.shape)
+        return memo[1] if same else None
+
+    def linear(self, x: torch.Tensor, w: torch.Tensor | Q8Rows) -> torch.Tensor:
+        """A q8 GEMV of one token whose input came with its int8 groups reads those (Q8_INT8)."""
+        if isinstance(w, Q8Rows) and x.is_cuda and x.shape[0] == 1 and self._int8_inputs():
+            x_int8 = self._int8_groups_of(x)
+            if x_int8 is not None:
+                return linear_q8(x, w.q, w.scale, x_int8=x_int8)
+        return super().linear(x, w)
 
     def embed(self, tokens: torch.Tensor, table) -> torch.Tensor:
         # The host stages the token's embedding row before each step (the table stays in the mapping);
@@ -191,10 +215,16 @@ class HybridOps(GpuOps):
 
     def attention(self, q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, start_pos) -> torch.Tensor:
         # the valid length (start_pos + 1) is computed once per step by the engine, not once per layer; the output
-        # is stored in bf16 (what o_proj takes) unless the artifact is bf16 (exact)
-        out = torch.empty(q.shape[1] * q.shape[2], dtype=torch.float32 if self.exact else torch.bfloat16,
-                          device=q.device)
-        return decode_attention(q[0], keys, values, self.engine.length_dev, out=out).reshape(1, -1)
+        # is stored in bf16 (what o_proj takes) unless the artifact is bf16 (exact), and with Q8_INT8 also as the
+        # int8 groups the o_proj GEMV reads
+        heads, dim = q.shape[1], q.shape[2]
+        out = torch.empty(1, heads * dim, dtype=torch.float32 if self.exact else torch.bfloat16, device=q.device)
+        x_int8 = None
+        if q.is_cuda and self._int8_inputs() and dim % 32 == 0 and dim & (dim - 1) == 0:
+            x_int8 = int8_groups(1, heads * dim, q.device)
+            self._int8_memo = (out, x_int8)
+        decode_attention(q[0], keys, values, self.engine.length_dev, out=out.view(-1), x_int8=x_int8)
+        return out
 
     def experts(self, x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor,
                 handle: ExpertHandle) -> torch.Tensor:
@@ -267,6 +297,7 @@ class HybridDecodeEngine:
         self.logits_host = torch.empty(a.vocab_size, dtype=torch.float32, pin_memory=self.cuda)
         self.ops = HybridOps(self, device, codec, prefill.ops.exact, cpu_ops)
         self.model = arch.Model(args, prefill.model.w, self.ops)
+        self.ops.has_q8 = any(isinstance(t, Q8Rows) for t in prefill.model.w.values())
         self.ops.moe_norms = {id(prefill.model.w[n["mlp_norm"]]) for n in getattr(self.model, "layer_names", [])
                               if "experts" in n and n.get("mlp_norm") in prefill.model.w}
         self.use_graphs = graphs and self.cuda

@@ -11,7 +11,8 @@ checks both outputs against the reference; then replays each in a CUDA graph wit
 length) to check that what the engine captures stays correct.
 
 --linear-only: the q8 dense GEMV (linear_q8) at the q|k|v, o_proj and lm_head shapes against cuBLAS on bf16 weights,
-for each tile shape of LINEAR_CONFIGS (also part of the default run).
+for each tile shape of LINEAR_CONFIGS (also part of the default run). --linear-int8: the same GEMV given x's int8
+groups (the engine's decode path) against float inputs, for each tile shape of LINEAR_Q8I_CONFIGS.
 
 --sweep (or --sweep-only, without the rest) times q4 moe_decode at M=1 in a CUDA graph for each of SWEEP_CONFIGS
 (the grouped q4 kernels' variants), whole and kernel by kernel (gate_up, down, the sum of partials), each kernel
@@ -374,6 +375,80 @@ def bench_linear(iters: int, flush: torch.Tensor, ceiling: float) -> list[dict]:
     return rows
 
 
+# linear_q8 with int8 input groups (the norm or the attention writes them): (rows a program, groups a step, warps)
+LINEAR_Q8I_CONFIGS = [(bn, g, w) for bn in (1, 2, 4, 8) for g in (16, 32, 64) for w in (1, 2, 4)]
+
+
+def bench_linear_int8(iters: int, flush: torch.Tensor) -> list[dict]:
+    """linear_q8 given x's int8 groups (dp4a) against the float-input kernel at the engine's tiles, as bench_linear
+    times them (48 layers' q|k|v and o_proj in one graph, the lm_head in its own), for each of LINEAR_Q8I_CONFIGS;
+    each checked against the reference on the dequantized groups."""
+    from krasis_run.kernels import decode_gpu
+    from krasis_run.kernels.decode_gpu import int8_groups, int8_groups_dequant, linear_q8, linear_q8_torch
+
+    def matrix(n: int, k: int):
+        q = torch.randint(-127, 128, (n, k), dtype=torch.int8, device="cuda")
+        return q, (0.001 + 0.01 * torch.rand(n, device="cuda")).bfloat16()
+
+    def groups_of(x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        g = int8_groups(1, x.shape[1], "cuda")
+        decode_gpu._kernels()["quantize_x"][(1,)](x, *g, x.shape[1], GP=decode_gpu.next_pow2(x.shape[1] // 32),
+                                                  PDL=False)
+        return g
+
+    layers = [(matrix(*LINEAR_SHAPES["qkv"]), matrix(*LINEAR_SHAPES["o_proj"])) for _ in range(LINEAR_LAYERS)]
+    head = matrix(*LINEAR_SHAPES["lm_head"])
+    x2k, x4k = torch.randn(1, 2048, device="cuda"), torch.randn(1, 4096, device="cuda")
+    g2k, g4k = groups_of(x2k), groups_of(x4k)
+    outs = [torch.empty(1, n, dtype=torch.bfloat16, device="cuda") for n, _ in LINEAR_SHAPES.values()]
+    layer_bytes = sum(n * k + 2 * n for name, (n, k) in LINEAR_SHAPES.items() if name != "lm_head")
+    head_bytes = head[0].numel() + 2 * head[0].shape[0]
+
+    def timed(int8: bool) -> tuple[float, float]:
+        a, b = (g2k, g4k) if int8 else (None, None)
+
+        def layers_q8():
+            for (q, s), (qo, so) in layers:
+                linear_q8(x2k, q, s, out=outs[0], x_int8=a)
+                linear_q8(x4k, qo, so, out=outs[1], x_int8=b)
+
+        return (graph_time(layers_q8, iters, flush) / LINEAR_LAYERS,
+                graph_time(lambda: linear_q8(x2k, *head, out=outs[2], x_int8=a), iters, flush))
+
+    t_float = timed(False)
+    want = [linear_q8_torch(int8_groups_dequant(g), *w) for g, w in ((g2k, layers[0][0]), (g4k, layers[0][1]),
+                                                                       (g2k, head))]
+    base = (decode_gpu.LINEAR_Q8I_BLOCK_N, decode_gpu.LINEAR_Q8I_GROUPS, decode_gpu.LINEAR_Q8I_WARPS)
+    rows = []
+    for cfg in LINEAR_Q8I_CONFIGS:
+        decode_gpu.LINEAR_Q8I_BLOCK_N, decode_gpu.LINEAR_Q8I_GROUPS, decode_gpu.LINEAR_Q8I_WARPS = cfg
+        try:
+            t_layer, t_head = timed(True)
+        except Exception as e:  # a tile this Triton cannot compile
+            print(f"  {cfg}: failed {type(e).__name__}")
+            continue
+        got = [linear_q8(x2k, *layers[0][0], x_int8=g2k), linear_q8(x4k, *layers[0][1], x_int8=g4k),
+               linear_q8(x2k, *head, x_int8=g2k)]
+        err = max(rel_l2(g, w) for g, w in zip(got, want, strict=True))
+        assert err < 4e-3, (cfg, err)
+        rows.append({"kernel": "linear_q8i", "block_n": cfg[0], "groups": cfg[1], "warps": cfg[2],
+                     "layer_us": t_layer * 1e6, "lm_head_us": t_head * 1e6,
+                     "step_us": (LINEAR_LAYERS * t_layer + t_head) * 1e6, "float_layer_us": t_float[0] * 1e6,
+                     "float_lm_head_us": t_float[1] * 1e6, "rel_l2": err})
+    decode_gpu.LINEAR_Q8I_BLOCK_N, decode_gpu.LINEAR_Q8I_GROUPS, decode_gpu.LINEAR_Q8I_WARPS = base
+    print(f"linear_q8 float inputs (engine tiles): layer {t_float[0] * 1e6:.1f} us "
+          f"({layer_bytes / t_float[0] / 1e9:.0f} GB/s), lm_head {t_float[1] * 1e6:.1f} us "
+          f"({head_bytes / t_float[1] / 1e9:.0f} GB/s), step {(LINEAR_LAYERS * t_float[0] + t_float[1]) * 1e6:.0f} us")
+    for r in sorted(rows, key=lambda r: r["step_us"])[:8]:
+        print(f"  int8 BN={r['block_n']} G={r['groups']} W={r['warps']}: layer {r['layer_us']:.1f} us "
+              f"({layer_bytes / r['layer_us'] / 1e3:.0f} GB/s), lm_head {r['lm_head_us']:.1f} us "
+              f"({head_bytes / r['lm_head_us'] / 1e3:.0f} GB/s), step {r['step_us']:.0f} us", flush=True)
+    if rows:
+        best = min(rows, key=lambda r: r["step_us"])
+        print(f"best_linear_q8i {best['block_n']},{best['groups']},{best['warps']}")
+    return rows
+
+
 ATTN_CONFIGS = [(p, b, w) for p in (64, 128, 256, 512) for b in (32, 64, 128) for w in (2, 4, 8)]
 
 
@@ -472,6 +547,8 @@ def main() -> None:
     ap.add_argument("--linear-only", action="store_true",
                     help="only the q8 dense GEMV against cuBLAS bf16, and the attention tile sweep")
     ap.add_argument("--attention-only", action="store_true", help="only the attention tile sweep")
+    ap.add_argument("--linear-int8", action="store_true",
+                    help="only the q8 GEMV with int8 input groups against float inputs, over LINEAR_Q8I_CONFIGS")
     ap.add_argument("--sweep-around", action="store_true",
                     help="only the sweep, of the engine's q4 defaults and single-step changes to them")
     ap.add_argument("--q4-group", type=int, default=32, choices=(32, 64), help="q4 columns per scale and zero")
@@ -485,6 +562,9 @@ def main() -> None:
     rows = []
     if args.attention_only:
         rows += sweep_attention(args.iters, flush)
+        args.codec, args.sweep_only = "", True
+    elif args.linear_int8:
+        rows += bench_linear_int8(args.iters, flush)
         args.codec, args.sweep_only = "", True
     elif args.linear_only:
         rows += bench_linear(args.iters, flush, ceiling) + sweep_attention(args.iters, flush)

@@ -418,6 +418,37 @@ class InterpretedKernels:
         assert torch.allclose(got.float(), linear_q8_torch(x, q, scale).float(), rtol=1 / 128, atol=1e-6)
         assert rel_l2(got, plain_linear_q8(x, q, scale)) < 4e-3
 
+    @pytest.mark.parametrize("n, k, m", [(37, 160, 1), (9, 96, 2)])
+    def test_linear_q8_int8_inputs(self, monkeypatch, n, k, m):
+        """x as int8 groups (quantize_x's): the dp4a kernel (its integer math in plain Triton here) equals the
+        reference on the dequantized groups, every mask taken (rows past N, a last group step past K), and stays
+        within the int8 rounding of the float product; negative weights and inputs exercise the signed bytes."""
+        monkeypatch.setattr(decode_gpu, "LINEAR_Q8I_BLOCK_N", 8)
+        monkeypatch.setattr(decode_gpu, "LINEAR_Q8I_GROUPS", 2)
+        x, q, scale = q8_rows(n, k, m, seed=k + m)
+        groups = decode_gpu.int8_groups(m, k, "cpu")
+        decode_gpu._kernels()["quantize_x"][(m,)](x, *groups, k, GP=decode_gpu.next_pow2(k // 32), PDL=False)
+        assert rel_l2(decode_gpu.int8_groups_dequant(groups), x) < 1e-2
+        got = linear_q8(x, q, scale, use_triton=True, x_int8=groups)
+        want = linear_q8(x, q, scale, use_triton=False, x_int8=groups)
+        assert got.dtype == torch.bfloat16 and got.shape == (m, n)
+        assert torch.allclose(got.float(), want.float(), rtol=1 / 128, atol=1e-6)  # 1 bf16 ulp (interpreter rounding)
+        assert rel_l2(got, plain_linear_q8(x, q, scale)) < 1e-2
+
+    def test_attention_writes_int8_groups(self):
+        """x_int8: the combine also writes the output's int8 groups (of the bf16 row it stores), what quantize_x
+        gives on that row; the output itself is unchanged."""
+        q, k_cache, v_cache, length = attention_inputs((8, 2, 32, 40, 29, torch.float32), seed=11)
+        want = torch.empty(q.numel(), dtype=torch.bfloat16)
+        decode_attention(q, k_cache, v_cache, length, out=want, use_triton=True)
+        groups = decode_gpu.int8_groups(1, q.numel(), "cpu")
+        got = torch.empty_like(want)
+        decode_attention(q, k_cache, v_cache, length, out=got, use_triton=True, x_int8=groups)
+        assert torch.equal(got, want)
+        ref = decode_gpu.int8_groups(1, q.numel(), "cpu")
+        decode_gpu._kernels()["quantize_x"][(1,)](want, *ref, q.numel(), GP=8, PDL=False)
+        assert all(torch.equal(a, b) for a, b in zip(groups, ref, strict=True))
+
     def test_add_rms_norm_quantize_equals_norm_then_quantize(self):
         """The norm writing int8 groups too (x_int8) gives the same bf16 row as without, and the same groups as
         quantize_x on it; moe_decode given those groups (x_int8) gives what it computes quantizing x itself."""
@@ -471,13 +502,31 @@ class InterpretedKernels:
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (run on the GPU host)")
+@pytest.mark.parametrize("int8", [False, True])
 @pytest.mark.parametrize("n, k, m", [(5120, 2048, 1), (2048, 4096, 1), (151936, 2048, 1), (1000, 2048, 4)])
-def test_cuda_linear_q8_at_30b_shapes(n, k, m):
-    """The compiled q8 GEMV at the 30B-A3B q|k|v, o_proj and lm_head shapes (and a few rows at once)."""
+def test_cuda_linear_q8_at_30b_shapes(n, k, m, int8):
+    """The compiled q8 GEMV at the 30B-A3B q|k|v, o_proj and lm_head shapes (and a few rows at once); int8: with
+    x's int8 groups (dp4a), equal to the reference on the dequantized groups."""
     x, q, scale = q8_rows(n, k, m, seed=n)
-    got = linear_q8(x.cuda(), q.cuda(), scale.cuda())
+    groups = None
+    if int8:
+        groups = decode_gpu.int8_groups(m, k, "cuda")
+        decode_gpu._kernels()["quantize_x"][(m,)](x.cuda(), *groups, k, GP=decode_gpu.next_pow2(k // 32), PDL=False)
+    got = linear_q8(x.cuda(), q.cuda(), scale.cuda(), x_int8=groups)
     assert got.dtype == torch.bfloat16 and got.shape == (m, n)
-    assert rel_l2(got.cpu(), plain_linear_q8(x, q, scale)) < 4e-3
+    assert rel_l2(got.cpu(), plain_linear_q8(x, q, scale)) < (1e-2 if int8 else 4e-3)
+    if int8:
+        want = linear_q8(x, q, scale, x_int8=tuple(t.cpu() for t in groups))
+        assert torch.allclose(got.cpu().float(), want.float(), rtol=1 / 128, atol=1e-6)
+
+
+def test_linear_q8_refuses_mismatched_int8_groups():
+    x, q, scale = q8_rows(8, 96, 1, seed=0)
+    with pytest.raises(ValueError, match="int8_groups"):
+        linear_q8(x, q, scale, x_int8=decode_gpu.int8_groups(1, 64, "cpu"))
+    with pytest.raises(ValueError, match="int8_groups"):
+        decode_attention(torch.randn(4, 32), torch.zeros(8, 2, 32).bfloat16(), torch.zeros(8, 2, 32).bfloat16(),
+                         torch.tensor([3], dtype=torch.int32), x_int8=decode_gpu.int8_groups(1, 128, "cpu"))
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (run on the GPU host)")

@@ -9,7 +9,10 @@ import torch
 from fixtures import prompt_ids
 
 import krasis_run
+from krasis_run import decode_hybrid
 from krasis_run.decode_hybrid import HybridDecodeEngine
+from krasis_run.kernels import decode_gpu
+from krasis_run.kernels.decode_gpu import linear_q8
 from krasis_run.models import qwen3_moe
 from krasis_run.planner import GIB, kv_cache_bytes, plan
 from krasis_run.prefill_gpu import GpuPrefillEngine
@@ -244,15 +247,26 @@ def test_planner_reserves_the_kv_cache(tiny_per_expert, monkeypatch):
 @pytest.mark.parametrize("quant,dense", [("q4", "q8"), ("q8", "q8"), ("bf16", "bf16")])
 @pytest.mark.parametrize("resident", [set(), {1}, {0, 1, 2}])
 @pytest.mark.parametrize("graphs", [False, True])
-def test_cuda_hybrid_decode_equals_cpu_path(tiny, quant, dense, resident, graphs):
+@pytest.mark.parametrize("q8_int8", [True, False])
+def test_cuda_hybrid_decode_equals_cpu_path(tiny, quant, dense, resident, graphs, q8_int8, monkeypatch):
     """Teacher-forced (both see the CPU path's greedy tokens): logits within the bounds at every step, and the
-    same greedy choice wherever the CPU's top two logits are further apart than the quantized paths' noise."""
+    same greedy choice wherever the CPU's top two logits are further apart than the quantized paths' noise.
+    q8_int8 (decode_gpu.Q8_INT8): the q8 GEMVs read the int8 groups the norms and the attention write."""
+    monkeypatch.setattr(decode_gpu, "Q8_INT8", q8_int8)
+    int8_calls = []
+
+    def counted(*args, **kwargs):
+        int8_calls.append(kwargs.get("x_int8") is not None)
+        return linear_q8(*args, **kwargs)
+
+    monkeypatch.setattr(decode_hybrid, "linear_q8", counted)
     rt = krasis_run.load(tiny.artifact(quant, dense), threads=2)
     ids = prompt_ids(rt.args.vocab_size, 20, seed=5)
     tokens, want_logits = greedy(rt, rt.engine, ids, 16)
     engine = hybrid_engine(rt, resident, "cuda", graphs=graphs)
     cache = engine.new_cache(40)
     got_logits = [engine.prefill(ids, cache)] + [engine.decode(t, cache) for t in tokens[:-1]]
+    assert any(int8_calls) == (q8_int8 and dense == "q8")
     tie = 1e-2 if quant == "bf16" else 0.1
     for got, want in zip(got_logits, want_logits, strict=True):
         got = got.float().numpy()

@@ -71,6 +71,14 @@ LINEAR_Q8_BLOCK_N = 4
 LINEAR_Q8_BLOCK_K = 2048
 LINEAR_Q8_WARPS = 4
 LINEAR_Q8_ACC2D = False
+# q8 GEMV with int8 inputs (linear_q8i_kernel, where the norm or the attention before has written x's int8 groups):
+# the float kernel converted every int8 weight to float (a quarter-rate instruction) and stayed at 6.5-7.0 us for
+# the 30B-A3B q|k|v and o_proj (1.3-1.5 TB/s, 7.5 us even from L2); dp4a does 4 weights an instruction: 5.2 and
+# 4.7-5.1 us, lm_head -12% (.probe sweep on an H100, 48 matrices in one graph; KRASIS_DECODE_Q8_INT8=0: float inputs)
+Q8_INT8 = os.environ.get("KRASIS_DECODE_Q8_INT8", "1") != "0"
+LINEAR_Q8I_BLOCK_N = 4
+LINEAR_Q8I_GROUPS = 32  # 32-column groups a loop step: 1,024 columns
+LINEAR_Q8I_WARPS = 2
 # split-K decode attention: cached positions per loop step, target programs (KVH x splits), warps; the fastest of
 # scripts/bench_decode_kernels.py --attention-only on the H200 (48 layers in one graph, 4K of 4224 positions: 9.0 us a
 # layer against 10.1 with 256 programs, session 5)
@@ -211,15 +219,36 @@ def _kernels():
         return scale * dot + zero * xsum
 
     @triton.jit
-    def _dp4a(a, b, c, DP4A: tl.constexpr):
-        # c + sum over the 4 bytes of a (unsigned) times those of b (signed), per int32 lane
+    def _dp4a(a, b, c, DP4A: tl.constexpr, A_SIGNED: tl.constexpr):
+        # c + sum over the 4 bytes of a (unsigned, or signed with A_SIGNED) times those of b (signed), per int32 lane
         if DP4A:
-            return tl.inline_asm_elementwise("dp4a.u32.s32 $0, $1, $2, $3;", "=r,r,r,r", [a, b, c], dtype=tl.int32,
-                                             is_pure=True, pack=1)
+            if A_SIGNED:
+                return tl.inline_asm_elementwise("dp4a.s32.s32 $0, $1, $2, $3;", "=r,r,r,r", [a, b, c],
+                                                 dtype=tl.int32, is_pure=True, pack=1)
+            else:
+                return tl.inline_asm_elementwise("dp4a.u32.s32 $0, $1, $2, $3;", "=r,r,r,r", [a, b, c],
+                                                 dtype=tl.int32, is_pure=True, pack=1)
         else:
             for i in tl.static_range(4):
-                c += ((a >> (8 * i)) & 255) * ((b << (24 - 8 * i)) >> 24)
+                if A_SIGNED:
+                    c += ((a << (24 - 8 * i)) >> 24) * ((b << (24 - 8 * i)) >> 24)
+                else:
+                    c += ((a >> (8 * i)) & 255) * ((b << (24 - 8 * i)) >> 24)
             return c
+
+    @triton.jit
+    def _even_odd_bytes(a, b, PRMT: tl.constexpr):
+        # the bytes of 8 consecutive int8 columns (a: 0-3, b: 4-7) regrouped as the int8 input groups hold x:
+        # (columns 0, 2, 4, 6), (columns 1, 3, 5, 7); one byte permute each on CUDA
+        if PRMT:
+            even = tl.inline_asm_elementwise("prmt.b32 $0, $1, $2, 0x6420;", "=r,r,r", [a, b], dtype=tl.int32,
+                                             is_pure=True, pack=1)
+            odd = tl.inline_asm_elementwise("prmt.b32 $0, $1, $2, 0x7531;", "=r,r,r", [a, b], dtype=tl.int32,
+                                            is_pure=True, pack=1)
+        else:
+            even = (a & 255) | ((a >> 8) & 0xFF00) | ((b & 255) << 16) | ((b >> 16) & 255) << 24
+            odd = ((a >> 8) & 255) | ((a >> 16) & 0xFF00) | (((b >> 8) & 255) << 16) | ((b >> 24) & 255) << 24
+        return even, odd
 
     @triton.jit
     def _quantize_store(x, row, ng, xq_ptr, dx_ptr, sx_ptr, fs_ptr, GP: tl.constexpr):
@@ -289,8 +318,9 @@ def _kernels():
             xe, xo = tl.split(xw)
             lo = words & 0x0F0F0F0F
             hi = (words >> 4) & 0x0F0F0F0F
-            dot = _dp4a(lo, tl.broadcast_to(xe[None, :, :], lo.shape), tl.zeros(lo.shape, dtype=tl.int32), DP4A)
-            dot = tl.sum(_dp4a(hi, tl.broadcast_to(xo[None, :, :], hi.shape), dot, DP4A), 2)
+            dot = _dp4a(lo, tl.broadcast_to(xe[None, :, :], lo.shape), tl.zeros(lo.shape, dtype=tl.int32), DP4A,
+                        False)
+            dot = tl.sum(_dp4a(hi, tl.broadcast_to(xo[None, :, :], hi.shape), dot, DP4A, False), 2)
             dx = tl.load(dx_ptr + xrow + groups, mask=gmask, other=0.0)
             sx = tl.load(sx_ptr + xrow + groups, mask=gmask, other=0)
             fs = tl.load(fs_ptr + xrow + groups, mask=gmask, other=0.0)
@@ -570,6 +600,34 @@ def _kernels():
         tl.store(y_ptr + m * N + rows, y.to(tl.bfloat16), mask=rmask)
 
     @triton.jit
+    def linear_q8i_kernel(xq_ptr, dx_ptr, q_ptr, s_ptr, y_ptr, N, K, BLOCK_N: tl.constexpr, GROUPS: tl.constexpr,
+                          DP4A: tl.constexpr, PDL: tl.constexpr):
+        # linear_q8_kernel with x in int8 groups (quantize_x_kernel's layout): per row and 32-column group
+        # dx * sum_j q_j xq_j, from int32 words of 4 weights; the weight bytes regrouped to meet x's even / odd words
+        if PDL:  # launched early (programmatic dependent launch): wait until the kernel before is done
+            tl.extra.cuda.gdc_wait()
+        m = tl.program_id(1).to(tl.int64)
+        rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+        rmask = rows < N
+        ng = K // 32
+        qrow = (rows.to(tl.int64) * (K // 4))[:, None, None, None]
+        acc = tl.zeros([BLOCK_N, GROUPS], dtype=tl.float32)
+        for g0 in range(0, ng, GROUPS):
+            groups = g0 + tl.arange(0, GROUPS)
+            gmask = groups < ng
+            # words [group, 8 columns, 2]: the 8 words of a group in order, as pairs (columns 0-3, 4-7)
+            woff = (groups * 8)[:, None, None] + (tl.arange(0, 4) * 2)[None, :, None] + tl.arange(0, 2)[None, None, :]
+            a, b = tl.split(tl.load(q_ptr + qrow + woff[None], other=0,
+                                    mask=(rmask[:, None] & gmask[None, :])[:, :, None, None]))
+            xe, xo = tl.split(tl.load(xq_ptr + m * ng * 8 + woff, mask=gmask[:, None, None], other=0))
+            even, odd = _even_odd_bytes(a, b, DP4A)
+            dot = _dp4a(even, tl.broadcast_to(xe[None], a.shape), tl.zeros(a.shape, dtype=tl.int32), DP4A, True)
+            dot = tl.sum(_dp4a(odd, tl.broadcast_to(xo[None], a.shape), dot, DP4A, True), 2)
+            acc += dot.to(tl.float32) * tl.load(dx_ptr + m * ng + groups, mask=gmask, other=0.0)[None, :]
+        y = tl.sum(acc, 1) * tl.load(s_ptr + rows, mask=rmask, other=0.0).to(tl.float32)
+        tl.store(y_ptr + m * N + rows, y.to(tl.bfloat16), mask=rmask)
+
+    @triton.jit
     def _split_bounds(len_ptr, NSPLIT, BLOCK: tl.constexpr):
         # every split covers the same whole number of blocks, sized from the device-side length
         length = tl.load(len_ptr)
@@ -617,8 +675,9 @@ def _kernels():
         tl.store(ml_ptr + part * 2 + 1, l_i, mask=keep)
 
     @triton.jit
-    def attn_combine_kernel(o_ptr, ml_ptr, len_ptr, out_ptr, NSPLIT, D: tl.constexpr, SP: tl.constexpr,
-                            BLOCK: tl.constexpr, PDL: tl.constexpr):
+    def attn_combine_kernel(o_ptr, ml_ptr, len_ptr, out_ptr, NSPLIT, xq_ptr, dx_ptr, sx_ptr, fs_ptr, D: tl.constexpr,
+                            SP: tl.constexpr, BLOCK: tl.constexpr, QUANT: tl.constexpr, PDL: tl.constexpr):
+        # QUANT: the head's output (as stored) also into the int8 groups the o_proj GEMV reads (_quantize_store)
         if PDL:  # launched early (programmatic dependent launch): wait until the kernel before is done
             tl.extra.cuda.gdc_wait()
         h = tl.program_id(0)
@@ -631,13 +690,18 @@ def _kernels():
         w = tl.where(smask, tl.exp2(m - tl.max(m, 0)), 0.0)
         d = tl.arange(0, D)
         o = tl.load(o_ptr + part[:, None] * D + d[None, :], mask=smask[:, None], other=0.0)
-        tl.store(out_ptr + h * D + d, tl.sum(o * w[:, None], 0) / tl.sum(w * lsum, 0))
+        y = (tl.sum(o * w[:, None], 0) / tl.sum(w * lsum, 0)).to(out_ptr.dtype.element_ty)
+        tl.store(out_ptr + h * D + d, y)
+        if QUANT:  # the row's groups D / 32 at a time: head h holds groups h * D / 32 ...
+            _quantize_store(tl.reshape(y.to(tl.float32), [D // 32, 4, 8]), h, D // 32, xq_ptr, dx_ptr, sx_ptr, fs_ptr,
+                            D // 32)
 
     # The interpreter re-executes a kernel's source in its module's globals, without the closure, so the kernels
     # find their @triton.jit helpers there (the compiler looks in both).
     globals().update(_q4_tile=_q4_tile, _expert_slots=_expert_slots, _split_bounds=_split_bounds,
                      _q4_nibbles=_q4_nibbles, _q4_group_step=_q4_group_step, _gate_up_q4g_steps=_gate_up_q4g_steps,
-                     _down_q4g_steps=_down_q4g_steps, _dp4a=_dp4a, _quantize_store=_quantize_store)
+                     _down_q4g_steps=_down_q4g_steps, _dp4a=_dp4a, _quantize_store=_quantize_store,
+                     _even_odd_bytes=_even_odd_bytes)
     return {
         "cdiv": triton.cdiv,
         "gate_up_q4": gate_up_q4_kernel,
@@ -653,6 +717,7 @@ def _kernels():
         "attn_split": attn_split_kernel,
         "attn_combine": attn_combine_kernel,
         "linear_q8": linear_q8_kernel,
+        "linear_q8i": linear_q8i_kernel,
     }
 
 
@@ -876,17 +941,38 @@ def linear_q8_torch(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor) -> to
     return ((x.float() @ q.float().T) * scale.float()).to(torch.bfloat16)
 
 
+def int8_groups_dequant(x_int8: tuple[torch.Tensor, ...]) -> torch.Tensor:
+    """The float32 row [M, H] that int8 groups (int8_groups' buffers, as quantize_x_kernel fills them) stand for."""
+    words, scale = x_int8[:2]
+    m, ng = scale.shape
+    values = words.view(torch.int8).view(m, ng, 4, 2, 4).permute(0, 1, 2, 4, 3)  # byte i of the even word: column 2i
+    return (values.reshape(m, ng, 32).float() * scale[..., None]).reshape(m, ng * 32)
+
+
 def linear_q8(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, out: torch.Tensor | None = None, *,
-              use_triton: bool | None = None) -> torch.Tensor:
+              use_triton: bool | None = None, x_int8: tuple[torch.Tensor, ...] | None = None) -> torch.Tensor:
     """x [M, K] (float32 or bf16; M a few) times q8 rows read as stored (half the bytes of bf16 weights, which is
-    what a one-token GEMV costs): bf16 [M, N]. Triton on CUDA tensors (or use_triton=True under the interpreter)."""
+    what a one-token GEMV costs): bf16 [M, N]. Triton on CUDA tensors (or use_triton=True under the interpreter).
+
+    x_int8: x's int8 groups (int8_groups(M, K), written by the norm or the attention before; K a multiple of 32),
+    which the product then takes instead of x: integer dot products, 4 weights an instruction (dp4a), where
+    converting each int8 weight to float bound the float kernel (Q8_INT8)."""
+    m, k = x.shape
+    if x_int8 is not None and (k % 32 or [tuple(t.shape) for t in x_int8[:2]] != [(m, k // 4), (m, k // 32)]
+                               or not all(t.is_contiguous() for t in x_int8[:2])):
+        raise ValueError(f"x_int8 must be int8_groups({m}, {k}) of x [{m}, {k}] with {k} a multiple of 32")
     if not _triton_ok(x, use_triton):
-        y = linear_q8_torch(x, q, scale)
+        y = linear_q8_torch(x if x_int8 is None else int8_groups_dequant(x_int8), q, scale)
         return y if out is None else out.copy_(y)
     kern = _kernels()
-    m, k = x.shape
     n = q.shape[0]
     y = out if out is not None else torch.empty(m, n, dtype=torch.bfloat16, device=x.device)
+    if x_int8 is not None:
+        kern["linear_q8i"][(kern["cdiv"](n, LINEAR_Q8I_BLOCK_N), m)](
+            x_int8[0], x_int8[1], q.contiguous().view(torch.int32), scale.contiguous(), y, n, k,
+            BLOCK_N=LINEAR_Q8I_BLOCK_N, GROUPS=_block(k // 32, LINEAR_Q8I_GROUPS), DP4A=x.is_cuda,
+            num_warps=LINEAR_Q8I_WARPS, **pdl(x))
+        return y
     x = (x if x.dtype in (torch.float32, torch.bfloat16) else x.float()).contiguous()
     kern["linear_q8"][(kern["cdiv"](n, LINEAR_Q8_BLOCK_N), m)](
         x, q.contiguous(), scale.contiguous(), y, n, k, BLOCK_N=LINEAR_Q8_BLOCK_N,
@@ -924,7 +1010,7 @@ def attention_workspace(heads: int, dim: int, capacity: int, kv_heads: int,
 
 def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, length: torch.Tensor,
                      out: torch.Tensor | None = None, *, workspace: tuple[torch.Tensor, torch.Tensor] | None = None,
-                     use_triton: bool | None = None) -> torch.Tensor:
+                     use_triton: bool | None = None, x_int8: tuple[torch.Tensor, ...] | None = None) -> torch.Tensor:
     """Attention of one query token over cached positions < length (scale 1/sqrt(D), fp32 softmax): float32 [H*D].
 
     q [H, D] float32 or bf16; k_cache/v_cache bf16 [capacity, KVH, D] (query head h reads kv head h // (H/KVH));
@@ -932,9 +1018,16 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
     cdiv(length, splits) positions rounded up to whole blocks, so all splits work at any length, and the splits
     past the end do nothing. A combine kernel then merges the partials of each query head. `workspace`
     (attention_workspace) lets a caller allocate the partials once; D must be a power of two for Triton.
+    x_int8 (int8_groups(1, H*D), D a multiple of 32, Triton only): the combine also writes the output's int8
+    groups there (quantized as stored in out's dtype), what the o_proj GEMV then reads (linear_q8(x_int8=...)).
     """
-    dim = q.shape[1]
-    if not _triton_ok(q, use_triton) or dim & (dim - 1):
+    heads, dim = q.shape
+    triton_ok = _triton_ok(q, use_triton) and not dim & (dim - 1)
+    if x_int8 is not None and (not triton_ok or dim % 32 or [t.numel() for t in x_int8] != [heads * dim // 4]
+                               + 3 * [heads * dim // 32] or not all(t.is_contiguous() for t in x_int8)):
+        raise ValueError("decode_attention writes int8 groups on the Triton path only, into int8_groups(1, H*D), "
+                         "D a multiple of 32")
+    if not triton_ok:
         return decode_attention_torch(q, k_cache, v_cache, length, out)
     kern = _kernels()
     heads, dim = q.shape
@@ -949,7 +1042,8 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
                                            k_cache.stride(0), k_cache.stride(1), group, nsplit, D=dim,
                                            GP=max(16, next_pow2(group)), BLOCK=ATTN_BLOCK, num_warps=ATTN_WARPS,
                                            **pdl(q))
-    kern["attn_combine"][(heads,)](parts, ml, length, y, nsplit, D=dim, SP=next_pow2(nsplit),
-                                   BLOCK=ATTN_BLOCK, **pdl(q))
+    quant = x_int8 if x_int8 is not None else (y,) * 4  # unused pointers where QUANT is off
+    kern["attn_combine"][(heads,)](parts, ml, length, y, nsplit, *quant, D=dim, SP=next_pow2(nsplit),
+                                   BLOCK=ATTN_BLOCK, QUANT=x_int8 is not None, **pdl(q))
     return y
 
