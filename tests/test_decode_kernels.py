@@ -516,8 +516,9 @@ def test_cuda_linear_q8_at_30b_shapes(n, k, m, int8):
     assert got.dtype == torch.bfloat16 and got.shape == (m, n)
     assert rel_l2(got.cpu(), plain_linear_q8(x, q, scale)) < (1e-2 if int8 else 4e-3)
     if int8:
-        want = linear_q8(x, q, scale, x_int8=tuple(t.cpu() for t in groups))
-        assert torch.allclose(got.cpu().float(), want.float(), rtol=1 / 128, atol=1e-6)
+        want = linear_q8(x, q, scale, x_int8=tuple(t.cpu() for t in groups)).float()
+        # 1 bf16 ulp, or less than 1e-3 of the largest output where a sum of 2048 products cancels (order differs)
+        assert torch.allclose(got.cpu().float(), want, rtol=1 / 128, atol=1e-3 * float(want.abs().max()))
 
 
 def test_linear_q8_refuses_mismatched_int8_groups():

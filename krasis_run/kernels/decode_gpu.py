@@ -72,13 +72,14 @@ LINEAR_Q8_BLOCK_K = 2048
 LINEAR_Q8_WARPS = 4
 LINEAR_Q8_ACC2D = False
 # q8 GEMV with int8 inputs (linear_q8i_kernel, where the norm or the attention before has written x's int8 groups):
-# the float kernel converted every int8 weight to float (a quarter-rate instruction) and stayed at 6.5-7.0 us for
-# the 30B-A3B q|k|v and o_proj (1.3-1.5 TB/s, 7.5 us even from L2); dp4a does 4 weights an instruction: 5.2 and
-# 4.7-5.1 us, lm_head -12% (.probe sweep on an H100, 48 matrices in one graph; KRASIS_DECODE_Q8_INT8=0: float inputs)
+# the float kernel converts every int8 weight to float (a quarter-rate instruction) and ran the 30B-A3B q|k|v at
+# 7.5 us a matrix even from L2; dp4a does 4 weights an instruction. The fastest tiles of scripts/bench_decode_kernels.py
+# --linear-int8 on an H100 (48 layers in one graph, L2 flushed): q|k|v + o_proj 11.3 us a layer against 12.9 with
+# float inputs, lm_head 111.9 against 125.9 us. KRASIS_DECODE_Q8_INT8=0: float inputs
 Q8_INT8 = os.environ.get("KRASIS_DECODE_Q8_INT8", "1") != "0"
 LINEAR_Q8I_BLOCK_N = 4
-LINEAR_Q8I_GROUPS = 32  # 32-column groups a loop step: 1,024 columns
-LINEAR_Q8I_WARPS = 2
+LINEAR_Q8I_GROUPS = 64  # 32-column groups a loop step: 2,048 columns
+LINEAR_Q8I_WARPS = 4
 # split-K decode attention: cached positions per loop step, target programs (KVH x splits), warps; the fastest of
 # scripts/bench_decode_kernels.py --attention-only on the H200 (48 layers in one graph, 4K of 4224 positions: 9.0 us a
 # layer against 10.1 with 256 programs, session 5)
