@@ -318,6 +318,9 @@ class HybridDecodeEngine:
         self.pending: dict[int, object] = {}  # layer -> event after its stage copies (eager CUDA)
         self.timing = dict(steps=0, step_s=0.0, gpu_wait_s=0.0, cpu_experts_s=0.0, cpu_picks=0)  # where time goes
         self.step_log: list[float] = []  # seconds of each decode call of the current sequence (capture included)
+        # a list (a benchmark sets it): the GPU's seconds of each replayed step too (CUDA events), to tell GPU time
+        # from host time
+        self.gpu_step_log: list[float] | None = None
         # Hot experts: VRAM the prefill workspace needs only while prefilling holds, during decode, the experts
         # the last prompt routed to most (of the layers not resident), loaded after each prefill.
         self.hot_bytes = hot_bytes if gpu_experts and prefill.section == SECTION_EXPERTS_GPU else 0
@@ -671,6 +674,10 @@ class HybridDecodeEngine:
 
     def _replay(self) -> None:
         ok = False
+        events = None
+        if self.gpu_step_log is not None:
+            events = [torch.cuda.Event(enable_timing=True) for _ in range(2)]
+            events[0].record(self.stream)
         try:
             with torch.cuda.stream(self.stream):
                 for item in self.plan:
@@ -682,6 +689,8 @@ class HybridDecodeEngine:
                         self._serve(item[1])
                     else:
                         self._cpu_experts(item[1], item[2])
+            if events is not None:
+                events[1].record(self.stream)
             ok = True
         finally:  # also when a CPU step raises: nothing launched may still run into the next prefill
             if not ok and self.flags is not None:
@@ -692,6 +701,8 @@ class HybridDecodeEngine:
             self.stream.synchronize()
             if not ok and self.flags is not None:
                 self.flags.reset()  # a step cut short may have left a flag set
+        if events is not None:
+            self.gpu_step_log.append(events[0].elapsed_time(events[1]) / 1e3)
 
     # ---------------------------------------------------------------- decode
     @torch.inference_mode()

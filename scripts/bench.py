@@ -144,14 +144,18 @@ def decode_speed(rt, runs: int = 3, tokens: int = 64) -> list[float]:
     ids = torch.randint(0, rt.args.vocab_size, (DECODE_PROMPT,), generator=torch.Generator().manual_seed(1)).tolist()
     speeds = []
     for _ in range(runs):
+        if hasattr(rt.engine, "gpu_step_log"):
+            rt.engine.gpu_step_log = []  # the GPU's own time of each replayed step (CUDA events)
         list(rt.generate(ids, max_new_tokens=tokens + 1, stop_token_ids=set()))
         speeds.append(rt.timings.decode_tok_s())
         log = sorted(getattr(rt.engine, "step_log", []))
         if log:  # where a run's time goes beyond its steady step: the first step, the slowest
             first = rt.engine.step_log[0]
+            gpu = sorted(getattr(rt.engine, "gpu_step_log", None) or [0])
             print(f"  decode steps (ms): first {1e3 * first:.2f}, median {1e3 * log[len(log) // 2]:.3f}, "
                   f"min {1e3 * log[0]:.3f}, max of the rest {1e3 * max(rt.engine.step_log[1:] or [0]):.2f}, "
-                  f"sum {1e3 * sum(log):.1f}", flush=True)
+                  f"sum {1e3 * sum(log):.1f}; GPU median {1e3 * gpu[len(gpu) // 2]:.3f}, min {1e3 * gpu[0]:.3f}; "
+                  f"tokens {1e3 / speeds[-1]:.3f} ms each", flush=True)
     return speeds
 
 
