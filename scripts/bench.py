@@ -146,7 +146,7 @@ def decode_speed(rt, runs: int = 3, tokens: int = 64) -> list[float]:
     for _ in range(runs):
         if hasattr(rt.engine, "gpu_step_log"):
             rt.engine.gpu_step_log = []  # the GPU's own time of each replayed step (CUDA events)
-        list(rt.generate(ids, max_new_tokens=tokens + 1, stop_token_ids=set()))
+        out = list(rt.generate(ids, max_new_tokens=tokens + 1, stop_token_ids=set()))
         speeds.append(rt.timings.decode_tok_s())
         log = sorted(getattr(rt.engine, "step_log", []))
         if log:  # where a run's time goes beyond its steady step: the first step, the slowest
@@ -155,7 +155,7 @@ def decode_speed(rt, runs: int = 3, tokens: int = 64) -> list[float]:
             print(f"  decode steps (ms): first {1e3 * first:.2f}, median {1e3 * log[len(log) // 2]:.3f}, "
                   f"min {1e3 * log[0]:.3f}, max of the rest {1e3 * max(rt.engine.step_log[1:] or [0]):.2f}, "
                   f"sum {1e3 * sum(log):.1f}; GPU median {1e3 * gpu[len(gpu) // 2]:.3f}, min {1e3 * gpu[0]:.3f}; "
-                  f"tokens {1e3 / speeds[-1]:.3f} ms each", flush=True)
+                  f"tokens {1e3 / speeds[-1]:.3f} ms each (first {out[:4]}, distinct {len(set(out))})", flush=True)
     return speeds
 
 
