@@ -48,6 +48,9 @@ def run(
                                 help="Tokens of context (prompt + answer) the GPU KV cache holds (default: the "
                                      "model's, at most 32768). Smaller leaves VRAM for experts."),
     verify: bool = typer.Option(False, "--verify", help="Check every chunk's checksum before running."),
+    prefault: bool = typer.Option(True, "--prefault/--no-prefault",
+                                  help="Map the weights the CPU decodes from at load (read into RAM if not cached, "
+                                       "where they fit the available memory), not page by page on first use."),
     serve: bool = typer.Option(False, "--serve", help="Serve an OpenAI-compatible HTTP API instead of one prompt."),
     host: str = typer.Option("127.0.0.1", "--host", help="--serve: address to bind (default: this machine only)."),
     port: int = typer.Option(8000, "--port", min=1, max=65535, help="--serve: TCP port."),
@@ -69,11 +72,12 @@ def run(
         prompt = sys.stdin.read()
     started = time.perf_counter()
     rt = load(artifact, device=device, threads=threads, verify=verify, progress=True, gpu_budget=gpu_budget,
-              context=context)
+              context=context, prefault=prefault)
     _status(f"loaded {artifact} in {time.perf_counter() - started:.2f} s: {rt.args.num_hidden_layers} layers, "
             f"{rt.threads} threads, kernels {rt.ops.describe()}; resident {_size(resident_bytes())} "
             f"(heap {_size(resident_bytes('RssAnon'))}, mapped pages {_size(resident_bytes('RssFile'))}: weights are "
-            f"read in place from the {_size(rt.placement.mapped_bytes)} mapping)")
+            f"read in place from the {_size(rt.placement.mapped_bytes)} mapping, {_size(rt.prefaulted)} of it "
+            "mapped at load)")
     p = rt.placement
     if p.prefill_device == "cuda":
         v = p.vram_plan

@@ -12,7 +12,7 @@ import torch
 
 from .artifact import Artifact
 from .engine import CpuEngine
-from .format import KrsError
+from .format import SECTION_DENSE, SECTION_GLOBAL, KrsError
 from .kernels.cpu import CpuOps
 from .models import MODELS
 from .planner import place_weights, plan, prefill_workspace, set_threads
@@ -51,12 +51,24 @@ def resident_bytes(kind: str = "VmRSS") -> int:
     return 0
 
 
+def available_memory() -> int:
+    """MemAvailable from /proc/meminfo (what can be had without swapping, page cache included), 0 if unknown."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 0
+
+
 class Runtime:
     def __init__(self, path: str | os.PathLike, device: str = "cpu", threads: int | None = None,
                  verify: bool = False, kernel: str | None = None, progress: bool = False,
                  gpu_budget: str | int | None = None, context: int | None = None,
                  max_resident_layers: int | None = None, graphs: bool = True, hot_experts: bool = True,
-                 remote_share: float = REMOTE_SHARE):
+                 remote_share: float = REMOTE_SHARE, prefault: bool = True):
         self.artifact = Artifact(path)
         if verify:
             self.artifact.verify(progress=progress)
@@ -101,6 +113,22 @@ class Runtime:
                                    tok.get("chat_template"), header.get("generation_config"))
         self.generation_config = header.get("generation_config") or {}
         self.timings = Timings()
+        self.prefaulted = self._prefault() if prefault else 0
+
+    def _prefault(self) -> int:
+        """Map the sections the CPU reads in decode now, where they fit the memory available (bytes mapped, or 0).
+        All on the CPU: dense weights and the CPU experts; with the GPU decoding: the CPU experts, unless every expert
+        layer is in VRAM."""
+        p = self.placement
+        if p.decode_device == "cpu":
+            sections = {SECTION_DENSE, SECTION_GLOBAL, p.expert_section}
+        else:
+            expert_layers = {c.layer for c in self.artifact.chunks.values() if c.section == p.expert_section}
+            sections = {p.expert_section} if expert_layers - set(p.resident_layers) else set()
+        need = sum(c.length for c in self.artifact.chunks.values() if c.section in sections)
+        if not need or need > available_memory():
+            return 0
+        return self.artifact.prefault(sections)
 
     def close(self) -> None:
         """Release pinned ranges and the mapping now rather than at garbage collection."""

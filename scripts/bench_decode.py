@@ -139,11 +139,12 @@ def _nbytes(part: dict) -> int:
     return n
 
 
-def bench_decode(path: Path, threads: int, prompt_len: int, tokens: int, kernel: str | None = None) -> dict:
+def bench_decode(path: Path, threads: int, prompt_len: int, tokens: int, kernel: str | None = None,
+                 prefault: bool = True) -> dict:
     import krasis_run
     from krasis_run.runtime import resident_bytes
 
-    rt = krasis_run.load(path, threads=threads, kernel=kernel)
+    rt = krasis_run.load(path, threads=threads, kernel=kernel, prefault=prefault)
     g = torch.Generator().manual_seed(1)
     prompt = torch.randint(0, rt.args.vocab_size, (prompt_len,), generator=g).tolist()
     list(rt.generate(prompt, max_new_tokens=4, stop_token_ids=set()))  # warm-up: page in, allocate
@@ -214,6 +215,8 @@ def main() -> None:
                     help="write the artifact straight from random quantized parts (scripts/bench.py, CPU section only, "
                          "real vocabulary) instead of compiling a BF16 checkpoint: 48 layers then fit a 64 GB disk")
     ap.add_argument("--json", type=Path, default=None, help="write the results here")
+    ap.add_argument("--no-prefault", action="store_true",
+                    help="map the weights page by page on first use (krasis-run --no-prefault), not at load")
     ap.add_argument("--glue", action="store_true",
                     help="also time a native decode step with the weight-reading kernels stubbed out (the glue)")
     args = ap.parse_args()
@@ -251,7 +254,7 @@ def main() -> None:
                 compiled = compile_artifact(folder, out, codec, dense_quant, q4_group=group)
             for kernel in args.kernels.split(","):
                 bandwidth = read_bandwidth(threads)  # beside each run: it drifts on shared machines
-                decode = bench_decode(out, threads, args.prompt, args.tokens, kernel)
+                decode = bench_decode(out, threads, args.prompt, args.tokens, kernel, not args.no_prefault)
                 run = dict(quant=quant, dense_quant=dense_quant, kernel=kernel, compile=compiled, read_gb_s=bandwidth,
                            **decode)
                 results["runs"].append(run)

@@ -179,3 +179,22 @@ def test_logits_api_shape_and_dtype(tiny_per_expert):
     assert logits.shape == (9, 400) and logits.dtype == np.float32
     with pytest.raises(KrsError, match="token ids"):
         rt.logits([0, 400])
+
+
+def test_decode_weights_are_mapped_at_load(tiny_per_expert):
+    """The sections CPU decode reads (dense, global, CPU experts; not the GPU tiles) are mapped into the process at
+    load, as llama.cpp's MAP_POPULATE does, so a first read of an expert takes no page fault; --no-prefault skips it."""
+    from krasis_run.format import SECTION_DENSE, SECTION_EXPERTS_CPU, SECTION_GLOBAL
+    from krasis_run.runtime import resident_bytes
+
+    path = tiny_per_expert.artifact("q4", "q8")
+    lazy = krasis_run.load(path, threads=1, prefault=False)
+    assert lazy.prefaulted == 0
+    before = resident_bytes("RssFile")
+    rt = krasis_run.load(path, threads=1)
+    want = sum(c.length for c in rt.artifact.chunks.values()
+               if c.section in (SECTION_DENSE, SECTION_GLOBAL, SECTION_EXPERTS_CPU))
+    assert rt.prefaulted == want
+    assert resident_bytes("RssFile") - before >= want * 0.9  # the pages are in this process now
+    ids = prompt_ids(400, 12)
+    assert np.array_equal(rt.logits(ids), lazy.logits(ids))
