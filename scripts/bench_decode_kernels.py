@@ -298,13 +298,9 @@ LINEAR_CONFIGS = [(bn, bk, w, acc2d) for bn in (1, 2, 4, 8, 16) for bk in (512, 
                   for acc2d in (True, False) if bn * bk <= 16384 and (acc2d or bn * bk >= 2048)]
 
 
-def bench_linear(iters: int, flush: torch.Tensor, ceiling: float) -> list[dict]:
-    """linear_q8 (int8 rows read as stored) against cuBLAS on the bf16 weights it replaces, as a decode step issues
-    them: the q|k|v and o_proj of LINEAR_LAYERS layers (distinct matrices, so nothing stays in L2) back to back in one
-    CUDA graph, and the lm_head in its own; for each tile shape of LINEAR_CONFIGS, checked against the reference."""
-    from krasis_run.kernels import decode_gpu
-    from krasis_run.kernels.decode_gpu import linear_q8, linear_q8_torch
-
+def linear_inputs() -> tuple:
+    """Random q8 matrices of LINEAR_SHAPES (q|k|v and o_proj for each of LINEAR_LAYERS layers, one lm_head), the
+    inputs x [1, 2048] and [1, 4096], bf16 outputs, and the bytes a layer and the lm_head read."""
     def matrix(n: int, k: int):
         q = torch.randint(-127, 128, (n, k), dtype=torch.int8, device="cuda")
         return q, (0.001 + 0.01 * torch.rand(n, device="cuda")).bfloat16()
@@ -314,7 +310,17 @@ def bench_linear(iters: int, flush: torch.Tensor, ceiling: float) -> list[dict]:
     x2k, x4k = torch.randn(1, 2048, device="cuda"), torch.randn(1, 4096, device="cuda")
     outs = [torch.empty(1, n, dtype=torch.bfloat16, device="cuda") for n, _ in LINEAR_SHAPES.values()]
     layer_bytes = sum(n * k + 2 * n for name, (n, k) in LINEAR_SHAPES.items() if name != "lm_head")
-    head_bytes = head[0].numel() + 2 * head[0].shape[0]
+    return layers, head, x2k, x4k, outs, layer_bytes, head[0].numel() + 2 * head[0].shape[0]
+
+
+def bench_linear(iters: int, flush: torch.Tensor, ceiling: float) -> list[dict]:
+    """linear_q8 (int8 rows read as stored) against cuBLAS on the bf16 weights it replaces, as a decode step issues
+    them: the q|k|v and o_proj of LINEAR_LAYERS layers (distinct matrices, so nothing stays in L2) back to back in one
+    CUDA graph, and the lm_head in its own; for each tile shape of LINEAR_CONFIGS, checked against the reference."""
+    from krasis_run.kernels import decode_gpu
+    from krasis_run.kernels.decode_gpu import linear_q8, linear_q8_torch
+
+    layers, head, x2k, x4k, outs, layer_bytes, head_bytes = linear_inputs()
 
     def layers_q8():
         for (q, s), (qo, so) in layers:
@@ -379,16 +385,12 @@ def bench_linear(iters: int, flush: torch.Tensor, ceiling: float) -> list[dict]:
 LINEAR_Q8I_CONFIGS = [(bn, g, w) for bn in (1, 2, 4, 8) for g in (16, 32, 64) for w in (1, 2, 4)]
 
 
-def bench_linear_int8(iters: int, flush: torch.Tensor) -> list[dict]:
+def bench_linear_int8(iters: int, flush: torch.Tensor, ceiling: float) -> list[dict]:
     """linear_q8 given x's int8 groups (dp4a) against the float-input kernel at the engine's tiles, as bench_linear
     times them (48 layers' q|k|v and o_proj in one graph, the lm_head in its own), for each of LINEAR_Q8I_CONFIGS;
     each checked against the reference on the dequantized groups."""
     from krasis_run.kernels import decode_gpu
     from krasis_run.kernels.decode_gpu import int8_groups, int8_groups_dequant, linear_q8, linear_q8_torch
-
-    def matrix(n: int, k: int):
-        q = torch.randint(-127, 128, (n, k), dtype=torch.int8, device="cuda")
-        return q, (0.001 + 0.01 * torch.rand(n, device="cuda")).bfloat16()
 
     def groups_of(x: torch.Tensor) -> tuple[torch.Tensor, ...]:
         g = int8_groups(1, x.shape[1], "cuda")
@@ -396,13 +398,8 @@ def bench_linear_int8(iters: int, flush: torch.Tensor) -> list[dict]:
                                                   PDL=False)
         return g
 
-    layers = [(matrix(*LINEAR_SHAPES["qkv"]), matrix(*LINEAR_SHAPES["o_proj"])) for _ in range(LINEAR_LAYERS)]
-    head = matrix(*LINEAR_SHAPES["lm_head"])
-    x2k, x4k = torch.randn(1, 2048, device="cuda"), torch.randn(1, 4096, device="cuda")
+    layers, head, x2k, x4k, outs, layer_bytes, head_bytes = linear_inputs()
     g2k, g4k = groups_of(x2k), groups_of(x4k)
-    outs = [torch.empty(1, n, dtype=torch.bfloat16, device="cuda") for n, _ in LINEAR_SHAPES.values()]
-    layer_bytes = sum(n * k + 2 * n for name, (n, k) in LINEAR_SHAPES.items() if name != "lm_head")
-    head_bytes = head[0].numel() + 2 * head[0].shape[0]
 
     def timed(int8: bool) -> tuple[float, float]:
         a, b = (g2k, g4k) if int8 else (None, None)
@@ -436,6 +433,9 @@ def bench_linear_int8(iters: int, flush: torch.Tensor) -> list[dict]:
                      "step_us": (LINEAR_LAYERS * t_layer + t_head) * 1e6, "float_layer_us": t_float[0] * 1e6,
                      "float_lm_head_us": t_float[1] * 1e6, "rel_l2": err})
     decode_gpu.LINEAR_Q8I_BLOCK_N, decode_gpu.LINEAR_Q8I_GROUPS, decode_gpu.LINEAR_Q8I_WARPS = base
+    read = ceiling / 2 * 1e9  # bytes a second a kernel can read: half the copy rate (read + write)
+    print(f"floor (bytes / read rate): layer {layer_bytes / read * 1e6:.1f} us, "
+          f"lm_head {head_bytes / read * 1e6:.1f} us")
     print(f"linear_q8 float inputs (engine tiles): layer {t_float[0] * 1e6:.1f} us "
           f"({layer_bytes / t_float[0] / 1e9:.0f} GB/s), lm_head {t_float[1] * 1e6:.1f} us "
           f"({head_bytes / t_float[1] / 1e9:.0f} GB/s), step {(LINEAR_LAYERS * t_float[0] + t_float[1]) * 1e6:.0f} us")
@@ -564,7 +564,7 @@ def main() -> None:
         rows += sweep_attention(args.iters, flush)
         args.codec, args.sweep_only = "", True
     elif args.linear_int8:
-        rows += bench_linear_int8(args.iters, flush)
+        rows += bench_linear_int8(args.iters, flush, ceiling)
         args.codec, args.sweep_only = "", True
     elif args.linear_only:
         rows += bench_linear(args.iters, flush, ceiling) + sweep_attention(args.iters, flush)
