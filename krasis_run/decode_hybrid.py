@@ -192,14 +192,12 @@ class HybridOps(GpuOps):
         return super().add_rms_norm(x, delta, weight, eps)
 
     def _int8_groups_of(self, x: torch.Tensor) -> tuple[torch.Tensor, ...] | None:
-        """The int8 groups written with x, or with the tensor x views whole (the lm_head takes h[-1:]): the memo keeps
-        that tensor alive, so another with its address, shape and strides is a view of the same values."""
+        """The int8 groups written with x (or with the tensor x is a whole-row view of: the lm_head takes h[-1:])."""
         memo = self._int8_memo
         if memo is None:
             return None
         y = memo[0]
-        same = x is y or (x.data_ptr() == y.data_ptr() and x.shape == y.shape and x.stride() == y.stride()
-                          and x.dtype == y.dtype and x.device == y.device)
+        same = x is y or (x._base is y and x.data_ptr() == y.data_ptr() and x.shape == y.shape)
         return memo[1] if same else None
 
     def linear(self, x: torch.Tensor, w: torch.Tensor | Q8Rows) -> torch.Tensor:
