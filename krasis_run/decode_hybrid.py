@@ -177,8 +177,8 @@ class HybridOps(GpuOps):
 
     def add_rms_norm(self, x: torch.Tensor, delta: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
         """Where an int8 reader follows, the norm's kernel also writes the normed row's int8 groups: this layer's
-        q4 GPU experts (Q4G_INT8; a quantize kernel fewer a layer) or the q8 GEMVs of the next layer's attention
-        and the lm_head (Q8_INT8)."""
+        q4 GPU experts (Q4G_INT8; a quantize kernel fewer a layer) or the q|k|v GEMV of the next layer (Q8_INT8;
+        the lm_head takes a view of the final norm's output, see _int8_groups_of)."""
         h = x.shape[-1]
         experts = (id(weight) in self.moe_norms and self.codec == "q4" and decode_gpu.Q4G_INT8
                    and any(layer.on_gpu for layer in self.engine.layers.values()))
@@ -193,9 +193,9 @@ class HybridOps(GpuOps):
 
     def _int8_groups_of(self, x: torch.Tensor) -> tuple[torch.Tensor, ...] | None:
         """The int8 groups written with x itself. The lm_head takes a view (h[-1:]) and so keeps float inputs: on
-        int8 ones (matched by address) a 30B-A3B step was ~10 us faster, but the tiny model's greedy tokens then
-        left the CPU runtime's after a few steps (a near tie, the bounds of the teacher-forced test held), so the
-        lm_head stays as it was measured equal."""
+        int8 ones (matched by address) a 30B-A3B step was ~10 us faster, but the tiny model's free-running greedy
+        tokens then left the CPU runtime's after a few steps (the teacher-forced test's bounds held; whether only a
+        near tie flipped was not established), so the lm_head stays as it was verified."""
         memo = self._int8_memo
         return memo[1] if memo is not None and memo[0] is x else None
 
