@@ -39,28 +39,26 @@ class Timings:
         return self.decode_tokens / self.decode_seconds if self.decode_seconds else 0.0
 
 
-def resident_bytes(kind: str = "VmRSS") -> int:
-    """Resident memory from /proc: VmRSS (all), RssAnon (heap: copies) or RssFile (mapped file pages)."""
+def _proc_bytes(path: str, key: str) -> int:
+    """The "key: N kB" line of a /proc file in bytes, 0 if unknown."""
     try:
-        with open("/proc/self/status") as f:
+        with open(path) as f:
             for line in f:
-                if line.startswith(kind + ":"):
+                if line.startswith(key + ":"):
                     return int(line.split()[1]) * 1024
     except OSError:
         pass
     return 0
+
+
+def resident_bytes(kind: str = "VmRSS") -> int:
+    """Resident memory from /proc: VmRSS (all), RssAnon (heap: copies) or RssFile (mapped file pages)."""
+    return _proc_bytes("/proc/self/status", kind)
 
 
 def available_memory() -> int:
-    """MemAvailable from /proc/meminfo (what can be had without swapping, page cache included), 0 if unknown."""
-    try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return 0
+    """MemAvailable (what can be had without swapping, page cache included), 0 if unknown."""
+    return _proc_bytes("/proc/meminfo", "MemAvailable")
 
 
 class Runtime:
