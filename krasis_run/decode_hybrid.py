@@ -180,11 +180,10 @@ class HybridOps(GpuOps):
         q4 GPU experts (Q4G_INT8; a quantize kernel fewer a layer) or the q|k|v GEMV of the next layer (Q8_INT8;
         the lm_head takes a view of the final norm's output, see _int8_groups_of)."""
         h = x.shape[-1]
-        experts = (id(weight) in self.moe_norms and self.codec == "q4" and decode_gpu.Q4G_INT8
-                   and any(layer.on_gpu for layer in self.engine.layers.values()))
-        if ((experts or self._int8_inputs()) and x.is_cuda and not self.exact and x.shape[0] == 1
-                and x.dtype == torch.float32 and x.is_contiguous() and h % 32 == 0 and next_pow2(h) <= RMS_MAX_BLOCK
-                and decode_gpu._kernels() is not None):
+        fits = (x.is_cuda and not self.exact and x.shape[0] == 1 and x.dtype == torch.float32 and x.is_contiguous()
+                and h % 32 == 0 and next_pow2(h) <= RMS_MAX_BLOCK and decode_gpu._kernels() is not None)
+        if fits and (self._int8_inputs() or (id(weight) in self.moe_norms and self.codec == "q4" and decode_gpu.Q4G_INT8
+                                             and any(layer.on_gpu for layer in self.engine.layers.values()))):
             x_int8 = int8_groups(1, h, x.device)
             y = add_rms_norm(x, delta, weight, eps, x_int8=x_int8)
             self._int8_memo = (y, x_int8)
