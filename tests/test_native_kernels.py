@@ -263,7 +263,12 @@ def test_moe_rejects_bad_expert_ids():
 def test_attention_matches_reference(isa, threads):
     native.load().krs_set_threads(threads)
     g = torch.Generator().manual_seed(3)
-    for nq, nkv, hd, start, t in [(4, 2, 16, 0, 1), (8, 2, 128, 37, 1), (6, 3, 64, 5, 4), (4, 4, 32, 0, 3)]:
+    # groups of 8 heads (one vector's lanes) and partial groups (12 = 8 + 4, 3, 1), head sizes that are not a
+    # multiple of the vector width (20: the portable kernel), caches long enough to be split in parts (with
+    # several query tokens whose causal limits end in different parts), and a single key
+    cases = [(4, 2, 16, 0, 1), (8, 2, 128, 37, 1), (6, 3, 64, 5, 4), (4, 4, 32, 0, 3), (32, 4, 128, 900, 1),
+             (24, 2, 64, 766, 5), (6, 2, 20, 300, 2), (16, 16, 8, 1030, 1), (8, 1, 128, 0, 1)]
+    for nq, nkv, hd, start, t in cases:
         s = start + t
         q = torch.randn(t, nq, hd, generator=g)
         keys = torch.randn(s, nkv, hd, generator=g).to(torch.bfloat16)

@@ -188,7 +188,8 @@ typedef void (*q4r_fn)(const uint8_t *, const uint16_t *, const uint16_t *, int,
                        float *);
 typedef void (*bf16_fn)(const uint16_t *, int, int, int, const float *, float *);
 typedef void (*f32_fn)(const float *, int, int, int, const float *, float *);
-typedef void (*attn_fn)(const float *, const uint16_t *, const uint16_t *, int, int, int, float, float *, float *);
+typedef void (*attn_fn)(const float *, int, int, const uint16_t *, const uint16_t *, int, int, int, float, float *,
+                        float *, float *, float *);
 typedef void (*rms_fn)(const float *, const float *, int, float, float *);
 typedef void (*nrope_fn)(const float *, const float *, int, float, const float *, const float *, float *);
 typedef void (*addrms_fn)(float *, const float *, const float *, int, float, float *);
@@ -251,13 +252,13 @@ static int detect_isa(void) {
 static void init(void) {
     if (g_isa >= 0) return;
     KERNELS[0] = (Kernels){q4b_block_scalar, q8_rows_scalar, q4r_rows_scalar, bf16_rows_scalar, f32_rows_scalar,
-                           attn_head_scalar, rms_row_scalar, norm_rope_head_scalar, add_rms_row_scalar, xq_group32};
+                           attn_part_scalar, rms_row_scalar, norm_rope_head_scalar, add_rms_row_scalar, xq_group32};
 #ifdef KRS_X86
     KERNELS[1] = (Kernels){q4b_block_avx2, q8_rows_avx2, q4r_rows_avx2, bf16_rows_avx2, f32_rows_avx2gen,
-                           attn_head_avx2gen, rms_row_avx2gen, norm_rope_head_avx2gen, add_rms_row_avx2gen,
+                           attn_part_avx2, rms_row_avx2gen, norm_rope_head_avx2gen, add_rms_row_avx2gen,
                            xq_group32_avx2};
     KERNELS[2] = (Kernels){q4b_block_avx512, q8_rows_avx512, q4r_rows_avx512, bf16_rows_avx512,
-                           f32_rows_avx512gen, attn_head_avx512gen, rms_row_avx512gen, norm_rope_head_avx512gen,
+                           f32_rows_avx512gen, attn_part_avx512, rms_row_avx512gen, norm_rope_head_avx512gen,
                            add_rms_row_avx512gen, xq_group32_avx512};
 #else
     KERNELS[1] = KERNELS[2] = KERNELS[0];
@@ -577,25 +578,78 @@ int krs_moe_serve(int codec, int H, int I, int E, int topk, int L, const int64_t
 
 /* Causal attention for T query tokens at positions start..start+T-1 over keys/values 0..start+T-1.
  * q [T, nq, hd] float32; kc/vc bf16 [>= start+T, nkv, hd] (the KV cache); out [T, nq * hd].
- * Threads split (token, head) pairs; GQA maps head h to kv head h / (nq / nkv). */
+ * GQA maps head h to kv head h / (nq / nkv). Work items are (token, kv head, part of the key positions):
+ * the heads of a group read each key and value row once between them, and a long cache is split in
+ * parts so every thread has some (one token has only nkv groups: 4 for Qwen3-30B-A3B); each part
+ * leaves its max, exp sum and unnormalized output, and a second pass combines the parts of each head. */
 int krs_attention(const float *q, int T, int nq, int nkv, int hd, const uint16_t *kc, const uint16_t *vc, int start,
                   float *out) {
     init();
-    if (nq % nkv) return -1;
-    const Kernels *kn = &KERNELS[g_isa];
-    const int S = start + T, group = nq / nkv, items = T * nq, nt = g_threads;
+    if (nq % nkv || T < 1 || hd < 1) return -1;
+    /* the vector kernels take rows of whole 8-float vectors */
+    const Kernels *kn = hd % 8 ? &KERNELS[ISA_SCALAR] : &KERNELS[g_isa];
+    const int S = start + T, G = nq / nkv, nt = g_threads;
     const float scale = 1.f / sqrtf((float)hd);
+    /* ~4 items a thread, parts of 64 to ATTN_PART positions: a part's fixed cost is the work of a few rows,
+     * and the kv heads of one part run one after another (items are ordered token, part, kv head), so a
+     * long cache is read in windows of ATTN_PART rows (all heads) that stay in cache, not once per head */
+    enum { ATTN_PART = 256 };
+    long want = (long)S * T * nkv / (4L * nt);
+    int part = want < 64 ? 64 : (want > ATTN_PART ? ATTN_PART : (int)((want + 63) / 64 * 64));
+    if (part > S) part = S;
+    const int parts = (S + part - 1) / part, items = T * nkv * parts;
+    Carve cv = {NULL, 0};
+    float *pm = NULL, *pl = NULL, *po = NULL;
+    for (int pass = 0; pass < 2; pass++) {
+        pm = (float *)carve(&cv, sizeof(float) * (size_t)items * G);
+        pl = (float *)carve(&cv, sizeof(float) * (size_t)items * G);
+        po = (float *)carve(&cv, sizeof(float) * (size_t)items * G * hd);
+        if (pass == 0) {
+            if (!(cv.base = scratch(SCRATCH_CALL, cv.off))) return -2;
+            cv.off = 0;
+        }
+    }
+    const int threaded = items > 1 && (size_t)S * T * nq * hd > 65536;
     int fail = 0;
-#pragma omp parallel num_threads(nt) if (items > 1 && (size_t)S * hd * items > 65536) reduction(| : fail)
+#pragma omp parallel num_threads(nt) if (threaded) reduction(| : fail)
     {
-        float *sc = (float *)scratch(SCRATCH_WORKER, sizeof(float) * (size_t)S);
+        float *sc = (float *)scratch(SCRATCH_WORKER, sizeof(float) * 8 * (size_t)part);
         if (!sc) fail = 1;
 #pragma omp for schedule(static)
         for (int it = 0; it < items; it++) {
             if (!sc) continue;
-            int t = it / nq, h = it % nq, kvh = h / group;
-            kn->attn(q + ((size_t)t * nq + h) * hd, kc + (size_t)kvh * hd, vc + (size_t)kvh * hd, start + t + 1,
-                     nkv * hd, hd, scale, sc, out + ((size_t)t * nq + h) * hd);
+            const int t = it / (nkv * parts), j = it / nkv % parts, kvh = it % nkv;
+            const int s0 = j * part, n = start + t + 1, s1 = s0 + part < n ? s0 + part : n;
+            const size_t at = ((size_t)t * nkv + kvh) * parts + j; /* partials stay in (token, head, part) order */
+            float *m = pm + at * G, *l = pl + at * G;
+            if (s0 >= s1) { /* past this token's causal limit: an empty part */
+                for (int g = 0; g < G; g++) { m[g] = -INFINITY; l[g] = 0.f; }
+                continue;
+            }
+            kn->attn(q + ((size_t)t * nq + (size_t)kvh * G) * hd, G, hd, kc + (size_t)kvh * hd, vc + (size_t)kvh * hd,
+                     nkv * hd, s0, s1, scale, sc, m, l, po + at * G * hd);
+        }
+#pragma omp for schedule(static)
+        for (int th = 0; th < T * nq; th++) {
+            const int t = th / nq, h = th % nq, kvh = h / G, g = h % G;
+            const size_t first = ((size_t)t * nkv + kvh) * parts;
+            float mx = -INFINITY, tot = 0.f;
+            for (int j = 0; j < parts; j++) { /* an empty part has l = 0; a kept one l >= 1 (its max's own term) */
+                const size_t at = (first + j) * G + g;
+                if (pl[at] > 0.f && pm[at] > mx) mx = pm[at];
+            }
+            float *o = out + (size_t)th * hd;
+            for (int i = 0; i < hd; i++) o[i] = 0.f;
+            for (int j = 0; j < parts; j++) {
+                const size_t at = (first + j) * G + g;
+                if (!(pl[at] > 0.f)) continue;
+                const float c = expf(pm[at] - mx);
+                const float *src = po + at * hd;
+                tot += c * pl[at];
+                for (int i = 0; i < hd; i++) o[i] += c * src[i];
+            }
+            const float inv = 1.f / tot;
+            for (int i = 0; i < hd; i++) o[i] *= inv;
         }
     }
     return fail ? -2 : 0;
