@@ -3,6 +3,7 @@
     PYTHONPATH=. python scripts/bench_llamacpp.py --llama-cpp /tmp/llamacpp/llama_cpp_python-0.3.16/vendor/llama.cpp
         [--pydeps /tmp/llamacpp/pydeps] [--layers 4] [--vocab 32000] [--threads 2] [--tokens 64] [--rounds 3]
         [--max-busy 0.3] [--wait 120] [--workdir /tmp/krasis-vs-llamacpp] [--label dev] [--json PATH]
+        [--types Q4_0] [--configs q4g64/q4g64,q4/q4] [--depth 2048]
 
 One random BF16 checkpoint (scripts/bench_decode.py's writer: hidden 2048, 32/4 heads of 128, 128
 experts, top-8, width 768) goes two ways: krasis-compile (q4/q4, q4/q8, q8/q8) and llama.cpp's own
@@ -11,9 +12,10 @@ convert_hf_to_gguf.py (--outtype bf16; the checkpoint's tokenizer is replaced by
 followed by llama-quantize (Q4_0, Q8_0). krasis compiles only the CPU section with min/max rounding
 (compile_missing says why); the converter runs in process with two patches (convert_bf16). Then, round
 after round (each after waiting for other processes to go quiet, --max-busy), in one process, each llama-bench
-text-generation run (-p 0 -n TOKENS) is followed by the krasis decode runs it is compared with, every
-run preceded by a read-bandwidth probe (bench_decode.read_bandwidth: the native kernels streaming
-2 GiB), because this machine's bandwidth drifts and only same-round ratios are meaningful.
+text-generation run (-p 0 -n TOKENS, after -d DEPTH tokens of context) is followed by the krasis decode runs
+it is compared with (after a prompt of DEPTH tokens), every run preceded by a read-bandwidth probe
+(bench_decode.read_bandwidth: the native kernels streaming 2 GiB), because this machine's bandwidth
+drifts and only same-round ratios are meaningful.
 llama.cpp needs built targets llama-bench and llama-quantize under <llama-cpp>/build/bin, and the
 converter's imports (mistral_common etc.) on --pydeps or the environment.
 """
@@ -152,10 +154,11 @@ def compile_missing(folder: Path, artifacts: dict[tuple[str, str], Path]) -> Non
             job.result()
 
 
-def llama_bench(llama_dir: Path, model: Path, threads: int, tokens: int) -> dict:
-    """One llama-bench text-generation run (it does its own warm-up token first); tok/s and its build info."""
+def llama_bench(llama_dir: Path, model: Path, threads: int, tokens: int, depth: int = 0) -> dict:
+    """One llama-bench text-generation run after `depth` tokens of context (it does its own warm-up token
+    first); tok/s and its build info."""
     cmd = [str(llama_dir / "build/bin/llama-bench"), "-m", str(model), "-p", "0", "-n", str(tokens),
-           "-t", str(threads), "-r", "1", "-o", "json"]
+           "-t", str(threads), "-r", "1", "-o", "json"] + (["-d", str(depth)] if depth else [])
     result = subprocess.run(cmd, capture_output=True, text=True, check=True)
     row = json.loads(result.stdout)[0]
     keep = ("build_commit", "build_number", "cpu_info", "model_type", "model_size", "n_threads", "type_k",
@@ -163,10 +166,10 @@ def llama_bench(llama_dir: Path, model: Path, threads: int, tokens: int) -> dict
     return dict(tok_s=row["avg_ts"], **{key: row.get(key) for key in keep})
 
 
-def krasis_decode(path: Path, threads: int, tokens: int) -> dict:
-    """bench_decode's decode timing with the native kernels; a 1-token prompt so the context positions match
-    llama-bench's (it decodes from an empty cache)."""
-    r = bench_decode.bench_decode(path, threads, 1, tokens, "native")
+def krasis_decode(path: Path, threads: int, tokens: int, depth: int = 0) -> dict:
+    """bench_decode's decode timing with the native kernels after a prompt of `depth` tokens (at least 1), so
+    the context positions match llama-bench's (-d depth; 0 decodes from an empty cache)."""
+    r = bench_decode.bench_decode(path, threads, max(1, depth), tokens, "native")
     return dict(tok_s=r["decode_tok_s"], bytes_per_token=r["bytes_per_token"], kernels=r["kernels"])
 
 
@@ -213,9 +216,9 @@ def run_round(args: argparse.Namespace, files: dict, round_no: int) -> list[dict
     runs = []
     for qtype, krasis in PAIRS:
         jobs = [("llama.cpp", qtype, lambda q=qtype: llama_bench(args.llama_cpp, files["gguf"][q], args.threads,
-                                                                 args.tokens))]
+                                                                 args.tokens, args.depth))]
         jobs += [("krasis", f"{q}/{d}", lambda q=q, d=d: krasis_decode(files["krs"][(q, d)], args.threads,
-                                                                        args.tokens)) for q, d in krasis]
+                                                                        args.tokens, args.depth)) for q, d in krasis]
         for engine, config, job in jobs:
             bandwidth = bench_decode.read_bandwidth(args.threads)
             run = dict(round=round_no, pair=qtype, engine=engine, config=config, read_gb_s=bandwidth,
@@ -297,6 +300,8 @@ def parse_args() -> argparse.Namespace:
     ap.add_argument("--wait", type=float, default=120, help="longest wait for --max-busy (s); then run anyway")
     ap.add_argument("--workdir", type=Path, default=Path("/tmp/krasis-vs-llamacpp"))
     ap.add_argument("--types", default="", help="only these llama.cpp types and their pairs (e.g. Q4_0)")
+    ap.add_argument("--configs", default="", help="only these krasis configurations (e.g. q4g64/q4g64,q4/q4)")
+    ap.add_argument("--depth", type=int, default=0, help="tokens of context before the timed decode (llama-bench -d)")
     ap.add_argument("--label", default="dev", help="machine name in the JSON file name")
     ap.add_argument("--json", type=Path, default=None, help="default bench/results/llamacpp-vs-krasis-LABEL-DATE.json")
     return ap.parse_args()
@@ -306,6 +311,10 @@ def main() -> None:
     args = parse_args()
     if args.types:
         PAIRS[:] = [pair for pair in PAIRS if pair[0] in args.types.split(",")]
+    if args.configs:
+        keep = [tuple(c.split("/")) for c in args.configs.split(",")]
+        PAIRS[:] = [(qtype, [c for c in krasis if c in keep]) for qtype, krasis in PAIRS]
+        PAIRS[:] = [(qtype, krasis) for qtype, krasis in PAIRS if krasis]
     use_llama_python(args.llama_cpp, args.pydeps)
     start = time.perf_counter()
     files = prepare(args)
@@ -320,7 +329,8 @@ def main() -> None:
     record = dict(
         machine=platform.node(), label=args.label, cpu=cpu_model(), threads=args.threads, date=date.today().isoformat(),
         commit=git_head(), llama=llama_version(args.llama_cpp), layers=args.layers, vocab=args.vocab,
-        tokens=args.tokens, rounds=args.rounds, load_avg_before=load_before, load_avg_after=os.getloadavg(),
+        tokens=args.tokens, depth=args.depth, rounds=args.rounds, load_avg_before=load_before,
+        load_avg_after=os.getloadavg(),
         gguf_tensor_types={q: info[1] for q, info in gguf_info.items()}, summary=rows, runs=runs,
     )
     out = args.json or Path(f"bench/results/llamacpp-vs-krasis-{args.label}-{record['date']}.json")
