@@ -183,3 +183,61 @@ def test_kv_cache_update_native_equals_torch():
     k = torch.randn(1, 4, 16, generator=g)
     ko, _ = over.update(0, 2, k, k)
     assert torch.equal(ko[2], k[0].to(torch.bfloat16)) and torch.equal(ko[:2], b.keys[0][:2])
+
+
+@pytest.mark.parametrize("quant,dense_quant", [("q4", "q8"), ("q8", "q4"), ("bf16", "bf16")])
+def test_decode_layers_equals_the_model_loop(tiny_per_expert, isa, quant, dense_quant):
+    """A decode step as one native call (krs_decode_layers) makes the model loop's kernel calls in its order on its
+    inputs: bit-equal logits step after step, across the KV cache growing (new addresses) and a second cache."""
+    import krasis_run
+
+    rt = krasis_run.load(tiny_per_expert.artifact(quant, dense_quant), kernel="native", threads=2)
+    fused = rt.model.decode_layers
+    taken = []
+    rt.model.decode_layers = lambda *a: taken.append(fused(*a)) or taken[-1]
+
+    def steps(hook) -> list[torch.Tensor]:
+        rt.model.decode_layers = hook
+        cache = rt.engine.new_cache(capacity=4)  # grows (doubles) twice below
+        logits = [rt.engine.prefill([3, 1, 4], cache)]
+        for _ in range(12):
+            logits.append(rt.engine.decode(int(logits[-1].argmax()), cache))
+        return logits
+
+    hook = rt.model.decode_layers
+    want = steps(None)
+    for _ in range(2):
+        got = steps(hook)
+        assert all(torch.equal(a, b) for a, b in zip(got, want, strict=True))
+    assert taken == [True] * 24
+
+
+def test_decode_layers_declines_what_it_does_not_run(tmp_path):
+    """A model with a dense-MLP layer has no fused step (the model loop runs: tokens as the reference kernels give);
+    tensors the call cannot take are refused before anything is written."""
+    import fixtures
+
+    import krasis_run
+    from krasis_compile.compile import compile_model
+
+    folder = tmp_path / "dense-layer"
+    fixtures.build(folder, "per_expert", seed=5, mlp_only_layers=[1])
+    out = tmp_path / "dense-layer.krs"
+    compile_model(str(folder), out, quant="bf16", dense_quant="bf16", progress=False)
+    rt = krasis_run.load(out, kernel="native", threads=2)
+    assert rt.model.step_layers() is None
+    ref = krasis_run.load(out, kernel="reference", threads=1)
+    assert ref.model.decode_layers is None
+    ids = [5, 9, 2, 7]
+    assert list(rt.generate(ids, max_new_tokens=6, stop_token_ids=set())) == \
+        list(ref.generate(ids, max_new_tokens=6, stop_token_ids=set()))
+    ops, a = rt.ops, rt.args
+    dims = (a.hidden_size, a.num_attention_heads, a.num_key_value_heads, a.head_dim, a.num_experts,
+            a.moe_intermediate_size, a.num_experts_per_tok, 1)
+    cache = rt.engine.new_cache()
+    x = torch.randn(1, a.hidden_size)
+    cos, sin = torch.ones(1, a.head_dim), torch.zeros(1, a.head_dim)
+    before = x.clone()
+    assert not ops.decode_layers([], x.double(), x.clone(), cache, 0, cos, sin, dims, 1e-6)
+    assert not ops.decode_layers([], x, x[:, :-1], cache, 0, cos, sin, dims, 1e-6)
+    assert torch.equal(x, before)

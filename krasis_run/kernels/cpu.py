@@ -115,10 +115,13 @@ class CpuOps:
                 # (bench_decode --glue swaps some functions on this object).
                 self._lib = self.native.load()
         self.kernel = "native" if self.native is not None else ("torch" if requested == "auto" else requested)
+        if self.native is None:
+            self.decode_layers = None  # the model looks the hook up: without the library it has none to call
         self.int4_in_place = self.kernel in ("torch", "native") and torch_int4_reads_cpu_blocks()
         self._expert_ptrs: dict[int, tuple[object, torch.Tensor, int]] = {}
         # weight -> (weight, native.linear arguments, (codec id, K, N, part addresses) for the direct call)
         self._native_rows: dict[int, tuple[object, tuple | None, tuple | None]] = {}
+        self._decode_plans: dict[int, tuple[list, list | None]] = {}  # decode_layers' tables, per layer list
 
     def describe(self) -> str:
         if self.kernel == "reference":
@@ -205,22 +208,27 @@ class CpuOps:
     def _linear_stack(self, x: torch.Tensor, w: RowsStack) -> torch.Tensor:
         """Several matrices against one x, outputs side by side: one native call (krs_linear_multi), else one each."""
         if self.native is not None and x.dim() == 2 and _f32(x):
-            cached = self._native_rows.get(id(w))
-            if cached is None or cached[0] is not w:
-                entries = [self._native_rows_entry(v)[2] for v in w.views]
-                direct = None
-                if all(e is not None for e in entries):
-                    rows = (ctypes.c_int * len(entries))(*[e[2] for e in entries])
-                    parts = (ctypes.c_void_p * (3 * len(entries)))(*[p for e in entries for p in e[3:]])
-                    direct = (entries[0][0], entries[0][1], sum(rows), len(entries), rows, parts)
-                cached = self._native_rows[id(w)] = (w, None, direct)
-            direct = cached[2]
+            direct = self._native_stack_entry(w)
             if direct is not None and x.shape[1] == direct[1]:
                 y = torch.empty((x.shape[0], direct[2]), dtype=torch.float32)
                 _check(self._lib.krs_linear_multi(direct[0], x.data_ptr(), x.shape[0], direct[1], direct[3], direct[4],
                                                   direct[5], y.data_ptr()), "linear_multi")
                 return y
         return torch.cat([self.linear(x, v) for v in w.views], dim=-1)
+
+    def _native_stack_entry(self, w: RowsStack) -> tuple | None:
+        """(codec id, K, total rows, count, rows per matrix, part addresses) for krs_linear_multi, cached per stack;
+        None unless every matrix is a rows view of one codec and K the native call reads in place."""
+        cached = self._native_rows.get(id(w))
+        if cached is None or cached[0] is not w:
+            entries = [self._native_rows_entry(v)[2] for v in w.views]
+            direct = None
+            if all(e is not None for e in entries) and len({e[:2] for e in entries}) == 1:
+                rows = (ctypes.c_int * len(entries))(*[e[2] for e in entries])
+                parts = (ctypes.c_void_p * (3 * len(entries)))(*[p for e in entries for p in e[3:]])
+                direct = (entries[0][0], entries[0][1], sum(rows), len(entries), rows, parts)
+            cached = self._native_rows[id(w)] = (w, None, direct)
+        return cached[2]
 
     # The small steps between the matmuls (the model picks these up as optional hooks): one native call
     # each where the tensors are already float32 and contiguous (as the native matmuls return them),
@@ -278,6 +286,74 @@ class CpuOps:
                                            start_pos, y.data_ptr()), "attention")
             return y
         return causal_attention(q, keys, values, start_pos)
+
+    def decode_layers(self, layers: list[dict], x: torch.Tensor, h: torch.Tensor, cache, pos: int, cos: torch.Tensor,
+                      sin: torch.Tensor, dims: tuple[int, ...], eps: float) -> bool:
+        """One token through every layer in one native call (krs_decode_layers): per layer the role -> weight dicts
+        the model hands over (attn_norm is not used: h enters normed; qkv_proj, q_norm, k_norm, o_proj, mlp_norm,
+        router, experts, next_norm), x [1, H] the residual stream (updated in place), h [1, H] the first layer's
+        normed input, replaced by the last norm's output; dims = (H, heads, kv heads, head dim, experts, expert
+        width, top k, renormalize). The same kernel calls in the same order as the model's own loop, without the
+        Python between them. False (nothing done) where a weight or tensor is not what that call reads."""
+        if not (_f32(x, h, cos, sin) and x.shape == h.shape == (1, dims[0])):
+            return False
+        if cache.device.type != "cpu" or cache.dtype != torch.bfloat16 or cos.shape != (1, dims[3]):
+            return False
+        plan = self._decode_plan(layers, dims)
+        if plan is None:
+            return False
+        cache.reserve(pos + 1)
+        table, dims_t, keys_at = plan[1], plan[2], plan[3]
+        if keys_at[0] is not cache or keys_at[1] != cache.keys[0].data_ptr():  # a new cache, or it grew
+            for i in range(len(layers)):
+                table[i, -2], table[i, -1] = cache.keys[i].data_ptr(), cache.values[i].data_ptr()
+            plan[3][:] = [cache, cache.keys[0].data_ptr()]
+        _check(self._lib.krs_decode_layers(table.data_ptr(), len(layers), dims_t.data_ptr(), eps, pos, cos.data_ptr(),
+                                           sin.data_ptr(), x.data_ptr(), h.data_ptr()), "decode_layers")
+        return True
+
+    def _decode_plan(self, layers: list[dict], dims: tuple[int, ...]) -> list | None:
+        """[layers, int64 table [L, fields], int32 dims, [cache, its first keys address]] for krs_decode_layers,
+        cached per `layers` list; None when some layer cannot be run by it."""
+        cached = self._decode_plans.get(id(layers))
+        if cached is not None and cached[0] is layers:
+            return cached[1]
+        plan = None
+        rows = [self._decode_row(layer, dims) for layer in layers]
+        if all(r is not None for r in rows):
+            table = torch.tensor(rows, dtype=torch.int64)
+            if table.shape[1] == self._lib.krs_decode_fields():
+                plan = [layers, table, torch.tensor(dims, dtype=torch.int32), [None, 0]]
+        self._decode_plans[id(layers)] = (layers, plan)
+        return plan
+
+    def _decode_row(self, layer: dict, dims: tuple[int, ...]) -> list[int] | None:
+        """One layer's krs_decode_layers fields (the order of krasis_native.c's DL_* enum), or None."""
+        hidden, heads, kv_heads, head_dim, experts, width = dims[:6]
+        qkv, o_proj, router, blocks = layer["qkv_proj"], layer["o_proj"], layer["router"], layer["experts"]
+        if not isinstance(qkv, RowsStack) or isinstance(o_proj, torch.Tensor) or not hasattr(blocks, "expert"):
+            return None
+        qkv_direct = self._native_stack_entry(qkv)
+        o_direct = self._native_rows_entry(o_proj)[2]
+        sizes = [heads * head_dim, kv_heads * head_dim, kv_heads * head_dim]
+        if (qkv_direct is None or list(qkv_direct[4]) != sizes or qkv_direct[1] != hidden or o_direct is None
+                or o_direct[1:3] != (heads * head_dim, hidden)):
+            return None
+        if isinstance(router, torch.Tensor) and _f32(router) and router.shape == (experts, hidden):
+            router_row = [self.native.codec_id("f32"), router.data_ptr()]
+        else:
+            return None
+        if blocks.codec not in ("q4", "q8", "bf16") or tuple(blocks.matrices["down"]) != (hidden, width) \
+                or blocks.experts != experts:
+            return None
+        table, group = self._native_experts(blocks)
+        norms = [layer[r] for r in ("q_norm", "k_norm", "mlp_norm", "next_norm")]
+        if not all(_f32(n) for n in norms):
+            return None
+        q_norm, k_norm, mlp_norm, next_norm = (n.data_ptr() for n in norms)
+        parts = [p or 0 for p in qkv_direct[5]]
+        return [qkv_direct[0], *parts, q_norm, k_norm, o_direct[0], *(p or 0 for p in o_direct[3:6]), mlp_norm,
+                *router_row, self.native.codec_id(blocks.codec, group), table.data_ptr(), next_norm, 0, 0]
 
     def _native_expert_table(self, blocks) -> torch.Tensor:
         """[E, 4] int64 addresses of each expert's gate_up and down parts (cached per tensor)."""

@@ -105,6 +105,8 @@ class Model:
         self.add_rms_norm = getattr(ops, "add_rms_norm", None)  # x += delta in place, then the norm, fused
         self.attention_inputs = getattr(ops, "attention_inputs", None)
         self.select_experts = getattr(ops, "select_experts", None)
+        self.decode_layers = getattr(ops, "decode_layers", None)  # a one-token step of every layer in one call
+        self._step_layers: list[dict] | None = None
 
     def attention(self, i: int, x: torch.Tensor, cache, start_pos: int, cos, sin) -> torch.Tensor:
         a, n, w = self.args, self.layer_names[i], self.w
@@ -166,6 +168,13 @@ class Model:
         a, w = self.args, self.w
         x = self.ops.embed(tokens, w["embed"])
         cos, sin = self.rope(start_pos, tokens.shape[0], x.device)
+        if tokens.shape[0] == 1 and self.decode_layers is not None and self.step_layers() is not None:
+            h = self.rms_norm(x, w[self.layer_names[0]["attn_norm"]], a.rms_norm_eps)
+            dims = (a.hidden_size, a.num_attention_heads, a.num_key_value_heads, a.head_dim, a.num_experts,
+                    a.moe_intermediate_size, a.num_experts_per_tok, int(a.norm_topk_prob))
+            if self.decode_layers(self._step_layers, x, h, cache, start_pos, cos, sin, dims, a.rms_norm_eps):
+                cache.advance(start_pos + 1)
+                return self.ops.linear(h, w["lm_head"])
         chunked = token_chunk is not None and token_chunk < tokens.shape[0]
         if chunked:
             x = x.clone()  # updated in place below: never write into what ops.embed returned
@@ -184,6 +193,21 @@ class Model:
             h = h if all_logits else h[-1:]
         cache.advance(start_pos + tokens.shape[0])
         return self.ops.linear(h, w["lm_head"])
+
+    def step_layers(self) -> list[dict] | None:
+        """Per layer the weights of forward's one-token loop by role, for ops.decode_layers (which runs that loop
+        in one call); None where a layer has what that call does not do (biases, a dense MLP, separate q/k/v)."""
+        if self._step_layers is None:
+            a, w = self.args, self.w
+            norms = [w[n["attn_norm"]] for n in self.layer_names[1:]] + [w["norm"]]
+            fits = not a.attention_bias and all(a.is_sparse(i) and n["qkv_proj"] in w
+                                                for i, n in enumerate(self.layer_names))
+            self._step_layers = [
+                dict(qkv_proj=w[n["qkv_proj"]], q_norm=w[n["q_norm"]], k_norm=w[n["k_norm"]], o_proj=w[n["o_proj"]],
+                     mlp_norm=w[n["mlp_norm"]], router=w[n["router"]], experts=w[n["experts"]], next_norm=norm)
+                for n, norm in zip(self.layer_names, norms, strict=True)
+            ] if fits else []
+        return self._step_layers or None
 
     def _add_norm(self, x: torch.Tensor, delta: torch.Tensor, weight) -> tuple[torch.Tensor, torch.Tensor]:
         if self.add_rms_norm is not None:

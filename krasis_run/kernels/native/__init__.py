@@ -66,7 +66,7 @@ def load() -> ctypes.CDLL:
     lib.krs_source_hash.restype = ctypes.c_char_p
     if lib.krs_source_hash().decode() != _build.source_hash():
         raise NativeUnavailable(f"{path} was built from other sources; delete it")
-    for name in ("krs_best_isa", "krs_get_isa", "krs_get_threads", "krs_pin_threads"):
+    for name in ("krs_best_isa", "krs_get_isa", "krs_get_threads", "krs_pin_threads", "krs_decode_fields"):
         getattr(lib, name).restype = _i
         getattr(lib, name).argtypes = []
     lib.krs_set_isa.restype = _i
@@ -93,6 +93,8 @@ def load() -> ctypes.CDLL:
     lib.krs_kv_store.argtypes = [_p, _p, ctypes.c_int64, _p, _p]
     lib.krs_route.restype = _i
     lib.krs_route.argtypes = [_p, _i, _i, _i, _i, _p, _p]
+    lib.krs_decode_layers.restype = _i
+    lib.krs_decode_layers.argtypes = [_p, _i, _p, ctypes.c_float, _i, _p, _p, _p, _p]
     lib.krs_read_probe.restype = ctypes.c_uint64
     lib.krs_read_probe.argtypes = [_p, ctypes.c_size_t]
     forced = os.environ.get(ISA_ENV)

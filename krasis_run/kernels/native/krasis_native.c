@@ -76,10 +76,11 @@ static void xq_init(XQ *x, int K, void *mem) {
 /* Per-thread scratch that outlives a call: decode makes ~15 kernel calls per layer, and a malloc/free
  * of the activation buffers in each (large ones are mmap'ed and page-faulted anew every time) costs
  * more than the small kernels themselves. Slot 0 is the calling thread's arena for one call's
- * buffers; slot 1 is per OpenMP worker (attention scores). Thread-specific (not global) so calls
- * from several host threads at once stay safe; freed by the key destructor when a thread exits. A
+ * buffers; slot 1 is per OpenMP worker (attention scores); slot 2 holds krs_decode_layers' buffers
+ * across the kernel calls it makes (which use slot 0). Thread-specific (not global) so calls from
+ * several host threads at once stay safe; freed by the key destructor when a thread exits. A
  * thread keeps the largest block it has needed (tens of MB after a 2048-token CPU prefill chunk). */
-enum { SCRATCH_CALL = 0, SCRATCH_WORKER = 1, SCRATCH_SLOTS = 2 };
+enum { SCRATCH_CALL = 0, SCRATCH_WORKER = 1, SCRATCH_STEP = 2, SCRATCH_SLOTS = 3 };
 typedef struct {
     void *p;
     size_t cap;
@@ -735,6 +736,73 @@ int krs_route(const float *logits, int T, int E, int k, int renorm, int32_t *ids
         }
     }
     return 0;
+}
+
+/* A decode step's layers for one token, all in C: the same kernel calls, in the same order and on the same
+ * inputs, as the Python model makes one by one (models/qwen3_moe.py forward), so the results are bit-equal;
+ * what goes is the ~0.1-0.2 ms a layer of Python, ctypes and tensor set-up between them. The layer is
+ * Qwen3-MoE's: attention with per-head q/k RMSNorm and rotary over a bf16 KV cache, then a routed MoE, each
+ * residual add fused with the norm after it. x [H] is the residual stream (updated in place); h [H] enters as
+ * the first layer's normed input and leaves as the final norm's output. dims = {H, nq, nkv, hd, E, I, topk,
+ * renorm}; cos/sin [hd] are this position's rotary rows. table[L][DL_FIELDS] per layer (int64, addresses as
+ * integers): */
+enum {
+    DL_QKV_CODEC, DL_QKV_PARTS, /* 9 parts: q, k, v matrices x (q, scale, zero) as krs_linear_multi takes them */
+    DL_Q_NORM = DL_QKV_PARTS + 9, DL_K_NORM, DL_O_CODEC, DL_O_PARTS, /* 3 parts */
+    DL_MLP_NORM = DL_O_PARTS + 3, DL_ROUTER_CODEC, DL_ROUTER, DL_EXPERT_CODEC, DL_EXPERT_PTRS, DL_NEXT_NORM,
+    DL_KEYS, DL_VALUES, DL_FIELDS
+};
+
+int krs_decode_fields(void) { return DL_FIELDS; }
+
+int krs_decode_layers(const int64_t *table, int L, const int32_t *dims, float eps, int pos, const float *cs,
+                      const float *sn, float *x, float *h) {
+    init();
+    const int H = dims[0], nq = dims[1], nkv = dims[2], hd = dims[3], E = dims[4], I = dims[5], topk = dims[6];
+    const int renorm = dims[7], nqd = nq * hd, nkd = nkv * hd;
+    const int ns[3] = {nqd, nkd, nkd};
+    if (topk < 1 || topk > 64 || E < topk) return -1;
+    /* scratch: q|k|v, the normed and rotated q and k, attention out, o, logits, ids and weights, MoE out. Its
+     * own slot: the kernels below carve SCRATCH_CALL for their own buffers */
+    Carve cv = {NULL, 0};
+    float *qkv = NULL, *qr = NULL, *kr = NULL, *att = NULL, *o = NULL, *logits = NULL, *wts = NULL, *moe = NULL;
+    int32_t *ids = NULL;
+    for (int pass = 0; pass < 2; pass++) {
+        qkv = (float *)carve(&cv, sizeof(float) * (size_t)(nqd + 2 * nkd));
+        qr = (float *)carve(&cv, sizeof(float) * (size_t)nqd);
+        kr = (float *)carve(&cv, sizeof(float) * (size_t)nkd);
+        att = (float *)carve(&cv, sizeof(float) * (size_t)nqd);
+        o = (float *)carve(&cv, sizeof(float) * (size_t)H);
+        logits = (float *)carve(&cv, sizeof(float) * (size_t)E);
+        wts = (float *)carve(&cv, sizeof(float) * (size_t)topk);
+        ids = (int32_t *)carve(&cv, sizeof(int32_t) * (size_t)topk);
+        moe = (float *)carve(&cv, sizeof(float) * (size_t)H);
+        if (pass == 0) {
+            if (!(cv.base = scratch(SCRATCH_STEP, cv.off))) return -2;
+            cv.off = 0;
+        }
+    }
+    int rc = 0;
+    for (int l = 0; l < L && !rc; l++) {
+        const int64_t *t = table + (size_t)l * DL_FIELDS;
+        const void *qkv_parts[9];
+        for (int i = 0; i < 9; i++) qkv_parts[i] = (const void *)t[DL_QKV_PARTS + i];
+        uint16_t *keys = (uint16_t *)t[DL_KEYS], *values = (uint16_t *)t[DL_VALUES];
+        rc = krs_linear_multi((int)t[DL_QKV_CODEC], h, 1, H, 3, ns, qkv_parts, qkv);
+        if (!rc) rc = krs_norm_rope(qkv, 1, nq, hd, (const float *)t[DL_Q_NORM], eps, cs, sn, qr);
+        if (!rc) rc = krs_norm_rope(qkv + nqd, 1, nkv, hd, (const float *)t[DL_K_NORM], eps, cs, sn, kr);
+        if (!rc) rc = krs_kv_store(kr, qkv + nqd + nkd, nkd, keys + (size_t)pos * nkd, values + (size_t)pos * nkd);
+        if (!rc) rc = krs_attention(qr, 1, nq, nkv, hd, keys, values, pos, att);
+        if (!rc) rc = krs_linear((int)t[DL_O_CODEC], att, 1, nqd, H, (const void *)t[DL_O_PARTS],
+                                 (const void *)t[DL_O_PARTS + 1], (const void *)t[DL_O_PARTS + 2], o);
+        if (!rc) rc = krs_add_rms_norm(x, o, 1, H, (const float *)t[DL_MLP_NORM], eps, h);
+        if (!rc) rc = krs_linear((int)t[DL_ROUTER_CODEC], h, 1, H, E, (const void *)t[DL_ROUTER], NULL, NULL, logits);
+        if (!rc) rc = krs_route(logits, 1, E, topk, renorm, ids, wts);
+        if (!rc) rc = krs_moe((int)t[DL_EXPERT_CODEC], h, 1, H, I, E, topk, ids, wts, (const int64_t *)t[DL_EXPERT_PTRS],
+                              moe);
+        if (!rc) rc = krs_add_rms_norm(x, moe, 1, H, (const float *)t[DL_NEXT_NORM], eps, h);
+    }
+    return rc;
 }
 
 /* Read bandwidth probe: every thread streams its share of [p, p + n) (64-bit XOR, which the
