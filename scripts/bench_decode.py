@@ -8,8 +8,10 @@ vocab 151,936 or --vocab; --layers of them), compiles it with krasis-compile in 
 GB/s and peak RSS are reported), then decodes greedily with each of --kernels (native: the fused C
 kernels; torch: torch's packed kernels, the reference path) and prints tok/s next to the weight bytes
 read per token, the effective GB/s and this machine's read bandwidth measured right before each run
-(it drifts on shared machines), so the gap is a ratio. --glue adds the time of a native decode step
-with the weight-reading kernels stubbed out: the per-layer work between kernel calls.
+(it drifts on shared machines), so the gap is a ratio. Native decode of a Qwen3-MoE runs each step's layers in
+one C call (krs_decode_layers). --glue adds the time of the model's own loop of kernel calls with the
+weight-reading kernels stubbed out (the per-layer work between the calls, which the one-call step does not
+have), and the one-call step against that loop, alternating in one process.
 Works from a checkout: PYTHONPATH=. python3 ...
 """
 
@@ -159,9 +161,10 @@ def bench_decode(path: Path, threads: int, prompt_len: int, tokens: int, kernel:
 
 
 def glue_ms(path: Path, threads: int, steps: int = 50, repeats: int = 7) -> dict:
-    """Decode step time with the weight-reading native kernels (dense rows, MoE, attention) replaced by
-    stubs that zero their outputs: what remains is the per-token work between them (norms, rotary,
-    routing, KV writes, residuals, Python and ctypes overhead). Median and best of `repeats` x `steps`."""
+    """The model loop's decode step with the weight-reading native kernels (dense rows, MoE, attention) replaced by
+    stubs that zero their outputs: what remains is the per-token work between them (norms, rotary, routing, KV
+    writes, residuals, Python and ctypes overhead), which a one-call step (krs_decode_layers) does not have. Median
+    and best of `repeats` x `steps`."""
     import ctypes
     import statistics
 
@@ -169,6 +172,7 @@ def glue_ms(path: Path, threads: int, steps: int = 50, repeats: int = 7) -> dict
     from krasis_run.kernels import native
 
     rt = krasis_run.load(path, threads=threads, kernel="native")
+    rt.model.decode_layers = None  # the loop: the one-call step runs its kernels from C, out of the stubs' reach
     cache = rt.engine.new_cache()
     rt.engine.prefill(list(range(1, 33)), cache)
     lib = native.load()
@@ -198,6 +202,35 @@ def glue_ms(path: Path, threads: int, steps: int = 50, repeats: int = 7) -> dict
     return dict(median_ms=statistics.median(times), best_ms=min(times), layers=layers)
 
 
+def step_ab(path: Path, threads: int, blocks: int = 24, steps: int = 16, context: int = 200) -> dict | None:
+    """Decode ms a token of the one-call step (krs_decode_layers) and of the model's loop of kernel calls, in one
+    process on one cache, alternating blocks of `steps` tokens (the first 4 blocks dropped): on a shared machine
+    only figures taken side by side compare. None where the model has no one-call step."""
+    import statistics
+
+    import krasis_run
+
+    rt = krasis_run.load(path, threads=threads, kernel="native")
+    fused = rt.model.decode_layers
+    if fused is None or rt.model.step_layers() is None:
+        return None
+    cache = rt.engine.new_cache()
+    rt.engine.prefill(list(range(1, 17)), cache)
+    times: dict[bool, list[float]] = {True: [], False: []}
+    for block in range(blocks):
+        one_call = block % 2 == 0
+        rt.model.decode_layers = fused if one_call else None
+        if cache.length > context:
+            cache.truncate(16)
+        start = time.perf_counter()
+        for _ in range(steps):
+            rt.engine.decode(3, cache)
+        if block >= 4:
+            times[one_call].append((time.perf_counter() - start) / steps * 1e3)
+    return dict(one_call_ms=statistics.median(times[True]), loop_ms=statistics.median(times[False]),
+                blocks=blocks - 4, steps=steps)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--layers", type=int, default=4)
@@ -218,7 +251,8 @@ def main() -> None:
     ap.add_argument("--no-prefault", action="store_true",
                     help="map the weights page by page on first use (krasis-run --no-prefault), not at load")
     ap.add_argument("--glue", action="store_true",
-                    help="also time a native decode step with the weight-reading kernels stubbed out (the glue)")
+                    help="also time the model loop's native decode step with the weight-reading kernels stubbed out "
+                         "(the glue), and the one-call step against the loop in alternating blocks")
     args = ap.parse_args()
 
     from krasis_run.planner import physical_cores
@@ -274,10 +308,15 @@ def main() -> None:
                 print(line, flush=True)
                 if args.glue and kernel == "native":
                     run["glue"] = glue = glue_ms(out, threads)
-                    print(f"{quant}/{dense_quant} native glue (weight-reading kernels stubbed): "
+                    print(f"{quant}/{dense_quant} native model-loop glue (weight-reading kernels stubbed): "
                           f"{glue['median_ms']:.3f} ms/token median, {glue['best_ms']:.3f} best "
                           f"= {glue['best_ms'] / glue['layers']:.3f} ms/layer incl. per-token fixed costs",
                           flush=True)
+                    run["step_ab"] = ab = step_ab(out, threads)
+                    if ab:
+                        print(f"{quant}/{dense_quant} one-call step {ab['one_call_ms']:.3f} ms/token against the model "
+                              f"loop's {ab['loop_ms']:.3f} (medians of {ab['blocks']} alternating blocks of "
+                              f"{ab['steps']} tokens): {ab['loop_ms'] / ab['one_call_ms']:.3f}x", flush=True)
             if args.workdir is None:
                 out.unlink()
     if args.json:
