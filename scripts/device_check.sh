@@ -29,6 +29,15 @@ for step in "$@"; do
     native_linear)
       python3 scripts/bench_native_linear.py --layers 48 --threads 16,8 --json "$OUT/native_linear.json" 2>&1 \
         | tee "$OUT/native_linear.log" ;;
+    cpudecode)
+      # issue 4's 16-core figure: the 48-layer 30B-A3B shape all on the CPU (one native call a decode step), the
+      # model loop's glue and the one-call step against the loop; then the native tests on the AVX-512 path
+      python3 scripts/bench_decode.py --synthetic --layers 48 --quant q4g64 --dense-quant q4 --kernels native \
+        --tokens 32 --prompt 16 --glue --workdir /tmp/krasis-cpudecode --json "$OUT/cpudecode.json" 2>&1 \
+        | tee "$OUT/cpudecode.log"
+      python3 scripts/bench_native_attention.py --threads 16 --json "$OUT/attention16.json" 2>&1 | tee "$OUT/attention16.log"
+      python3 -m pytest -q tests/test_native_kernels.py tests/test_native_glue.py -k avx512 2>&1 | tail -5 \
+        | tee "$OUT/native_avx512.log" ;;
     kernels)
       [ -f scripts/bench_decode_kernels.py ] && python3 scripts/bench_decode_kernels.py --sweep 2>&1 | tee "$OUT/kernels.log" ;;
     bench)
