@@ -243,8 +243,11 @@ def plan(artifact: Artifact, device: str = "auto", gpu_budget: str | int | None 
     return Placement("cuda", "cuda", SECTION_EXPERTS_CPU, mapped, section, budget, resident, vram, context)
 
 
-def place_weights(artifact: Artifact, placement: Placement) -> dict:
-    """Artifact tensor name -> what the engines consume: views for matrices, float tensors for small vectors."""
+def place_weights(artifact: Artifact, placement: Placement, routers_in_place: bool = False) -> dict:
+    """Artifact tensor name -> what the engines consume: views for matrices, float tensors for small vectors.
+    Routers become float32 copies (routing decisions in float32, as in the reference) unless `routers_in_place`:
+    the native CPU kernels read their bf16 rows in place with float32 activations and sums, the same numbers
+    without the copy (torch's bf16 matmul would round the logits to bf16)."""
     weights = {}
     expert_sections = {SECTION_EXPERTS_CPU, SECTION_EXPERTS_GPU} - {placement.expert_section}
     for name, spec in artifact.header["tensors"].items():
@@ -255,8 +258,8 @@ def place_weights(artifact: Artifact, placement: Placement) -> dict:
             weights[f"layers.{artifact.chunks[spec['chunk']].layer}.experts"] = view
         elif view.codec == "f32":
             weights[name] = view.parts["w"]  # norms and biases, used as they are in the mapping
-        elif name.endswith(".router"):
-            weights[name] = view.parts["w"].float()  # routing decisions in float32, as in the reference
+        elif name.endswith(".router") and not routers_in_place:
+            weights[name] = view.parts["w"].float()
         else:
             weights[name] = view
     return stack_qkv(weights, RowsStack.of)

@@ -84,7 +84,8 @@ class Runtime:
         self.placement = plan(self.artifact, device, gpu_budget, context, max_resident_layers,
                               arch.cache_layout(self.args), per_token, getattr(arch, "DIRECT_MATRICES", ()))
         self.ops = CpuOps(kernel)
-        self.model = arch.Model(self.args, place_weights(self.artifact, self.placement), self.ops)
+        weights = place_weights(self.artifact, self.placement, routers_in_place=self.ops.kernel == "native")
+        self.model = arch.Model(self.args, weights, self.ops)
         self.engine = CpuEngine(self.model)  # decode (and prefill without a GPU)
         self.prefill_engine = self.engine
         if self.placement.prefill_device == "cuda":

@@ -339,10 +339,15 @@ class CpuOps:
         if (qkv_direct is None or list(qkv_direct[4]) != sizes or qkv_direct[1] != hidden or o_direct is None
                 or o_direct[1:3] != (heads * head_dim, hidden)):
             return None
-        if isinstance(router, torch.Tensor) and _f32(router) and router.shape == (experts, hidden):
+        if isinstance(router, torch.Tensor):
+            if not (_f32(router) and router.shape == (experts, hidden)):
+                return None
             router_row = [self.native.codec_id("f32"), router.data_ptr()]
         else:
-            return None
+            direct = self._native_rows_entry(router)[2]
+            if direct is None or direct[1:3] != (hidden, experts) or router.codec not in ("bf16", "f32"):
+                return None
+            router_row = [direct[0], direct[3]]
         if blocks.codec not in ("q4", "q8", "bf16") or tuple(blocks.matrices["down"]) != (hidden, width) \
                 or blocks.experts != experts:
             return None
