@@ -231,9 +231,7 @@ def test_decode_layers_declines_what_it_does_not_run(tmp_path):
     ids = [5, 9, 2, 7]
     assert list(rt.generate(ids, max_new_tokens=6, stop_token_ids=set())) == \
         list(ref.generate(ids, max_new_tokens=6, stop_token_ids=set()))
-    ops, a = rt.ops, rt.args
-    dims = (a.hidden_size, a.num_attention_heads, a.num_key_value_heads, a.head_dim, a.num_experts,
-            a.moe_intermediate_size, a.num_experts_per_tok, 1)
+    ops, a, dims = rt.ops, rt.args, rt.model.step_dims
     cache = rt.engine.new_cache()
     x = torch.randn(1, a.hidden_size)
     cos, sin = torch.ones(1, a.head_dim), torch.zeros(1, a.head_dim)

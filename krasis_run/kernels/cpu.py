@@ -16,6 +16,7 @@ from __future__ import annotations
 import ctypes
 import functools
 import os
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -71,6 +72,16 @@ def torch_int4_reads_cpu_blocks() -> bool:
     return bool(torch.allclose(got, want, rtol=2e-2, atol=2e-2))
 
 
+@dataclass
+class _DecodePlan:
+    """krs_decode_layers' arguments for one list of layers: the int64 table [L, fields] (its last two columns the
+    layers' K/V cache addresses, refreshed when the cache or its storage changes) and the int32 dims."""
+    table: torch.Tensor
+    dims: torch.Tensor
+    cache: object = None
+    keys_ptr: int = 0
+
+
 _ROWS_PARTS = {"q8": ("q", "scale"), "q4": ("q", "scale", "zero"), "bf16": ("w",), "f32": ("w",)}
 
 
@@ -121,7 +132,7 @@ class CpuOps:
         self._expert_ptrs: dict[int, tuple[object, torch.Tensor, int]] = {}
         # weight -> (weight, native.linear arguments, (codec id, K, N, part addresses) for the direct call)
         self._native_rows: dict[int, tuple[object, tuple | None, tuple | None]] = {}
-        self._decode_plans: dict[int, tuple[list, list | None]] = {}  # decode_layers' tables, per layer list
+        self._decode_plans: dict[int, tuple[list, _DecodePlan | None]] = {}  # decode_layers' tables, per layer list
 
     def describe(self) -> str:
         if self.kernel == "reference":
@@ -303,18 +314,16 @@ class CpuOps:
         if plan is None:
             return False
         cache.reserve(pos + 1)
-        table, dims_t, keys_at = plan[1], plan[2], plan[3]
-        if keys_at[0] is not cache or keys_at[1] != cache.keys[0].data_ptr():  # a new cache, or it grew
+        if plan.cache is not cache or plan.keys_ptr != cache.keys[0].data_ptr():  # a new cache, or it grew
             for i in range(len(layers)):
-                table[i, -2], table[i, -1] = cache.keys[i].data_ptr(), cache.values[i].data_ptr()
-            plan[3][:] = [cache, cache.keys[0].data_ptr()]
-        _check(self._lib.krs_decode_layers(table.data_ptr(), len(layers), dims_t.data_ptr(), eps, pos, cos.data_ptr(),
-                                           sin.data_ptr(), x.data_ptr(), h.data_ptr()), "decode_layers")
+                plan.table[i, -2], plan.table[i, -1] = cache.keys[i].data_ptr(), cache.values[i].data_ptr()
+            plan.cache, plan.keys_ptr = cache, cache.keys[0].data_ptr()
+        _check(self._lib.krs_decode_layers(plan.table.data_ptr(), len(layers), plan.dims.data_ptr(), eps, pos,
+                                           cos.data_ptr(), sin.data_ptr(), x.data_ptr(), h.data_ptr()), "decode_layers")
         return True
 
-    def _decode_plan(self, layers: list[dict], dims: tuple[int, ...]) -> list | None:
-        """[layers, int64 table [L, fields], int32 dims, [cache, its first keys address]] for krs_decode_layers,
-        cached per `layers` list; None when some layer cannot be run by it."""
+    def _decode_plan(self, layers: list[dict], dims: tuple[int, ...]) -> _DecodePlan | None:
+        """krs_decode_layers' table for `layers`, cached per list; None when some layer cannot be run by it."""
         cached = self._decode_plans.get(id(layers))
         if cached is not None and cached[0] is layers:
             return cached[1]
@@ -323,7 +332,7 @@ class CpuOps:
         if all(r is not None for r in rows):
             table = torch.tensor(rows, dtype=torch.int64)
             if table.shape[1] == self._lib.krs_decode_fields():
-                plan = [layers, table, torch.tensor(dims, dtype=torch.int32), [None, 0]]
+                plan = _DecodePlan(table, torch.tensor(dims, dtype=torch.int32))
         self._decode_plans[id(layers)] = (layers, plan)
         return plan
 
@@ -339,15 +348,9 @@ class CpuOps:
         if (qkv_direct is None or list(qkv_direct[4]) != sizes or qkv_direct[1] != hidden or o_direct is None
                 or o_direct[1:3] != (heads * head_dim, hidden)):
             return None
-        if isinstance(router, torch.Tensor):
-            if not (_f32(router) and router.shape == (experts, hidden)):
-                return None
-            router_row = [self.native.codec_id("f32"), router.data_ptr()]
-        else:
-            direct = self._native_rows_entry(router)[2]
-            if direct is None or direct[1:3] != (hidden, experts) or router.codec not in ("bf16", "f32"):
-                return None
-            router_row = [direct[0], direct[3]]
+        router_direct = None if isinstance(router, torch.Tensor) else self._native_rows_entry(router)[2]
+        if router_direct is None or router_direct[1:3] != (hidden, experts) or router.codec not in ("bf16", "f32"):
+            return None  # read in place as one part (runtime.py places routers so for the native kernels)
         if blocks.codec not in ("q4", "q8", "bf16") or tuple(blocks.matrices["down"]) != (hidden, width) \
                 or blocks.experts != experts:
             return None
@@ -358,7 +361,8 @@ class CpuOps:
         q_norm, k_norm, mlp_norm, next_norm = (n.data_ptr() for n in norms)
         parts = [p or 0 for p in qkv_direct[5]]
         return [qkv_direct[0], *parts, q_norm, k_norm, o_direct[0], *(p or 0 for p in o_direct[3:6]), mlp_norm,
-                *router_row, self.native.codec_id(blocks.codec, group), table.data_ptr(), next_norm, 0, 0]
+                router_direct[0], router_direct[3], self.native.codec_id(blocks.codec, group), table.data_ptr(),
+                next_norm, 0, 0]
 
     def _native_expert_table(self, blocks) -> torch.Tensor:
         """[E, 4] int64 addresses of each expert's gate_up and down parts (cached per tensor)."""

@@ -107,6 +107,9 @@ class Model:
         self.select_experts = getattr(ops, "select_experts", None)
         self.decode_layers = getattr(ops, "decode_layers", None)  # a one-token step of every layer in one call
         self._step_layers: list[dict] | None = None
+        self.step_dims = (args.hidden_size, args.num_attention_heads, args.num_key_value_heads, args.head_dim,
+                          args.num_experts, args.moe_intermediate_size, args.num_experts_per_tok,
+                          int(args.norm_topk_prob))  # what ops.decode_layers needs of the shapes
 
     def attention(self, i: int, x: torch.Tensor, cache, start_pos: int, cos, sin) -> torch.Tensor:
         a, n, w = self.args, self.layer_names[i], self.w
@@ -170,9 +173,7 @@ class Model:
         cos, sin = self.rope(start_pos, tokens.shape[0], x.device)
         if tokens.shape[0] == 1 and self.decode_layers is not None and self.step_layers() is not None:
             h = self.rms_norm(x, w[self.layer_names[0]["attn_norm"]], a.rms_norm_eps)
-            dims = (a.hidden_size, a.num_attention_heads, a.num_key_value_heads, a.head_dim, a.num_experts,
-                    a.moe_intermediate_size, a.num_experts_per_tok, int(a.norm_topk_prob))
-            if self.decode_layers(self._step_layers, x, h, cache, start_pos, cos, sin, dims, a.rms_norm_eps):
+            if self.decode_layers(self._step_layers, x, h, cache, start_pos, cos, sin, self.step_dims, a.rms_norm_eps):
                 cache.advance(start_pos + 1)
                 return self.ops.linear(h, w["lm_head"])
         chunked = token_chunk is not None and token_chunk < tokens.shape[0]
