@@ -97,19 +97,20 @@ def compile_artifact(folder: Path, out: Path, quant: str, dense_quant: str, **op
     return report
 
 
-def read_bandwidth(threads: int, gib: float = 2.0) -> float:
+def read_bandwidth(threads: int, gib: float = 2.0, method: str = "native") -> float:
     """GB/s reading a buffer much larger than the caches with `threads` threads (best of 5): the native
     kernels' streaming probe where they build (torch's float sum is compute-bound on small machines),
-    else a torch sum."""
+    else (or with method="torch") a torch sum."""
     torch.set_num_threads(threads)
     x = torch.ones(int(gib * 2**30) // 4, dtype=torch.float32)
-    try:
-        from krasis_run.kernels import native
+    if method == "native":
+        try:
+            from krasis_run.kernels import native
 
-        native.set_threads(threads)
-        return native.read_bandwidth(x)
-    except Exception:  # no compiler: fall back to torch
-        pass
+            native.set_threads(threads)
+            return native.read_bandwidth(x)
+        except Exception:  # no compiler: fall back to torch
+            pass
     best = 0.0
     for _ in range(5):
         start = time.perf_counter()
@@ -231,6 +232,52 @@ def step_ab(path: Path, threads: int, blocks: int = 24, steps: int = 16, context
                 blocks=blocks - 4, steps=steps)
 
 
+def stage_bytes(artifact) -> dict[str, int]:
+    """Weight bytes a decode step reads in each of krs_decode_layers' stages (all layers), for the GB/s beside each."""
+    header = artifact.header
+    k = header["config"]["num_experts_per_tok"]
+    stage_of = {"q_proj": "qkv", "k_proj": "qkv", "v_proj": "qkv", "o_proj": "o_proj", "router": "router",
+                "experts_cpu": "moe"}
+    out = dict.fromkeys(stage_of.values(), 0)
+    for name, t in header["tensors"].items():
+        stage = stage_of.get(name.rsplit(".", 1)[-1])
+        if stage == "moe":
+            out[stage] += k * sum(_nbytes(p) for p in t["parts"].values())
+        elif stage:
+            out[stage] += t["length"]
+    return out
+
+
+def stage_profile(path: Path, threads: int, steps: int = 64, prompt: int = 16) -> dict | None:
+    """ms a token in each stage of the one-call step (krs_decode_layers' clock), the whole engine step beside them
+    (its remainder: the lm_head, sampling and Python), and each weight-reading stage's GB/s. None where the model has
+    no one-call step."""
+    import krasis_run
+    from krasis_run.kernels import native
+
+    rt = krasis_run.load(path, threads=threads, kernel="native")
+    if rt.model.decode_layers is None or rt.model.step_layers() is None:
+        return None
+    cache = rt.engine.new_cache()
+    rt.engine.prefill(list(range(1, prompt + 1)), cache)
+    for _ in range(8):
+        rt.engine.decode(3, cache)
+    acc = torch.zeros(len(native.DECODE_STAGES), dtype=torch.float64)
+    native.decode_stages(acc)
+    try:
+        start = time.perf_counter()
+        for _ in range(steps):
+            rt.engine.decode(3, cache)
+        step_ms = (time.perf_counter() - start) / steps * 1e3
+    finally:
+        native.decode_stages(None)
+    ms = {name: float(v) / steps * 1e3 for name, v in zip(native.DECODE_STAGES, acc, strict=True)}
+    ms["rest"] = step_ms - sum(ms.values())
+    weights = stage_bytes(rt.artifact)
+    gb_s = {name: weights[name] / (ms[name] * 1e-3) / 1e9 for name in weights if ms[name] > 0}
+    return dict(step_ms=step_ms, stage_ms=ms, stage_bytes=weights, stage_gb_s=gb_s, steps=steps)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--layers", type=int, default=4)
@@ -270,6 +317,13 @@ def main() -> None:
                    layers=args.layers, vocab=args.vocab, torch=torch.__version__, read_gb_s=bandwidth,
                    cpu_capability=torch.backends.cpu.get_cpu_capability(), runs=[])
     print(f"read bandwidth ({threads} threads): {bandwidth:.1f} GB/s", flush=True)
+    if args.glue:  # a second opinion on the ceiling: torch's sum over 4 GiB, at these threads and at every CPU
+        cpus = os.cpu_count() or threads
+        results["read_gb_s_torch"] = {n: read_bandwidth(n, 4.0, "torch") for n in sorted({threads, cpus})}
+        results["read_gb_s_native_4gib"] = {n: read_bandwidth(n, 4.0) for n in sorted({threads, cpus})}
+        print("read probes over 4 GiB: torch sum " + ", ".join(
+            f"{n} threads {v:.1f}" for n, v in results["read_gb_s_torch"].items()) + " GB/s; native " + ", ".join(
+            f"{n} threads {v:.1f}" for n, v in results["read_gb_s_native_4gib"].items()) + " GB/s", flush=True)
     for dense_quant in args.dense_quant.split(","):
         for quant in args.quant.split(","):
             out = work / f"bench-{quant}-{dense_quant}{'-synthetic' if args.synthetic else ''}.krs"
@@ -312,6 +366,13 @@ def main() -> None:
                           f"{glue['median_ms']:.3f} ms/token median, {glue['best_ms']:.3f} best "
                           f"= {glue['best_ms'] / glue['layers']:.3f} ms/layer incl. per-token fixed costs",
                           flush=True)
+                    run["stages"] = stages = stage_profile(out, threads)
+                    if stages:
+                        print(f"{quant}/{dense_quant} one-call step {stages['step_ms']:.2f} ms/token: " + ", ".join(
+                            f"{name} {ms:.2f} ms" + (f" ({stages['stage_gb_s'][name]:.1f} GB/s)"
+                                                     if name in stages["stage_gb_s"] else "")
+                            for name, ms in stages["stage_ms"].items()) + f" | read probe {bandwidth:.1f} GB/s",
+                            flush=True)
                     run["step_ab"] = ab = step_ab(out, threads)
                     if ab:
                         print(f"{quant}/{dense_quant} one-call step {ab['one_call_ms']:.3f} ms/token against the model "

@@ -30,6 +30,7 @@ for step in "$@"; do
       python3 scripts/bench_native_linear.py --layers 48 --threads 16,8 --json "$OUT/native_linear.json" 2>&1 \
         | tee "$OUT/native_linear.log" ;;
     cpudecode)
+      lscpu > "$OUT/lscpu.txt"; numactl -H >> "$OUT/lscpu.txt" 2>&1
       # issue 4's 16-core figure: the 48-layer 30B-A3B shape all on the CPU (one native call a decode step), the
       # model loop's glue and the one-call step against the loop; then the native tests on the AVX-512 path
       python3 scripts/bench_decode.py --synthetic --layers 48 --quant q4g64 --dense-quant q4 --kernels native \

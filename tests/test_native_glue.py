@@ -206,10 +206,19 @@ def test_decode_layers_equals_the_model_loop(tiny_per_expert, isa, quant, dense_
 
     hook = rt.model.decode_layers
     want = steps(None)
-    for _ in range(2):
-        got = steps(hook)
+    clock = torch.zeros(len(native.DECODE_STAGES), dtype=torch.float64)
+    for timed in (False, True):  # the stage clock (a benchmark's) changes nothing it times
+        native.decode_stages(clock if timed else None)
+        try:
+            got = steps(hook)
+        finally:
+            native.decode_stages(None)
         assert all(torch.equal(a, b) for a, b in zip(got, want, strict=True))
     assert taken == [True] * 24
+    assert (clock > 0).all() and clock.sum() < 60
+    stopped = clock.clone()
+    steps(hook)
+    assert torch.equal(clock, stopped)
 
 
 def test_decode_layers_declines_what_it_does_not_run(tmp_path):

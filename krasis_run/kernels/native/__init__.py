@@ -95,6 +95,8 @@ def load() -> ctypes.CDLL:
     lib.krs_route.argtypes = [_p, _i, _i, _i, _i, _p, _p]
     lib.krs_decode_layers.restype = _i
     lib.krs_decode_layers.argtypes = [_p, _i, _p, ctypes.c_float, _i, _p, _p, _p, _p]
+    lib.krs_decode_stages.restype = _i
+    lib.krs_decode_stages.argtypes = [_p]
     lib.krs_read_probe.restype = ctypes.c_uint64
     lib.krs_read_probe.argtypes = [_p, ctypes.c_size_t]
     forced = os.environ.get(ISA_ENV)
@@ -288,6 +290,22 @@ def route(logits, k: int, renormalize: bool):
     wts = torch.empty(t, k, dtype=torch.float32)
     _check(_lib().krs_route(logits.data_ptr(), t, e, k, int(renormalize), ids.data_ptr(), wts.data_ptr()), "route")
     return ids, wts
+
+
+DECODE_STAGES = ("qkv", "rope_kv", "attention", "o_proj", "router", "moe", "norms")  # krs_decode_layers' DS_* order
+
+
+def decode_stages(acc) -> None:
+    """While `acc` (a float64 tensor of len(DECODE_STAGES)) is set, every krs_decode_layers call adds its stages'
+    seconds to it; None stops the clock. A benchmark's view; the clock reads cost ~20 ns each."""
+    lib = _lib()
+    if acc is None:
+        lib.krs_decode_stages(None)
+        return
+    if acc.dtype != torch.float64 or acc.numel() != len(DECODE_STAGES) or not acc.is_contiguous():
+        raise ValueError(f"decode_stages needs a contiguous float64 tensor of {len(DECODE_STAGES)}")
+    if lib.krs_decode_stages(acc.data_ptr()) != len(DECODE_STAGES):
+        raise NativeUnavailable("the native library's decode stages differ from DECODE_STAGES: rebuild it")
 
 
 def read_bandwidth(buffer, repeats: int = 5) -> float:

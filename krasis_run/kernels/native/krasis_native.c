@@ -755,6 +755,23 @@ enum {
 
 int krs_decode_fields(void) { return DL_FIELDS; }
 
+/* Optional stage clock of krs_decode_layers (a benchmark's view of where a step goes): while set, each call adds
+ * the seconds of its stages to g_stage_s[DS_*]. Off (NULL) by default: a clock read costs ~20 ns. */
+enum { DS_QKV, DS_ROPE_KV, DS_ATTENTION, DS_O, DS_ROUTER, DS_MOE, DS_NORMS, DS_STAGES };
+static double *g_stage_s;
+
+int krs_decode_stages(double *acc) {
+    g_stage_s = acc;
+    return DS_STAGES;
+}
+
+static inline void stage_mark(int stage, double *t) {
+    if (!g_stage_s) return;
+    double now = now_s();
+    g_stage_s[stage] += now - *t;
+    *t = now;
+}
+
 int krs_decode_layers(const int64_t *table, int L, const int32_t *dims, float eps, int pos, const float *cs,
                       const float *sn, float *x, float *h) {
     init();
@@ -783,24 +800,33 @@ int krs_decode_layers(const int64_t *table, int L, const int32_t *dims, float ep
         }
     }
     int rc = 0;
+    double clock = g_stage_s ? now_s() : 0.0;
     for (int l = 0; l < L && !rc; l++) {
         const int64_t *t = table + (size_t)l * DL_FIELDS;
         const void *qkv_parts[9];
         for (int i = 0; i < 9; i++) qkv_parts[i] = (const void *)t[DL_QKV_PARTS + i];
         uint16_t *keys = (uint16_t *)t[DL_KEYS], *values = (uint16_t *)t[DL_VALUES];
         rc = krs_linear_multi((int)t[DL_QKV_CODEC], h, 1, H, 3, ns, qkv_parts, qkv);
+        stage_mark(DS_QKV, &clock);
         if (!rc) rc = krs_norm_rope(qkv, 1, nq, hd, (const float *)t[DL_Q_NORM], eps, cs, sn, qr);
         if (!rc) rc = krs_norm_rope(qkv + nqd, 1, nkv, hd, (const float *)t[DL_K_NORM], eps, cs, sn, kr);
         if (!rc) rc = krs_kv_store(kr, qkv + nqd + nkd, nkd, keys + (size_t)pos * nkd, values + (size_t)pos * nkd);
+        stage_mark(DS_ROPE_KV, &clock);
         if (!rc) rc = krs_attention(qr, 1, nq, nkv, hd, keys, values, pos, att);
+        stage_mark(DS_ATTENTION, &clock);
         if (!rc) rc = krs_linear((int)t[DL_O_CODEC], att, 1, nqd, H, (const void *)t[DL_O_PARTS],
                                  (const void *)t[DL_O_PARTS + 1], (const void *)t[DL_O_PARTS + 2], o);
+        stage_mark(DS_O, &clock);
         if (!rc) rc = krs_add_rms_norm(x, o, 1, H, (const float *)t[DL_MLP_NORM], eps, h);
+        stage_mark(DS_NORMS, &clock);
         if (!rc) rc = krs_linear((int)t[DL_ROUTER_CODEC], h, 1, H, E, (const void *)t[DL_ROUTER], NULL, NULL, logits);
         if (!rc) rc = krs_route(logits, 1, E, topk, renorm, ids, wts);
+        stage_mark(DS_ROUTER, &clock);
         if (!rc) rc = krs_moe((int)t[DL_EXPERT_CODEC], h, 1, H, I, E, topk, ids, wts, (const int64_t *)t[DL_EXPERT_PTRS],
                               moe);
+        stage_mark(DS_MOE, &clock);
         if (!rc) rc = krs_add_rms_norm(x, moe, 1, H, (const float *)t[DL_NEXT_NORM], eps, h);
+        stage_mark(DS_NORMS, &clock);
     }
     return rc;
 }
