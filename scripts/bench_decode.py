@@ -97,25 +97,27 @@ def compile_artifact(folder: Path, out: Path, quant: str, dense_quant: str, **op
     return report
 
 
-def read_bandwidth(threads: int, gib: float = 2.0, method: str = "native") -> float:
-    """GB/s reading a buffer much larger than the caches with `threads` threads (best of 5): the native
-    kernels' streaming probe where they build (torch's float sum is compute-bound on small machines),
-    else (or with method="torch") a torch sum."""
+def read_bandwidth(threads: int, gib: float = 2.0, method: str = "best") -> float:
+    """GB/s reading a buffer much larger than the caches with `threads` threads (best of 5 passes): "native", the
+    native kernels' streaming probe; "torch", a torch float sum; "best" (the ceiling the benchmarks report), the
+    higher of the two. Neither is always the machine's: torch's sum is compute-bound on small machines, and on the
+    16-core GPU host it read 98 GB/s where the native probe (before it streamed through wide vectors) read 65-84."""
     torch.set_num_threads(threads)
     x = torch.ones(int(gib * 2**30) // 4, dtype=torch.float32)
-    if method == "native":
+    best = 0.0
+    if method in ("native", "best"):
         try:
             from krasis_run.kernels import native
 
             native.set_threads(threads)
-            return native.read_bandwidth(x)
-        except Exception:  # no compiler: fall back to torch
-            pass
-    best = 0.0
-    for _ in range(5):
-        start = time.perf_counter()
-        x.sum()
-        best = max(best, x.numel() * 4 / (time.perf_counter() - start) / 1e9)
+            best = native.read_bandwidth(x)
+        except Exception:  # no compiler: torch's alone
+            method = "torch"
+    if method in ("torch", "best"):
+        for _ in range(5):
+            start = time.perf_counter()
+            x.sum()
+            best = max(best, x.numel() * 4 / (time.perf_counter() - start) / 1e9)
     return best
 
 
@@ -317,13 +319,12 @@ def main() -> None:
                    layers=args.layers, vocab=args.vocab, torch=torch.__version__, read_gb_s=bandwidth,
                    cpu_capability=torch.backends.cpu.get_cpu_capability(), runs=[])
     print(f"read bandwidth ({threads} threads): {bandwidth:.1f} GB/s", flush=True)
-    if args.glue:  # a second opinion on the ceiling: torch's sum over 4 GiB, at these threads and at every CPU
-        cpus = os.cpu_count() or threads
-        results["read_gb_s_torch"] = {n: read_bandwidth(n, 4.0, "torch") for n in sorted({threads, cpus})}
-        results["read_gb_s_native_4gib"] = {n: read_bandwidth(n, 4.0) for n in sorted({threads, cpus})}
-        print("read probes over 4 GiB: torch sum " + ", ".join(
-            f"{n} threads {v:.1f}" for n, v in results["read_gb_s_torch"].items()) + " GB/s; native " + ", ".join(
-            f"{n} threads {v:.1f}" for n, v in results["read_gb_s_native_4gib"].items()) + " GB/s", flush=True)
+    if args.glue:  # both probes apart, over 4 GiB, at these threads and at every CPU
+        cpus = sorted({threads, os.cpu_count() or threads})
+        for method in ("native", "torch"):
+            results[f"read_gb_s_{method}"] = probes = {n: read_bandwidth(n, 4.0, method) for n in cpus}
+            print(f"read probe {method}, 4 GiB: " + ", ".join(f"{n} threads {v:.1f} GB/s" for n, v in probes.items()),
+                  flush=True)
     for dense_quant in args.dense_quant.split(","):
         for quant in args.quant.split(","):
             out = work / f"bench-{quant}-{dense_quant}{'-synthetic' if args.synthetic else ''}.krs"

@@ -14,8 +14,8 @@ followed by llama-quantize (Q4_0, Q8_0). krasis compiles only the CPU section wi
 after round (each after waiting for other processes to go quiet, --max-busy), in one process, each llama-bench
 text-generation run (-p 0 -n TOKENS, after -d DEPTH tokens of context) is followed by the krasis decode runs
 it is compared with (after a prompt of DEPTH tokens), every run preceded by a read-bandwidth probe
-(bench_decode.read_bandwidth: the native kernels streaming 2 GiB), because this machine's bandwidth
-drifts and only same-round ratios are meaningful.
+(bench_decode.read_bandwidth: the higher of the native kernels' and torch's streaming of 2 GiB), because this
+machine's bandwidth drifts and only same-round ratios are meaningful.
 llama.cpp needs built targets llama-bench and llama-quantize under <llama-cpp>/build/bin, and the
 converter's imports (mistral_common etc.) on --pydeps or the environment.
 """

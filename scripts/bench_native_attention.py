@@ -19,6 +19,7 @@ import time
 import torch
 
 from krasis_run.kernels import native
+from scripts.bench_decode import read_bandwidth
 
 
 def timed(fn, repeats: int) -> float:
@@ -49,7 +50,7 @@ def main() -> None:
     args = ap.parse_args()
     native.set_threads(args.threads)
     lib = native.load()
-    probe = native.read_bandwidth(torch.ones(1 << 28, dtype=torch.float32))
+    probe = read_bandwidth(args.threads, 1.0)
     gflops = gemm_gflops(args.threads)
     flush = torch.ones(64 << 20, dtype=torch.float32)
     nq, nkv, hd = args.heads, args.kv_heads, args.head_dim

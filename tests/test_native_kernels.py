@@ -358,3 +358,15 @@ def test_moe_serve_times_out_and_releases_every_layer():
         native.moe_serve("q8", h, i, e, k, table, 0.05, stats)
     assert [int(flags[32 * layer + 16]) for layer in range(layers)] == [1, 1]
     assert all(torch.equal(out, torch.zeros(1, h)) for out in keep[6::6])
+
+
+@pytest.mark.parametrize("threads", [1, 3, 7])
+@pytest.mark.parametrize("words", [1, 15, 17, 1001, 4099])
+def test_read_probe_reads_every_word(isa, threads, words):
+    """The bandwidth probe's per-thread shares cover the buffer exactly once: its XOR is the XOR of every word."""
+    import functools
+
+    native.set_threads(threads)
+    w = torch.randint(-2**62, 2**62, (words,), dtype=torch.int64, generator=torch.Generator().manual_seed(words))
+    want = functools.reduce(lambda a, b: a ^ b, w.tolist()) & (2**64 - 1)
+    assert native.load().krs_read_probe(w.data_ptr(), words * 8) == want

@@ -194,6 +194,7 @@ typedef void (*attn_fn)(const float *, int, int, const uint16_t *, const uint16_
 typedef void (*rms_fn)(const float *, const float *, int, float, float *);
 typedef void (*nrope_fn)(const float *, const float *, int, float, const float *, const float *, float *);
 typedef void (*addrms_fn)(float *, const float *, const float *, int, float, float *);
+typedef uint64_t (*xor_fn)(const uint64_t *, size_t);
 
 typedef struct {
     q4b_fn q4b;
@@ -206,6 +207,7 @@ typedef struct {
     nrope_fn nrope;
     addrms_fn addrms;
     xq32_fn xq32;
+    xor_fn xorw;
 } Kernels;
 
 #define FN(name) name##_scalar
@@ -253,14 +255,15 @@ static int detect_isa(void) {
 static void init(void) {
     if (g_isa >= 0) return;
     KERNELS[0] = (Kernels){q4b_block_scalar, q8_rows_scalar, q4r_rows_scalar, bf16_rows_scalar, f32_rows_scalar,
-                           attn_part_scalar, rms_row_scalar, norm_rope_head_scalar, add_rms_row_scalar, xq_group32};
+                           attn_part_scalar, rms_row_scalar, norm_rope_head_scalar, add_rms_row_scalar, xq_group32,
+                           xor_words_scalar};
 #ifdef KRS_X86
     KERNELS[1] = (Kernels){q4b_block_avx2, q8_rows_avx2, q4r_rows_avx2, bf16_rows_avx2, f32_rows_avx2gen,
                            attn_part_avx2, rms_row_avx2gen, norm_rope_head_avx2gen, add_rms_row_avx2gen,
-                           xq_group32_avx2};
+                           xq_group32_avx2, xor_words_avx2gen};
     KERNELS[2] = (Kernels){q4b_block_avx512, q8_rows_avx512, q4r_rows_avx512, bf16_rows_avx512,
                            f32_rows_avx512gen, attn_part_avx512, rms_row_avx512gen, norm_rope_head_avx512gen,
-                           add_rms_row_avx512gen, xq_group32_avx512};
+                           add_rms_row_avx512gen, xq_group32_avx512, xor_words_avx512gen};
 #else
     KERNELS[1] = KERNELS[2] = KERNELS[0];
 #endif
@@ -591,12 +594,14 @@ int krs_attention(const float *q, int T, int nq, int nkv, int hd, const uint16_t
     const Kernels *kn = hd % 8 ? &KERNELS[ISA_SCALAR] : &KERNELS[g_isa];
     const int S = start + T, G = nq / nkv, nt = g_threads;
     const float scale = 1.f / sqrtf((float)hd);
-    /* ~4 items a thread, parts of 64 to ATTN_PART positions: a part's fixed cost is the work of a few rows,
+    /* ~4 items a thread, parts of 16 to ATTN_PART positions: a part's fixed cost is the work of a few rows,
      * and the kv heads of one part run one after another (items are ordered token, part, kv head), so a
-     * long cache is read in windows of ATTN_PART rows (all heads) that stay in cache, not once per head */
+     * long cache is read in windows of ATTN_PART rows (all heads) that stay in cache, not once per head.
+     * Short caches split finely too: at 64 positions and 16 threads, parts of 64 left 12 threads idle while
+     * 4 did all the work (~20 us a layer) */
     enum { ATTN_PART = 256 };
     long want = (long)S * T * nkv / (4L * nt);
-    int part = want < 64 ? 64 : (want > ATTN_PART ? ATTN_PART : (int)((want + 63) / 64 * 64));
+    int part = want < 16 ? 16 : (want > ATTN_PART ? ATTN_PART : (int)((want + 15) / 16 * 16));
     if (part > S) part = S;
     const int parts = (S + part - 1) / part, items = T * nkv * parts;
     Carve cv = {NULL, 0};
@@ -831,14 +836,19 @@ int krs_decode_layers(const int64_t *table, int L, const int32_t *dims, float ep
     return rc;
 }
 
-/* Read bandwidth probe: every thread streams its share of [p, p + n) (64-bit XOR, which the
- * compiler vectorizes); returns the XOR so the reads cannot be optimized away. */
+/* Read bandwidth probe: every thread streams its contiguous share of [p, p + n) through this path's widest loads
+ * (xor_words); returns the XOR so the reads cannot be optimized away. */
 uint64_t krs_read_probe(const void *p, size_t n) {
     init();
     const uint64_t *w = (const uint64_t *)p;
-    size_t words = n / 8;
+    const size_t words = n / 8;
+    const Kernels *kn = &KERNELS[g_isa];
     uint64_t acc = 0;
-#pragma omp parallel for schedule(static) num_threads(g_threads) reduction(^ : acc)
-    for (size_t i = 0; i < words; i++) acc ^= w[i];
+#pragma omp parallel num_threads(g_threads) reduction(^ : acc)
+    {
+        const size_t t = (size_t)omp_get_thread_num(), nt = (size_t)omp_get_num_threads();
+        const size_t lo = words * t / nt / 8 * 8, hi = t + 1 == nt ? words : words * (t + 1) / nt / 8 * 8;
+        acc ^= kn->xorw(w + lo, hi - lo);
+    }
     return acc;
 }
