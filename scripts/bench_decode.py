@@ -280,6 +280,12 @@ def stage_profile(path: Path, threads: int, steps: int = 64, prompt: int = 16) -
     return dict(step_ms=step_ms, stage_ms=ms, stage_bytes=weights, stage_gb_s=gb_s, steps=steps)
 
 
+def stage_line(stages: dict) -> str:
+    return f"one-call step {stages['step_ms']:.2f} ms/token: " + ", ".join(
+        f"{name} {ms:.2f} ms" + (f" ({stages['stage_gb_s'][name]:.1f} GB/s)" if name in stages["stage_gb_s"] else "")
+        for name, ms in stages["stage_ms"].items())
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--layers", type=int, default=4)
@@ -299,6 +305,8 @@ def main() -> None:
     ap.add_argument("--json", type=Path, default=None, help="write the results here")
     ap.add_argument("--no-prefault", action="store_true",
                     help="map the weights page by page on first use (krasis-run --no-prefault), not at load")
+    ap.add_argument("--stages-only", action="store_true",
+                    help="only the one-call step's stage clock (ms and GB/s a stage), for comparing settings")
     ap.add_argument("--glue", action="store_true",
                     help="also time the model loop's native decode step with the weight-reading kernels stubbed out "
                          "(the glue), and the one-call step against the loop in alternating blocks")
@@ -341,6 +349,9 @@ def main() -> None:
 
                 codec, group = split_quant(quant)
                 compiled = compile_artifact(folder, out, codec, dense_quant, q4_group=group)
+            if args.stages_only:
+                print(f"{quant}/{dense_quant} " + stage_line(stage_profile(out, threads)), flush=True)
+                continue
             for kernel in args.kernels.split(","):
                 bandwidth = read_bandwidth(threads)  # beside each run: it drifts on shared machines
                 decode = bench_decode(out, threads, args.prompt, args.tokens, kernel, not args.no_prefault)
@@ -369,11 +380,8 @@ def main() -> None:
                           flush=True)
                     run["stages"] = stages = stage_profile(out, threads)
                     if stages:
-                        print(f"{quant}/{dense_quant} one-call step {stages['step_ms']:.2f} ms/token: " + ", ".join(
-                            f"{name} {ms:.2f} ms" + (f" ({stages['stage_gb_s'][name]:.1f} GB/s)"
-                                                     if name in stages["stage_gb_s"] else "")
-                            for name, ms in stages["stage_ms"].items()) + f" | read probe {bandwidth:.1f} GB/s",
-                            flush=True)
+                        print(f"{quant}/{dense_quant} {stage_line(stages)} | read probe {bandwidth:.1f} GB/s",
+                              flush=True)
                     run["step_ab"] = ab = step_ab(out, threads)
                     if ab:
                         print(f"{quant}/{dense_quant} one-call step {ab['one_call_ms']:.3f} ms/token against the model "
