@@ -594,13 +594,15 @@ int krs_attention(const float *q, int T, int nq, int nkv, int hd, const uint16_t
     if (nq % nkv || T < 1 || hd < 1) return -1;
     /* the vector kernels take rows of whole 8-float vectors */
     const Kernels *kn = hd % 8 ? &KERNELS[ISA_SCALAR] : &KERNELS[g_isa];
-    const int S = start + T, G = nq / nkv, nt = g_threads;
+    const int S = start + T, G = nq / nkv;
+    /* a team sized to the work, ~64K multiply-adds of scores a thread: forking all 16 threads of the GPU host
+     * costs ~8 us, more than a short cache's whole attention */
+    const long team = ((long)S * T * nq * hd + 65535) / 65536;
+    const int nt = team < g_threads ? (int)team : g_threads;
     const float scale = 1.f / sqrtf((float)hd);
     /* ~4 items a thread, parts of 16 to ATTN_PART positions: a part's fixed cost is the work of a few rows,
      * and the kv heads of one part run one after another (items are ordered token, part, kv head), so a
-     * long cache is read in windows of ATTN_PART rows (all heads) that stay in cache, not once per head.
-     * Short caches split finely too: at 64 positions and 16 threads, parts of 64 left 12 threads idle while
-     * 4 did all the work (~20 us a layer) */
+     * long cache is read in windows of ATTN_PART rows (all heads) that stay in cache, not once per head */
     enum { ATTN_PART = 256 };
     long want = (long)S * T * nkv / (4L * nt);
     int part = want < 16 ? 16 : (want > ATTN_PART ? ATTN_PART : (int)((want + 15) / 16 * 16));
@@ -617,7 +619,7 @@ int krs_attention(const float *q, int T, int nq, int nkv, int hd, const uint16_t
             cv.off = 0;
         }
     }
-    const int threaded = items > 1 && (size_t)S * T * nq * hd > 65536;
+    const int threaded = items > 1 && nt > 1;
     int fail = 0;
 #pragma omp parallel num_threads(nt) if (threaded) reduction(| : fail)
     {
