@@ -594,18 +594,17 @@ int krs_attention(const float *q, int T, int nq, int nkv, int hd, const uint16_t
     if (nq % nkv || T < 1 || hd < 1) return -1;
     /* the vector kernels take rows of whole 8-float vectors */
     const Kernels *kn = hd % 8 ? &KERNELS[ISA_SCALAR] : &KERNELS[g_isa];
-    const int S = start + T, G = nq / nkv;
-    /* a team sized to the work, ~64K multiply-adds of scores a thread: forking all 16 threads of the GPU host
-     * costs ~8 us, more than a short cache's whole attention */
-    const long team = ((long)S * T * nq * hd + 65535) / 65536;
-    const int nt = team < g_threads ? (int)team : g_threads;
+    const int S = start + T, G = nq / nkv, nt = g_threads;
     const float scale = 1.f / sqrtf((float)hd);
-    /* ~4 items a thread, parts of 16 to ATTN_PART positions: a part's fixed cost is the work of a few rows,
+    /* ~4 items a thread, parts of 64 to ATTN_PART positions: a part's fixed cost is the work of a few rows,
      * and the kv heads of one part run one after another (items are ordered token, part, kv head), so a
-     * long cache is read in windows of ATTN_PART rows (all heads) that stay in cache, not once per head */
+     * long cache is read in windows of ATTN_PART rows (all heads) that stay in cache, not once per head.
+     * The team is always all threads: a smaller one (sized to a short cache's work) left the other threads
+     * asleep, and waking them for the next kernel made a 16-core step 3x slower (docs/BENCHMARKS.md,
+     * session 10) */
     enum { ATTN_PART = 256 };
     long want = (long)S * T * nkv / (4L * nt);
-    int part = want < 16 ? 16 : (want > ATTN_PART ? ATTN_PART : (int)((want + 15) / 16 * 16));
+    int part = want < 64 ? 64 : (want > ATTN_PART ? ATTN_PART : (int)((want + 63) / 64 * 64));
     if (part > S) part = S;
     const int parts = (S + part - 1) / part, items = T * nkv * parts;
     Carve cv = {NULL, 0};
@@ -619,7 +618,7 @@ int krs_attention(const float *q, int T, int nq, int nkv, int hd, const uint16_t
             cv.off = 0;
         }
     }
-    const int threaded = items > 1 && nt > 1;
+    const int threaded = items > 1 && (size_t)S * T * nq * hd > 65536;
     int fail = 0;
 #pragma omp parallel num_threads(nt) if (threaded) reduction(| : fail)
     {
