@@ -142,6 +142,9 @@ def source_hash() -> str:
 def decode_speed(rt, runs: int = 3, tokens: int = 64) -> list[float]:
     """Decode tok/s of `tokens` greedy tokens after a DECODE_PROMPT-token GPU prefill, `runs` times."""
     ids = torch.randint(0, rt.args.vocab_size, (DECODE_PROMPT,), generator=torch.Generator().manual_seed(1)).tolist()
+    # warm-up, as llama-bench's: on a fresh machine the first decode step compiles the Triton kernels (3-5 s; their
+    # disk cache serves every later process), which is no part of a decode speed
+    list(rt.generate(ids[:16], max_new_tokens=4, stop_token_ids=set()))
     speeds = []
     for _ in range(runs):
         if hasattr(rt.engine, "gpu_step_log"):
