@@ -349,19 +349,53 @@ static inline void rows_dot(const Kernels *kn, int codec, const void *w0, const 
  * the streams left over). Threads split the output rows in chunks that never span two matrices; each chunk of rows
  * is read once for all M activations. */
 #define KRS_MAX_MATRICES 8
+typedef struct {
+    int count, N, chunk, nchunks;
+    int col[KRS_MAX_MATRICES], first[KRS_MAX_MATRICES + 1];
+    const int *ns;
+    const void *const *parts;
+} RowsPlan;
+
+/* ~4 chunks a thread of 8 to 256 rows; the first chunk of each matrix and its first output column */
+static void rows_plan(RowsPlan *p, int count, const int *ns, const void *const *parts, int nt) {
+    p->count = count, p->ns = ns, p->parts = parts, p->N = 0;
+    for (int i = 0; i < count; i++) {
+        p->col[i] = p->N;
+        p->N += ns[i];
+    }
+    int chunk = (p->N + nt * 4 - 1) / (nt * 4);
+    chunk = (chunk + 7) / 8 * 8;
+    p->chunk = chunk < 8 ? 8 : (chunk > 256 ? 256 : chunk);
+    p->first[0] = 0;
+    for (int i = 0; i < count; i++) p->first[i + 1] = p->first[i] + (ns[i] + p->chunk - 1) / p->chunk;
+    p->nchunks = p->first[count];
+}
+
+/* chunk c of the plan, its rows read once for all M activations (xq: their int8 groups, NULL for float codecs) */
+static void rows_chunk(const Kernels *kn, int codec, const RowsPlan *p, int c, int M, int K, const XQ *xq,
+                       const float *x, float *y) {
+    float tmp[256];
+    int i = 0;
+    while (c >= p->first[i + 1]) i++;
+    const int r0 = (c - p->first[i]) * p->chunk, r1 = r0 + p->chunk < p->ns[i] ? r0 + p->chunk : p->ns[i];
+    const void *const *w = p->parts + 3 * i;
+    for (int m = 0; m < M; m++) {
+        rows_dot(kn, codec, w[0], w[1], w[2], K, r0, r1, xq ? &xq[m] : NULL, x + (size_t)m * K, tmp);
+        memcpy(y + (size_t)m * p->N + p->col[i] + r0, tmp, sizeof(float) * (r1 - r0));
+    }
+}
+
+static int rows_codec_ok(int codec, int K, int count) {
+    return !(is_q4(codec) && K % (32 << q4_shift(codec))) && count >= 1 && count <= KRS_MAX_MATRICES;
+}
+
 int krs_linear_multi(int codec, const float *x, int M, int K, int count, const int *ns, const void *const *parts,
                      float *y) {
     init();
-    if (is_q4(codec) && K % (32 << q4_shift(codec))) return -1;
-    if (count < 1 || count > KRS_MAX_MATRICES) return -1;
+    if (!rows_codec_ok(codec, K, count)) return -1;
     const Kernels *kn = &KERNELS[g_isa];
     const int quant = codec == CODEC_Q8 || is_q4(codec);
     const int nt = g_threads;
-    int N = 0, col[KRS_MAX_MATRICES], first[KRS_MAX_MATRICES + 1];
-    for (int i = 0; i < count; i++) {
-        col[i] = N;
-        N += ns[i];
-    }
     XQ *xq = NULL;
     if (quant) {
         size_t xb = (xq_bytes(K) + 63) / 64 * 64;
@@ -379,27 +413,12 @@ int krs_linear_multi(int codec, const float *x, int M, int K, int count, const i
             xq_quantize(&xq[m], x + (size_t)m * K, is_q4(codec), kn->xq32);
         }
     }
-    int chunk = (N + nt * 4 - 1) / (nt * 4);
-    chunk = (chunk + 7) / 8 * 8;
-    if (chunk < 8) chunk = 8;
-    if (chunk > 256) chunk = 256;
-    first[0] = 0;
-    for (int i = 0; i < count; i++) first[i + 1] = first[i] + (ns[i] + chunk - 1) / chunk;
-    const int nchunks = first[count];
+    RowsPlan plan;
+    rows_plan(&plan, count, ns, parts, nt);
     /* chunks handed out as threads free up: on the 16-core host a step ran 5-8% faster than with static shares,
      * whose slowest thread sets each call's end (docs/BENCHMARKS.md, session 10) */
-#pragma omp parallel for schedule(dynamic) num_threads(nt) if (nchunks > 1)
-    for (int c = 0; c < nchunks; c++) {
-        float tmp[256];
-        int i = 0;
-        while (c >= first[i + 1]) i++;
-        const int r0 = (c - first[i]) * chunk, r1 = r0 + chunk < ns[i] ? r0 + chunk : ns[i];
-        const void *const *p = parts + 3 * i;
-        for (int m = 0; m < M; m++) {
-            rows_dot(kn, codec, p[0], p[1], p[2], K, r0, r1, quant ? &xq[m] : NULL, x + (size_t)m * K, tmp);
-            memcpy(y + (size_t)m * N + col[i] + r0, tmp, sizeof(float) * (r1 - r0));
-        }
-    }
+#pragma omp parallel for schedule(dynamic) num_threads(nt) if (plan.nchunks > 1)
+    for (int c = 0; c < plan.nchunks; c++) rows_chunk(kn, codec, &plan, c, M, K, xq, x, y);
     return 0;
 }
 
@@ -409,6 +428,116 @@ int krs_linear(int codec, const float *x, int M, int K, int N, const void *w0, c
                float *y) {
     const void *parts[3] = {w0, w1, w2};
     return krs_linear_multi(codec, x, M, K, 1, &N, parts, y);
+}
+
+/* One MoE call's state: its shape, the kept slots grouped by expert, the activations' int8 groups (or the float
+ * hidden rows of float codecs). */
+typedef struct {
+    int codec, q4, gsh, quant, M, H, I, topk, S, kept, nu, nb1, nb2;
+    size_t xbH, xbI;
+    int *count, *order, *uniq, *ustart;
+    XQ *xq, *hq;
+    char *xmem, *hmem;
+    float *hf;
+    const float *x, *wts;
+    const int64_t *ptrs;
+} MoePlan;
+
+static int moe_plan(MoePlan *p, int codec, const float *x, int M, int H, int I, int topk, const float *wts,
+                    const int64_t *ptrs) {
+    p->codec = codec, p->q4 = is_q4(codec), p->gsh = q4_shift(codec);
+    if (I % (32 << p->gsh) || H % 64) return -1;
+    p->quant = codec == CODEC_Q8 || p->q4;
+    p->M = M, p->H = H, p->I = I, p->topk = topk, p->S = M * topk;
+    p->xbH = (xq_bytes(H) + 63) / 64 * 64, p->xbI = (xq_bytes(I) + 63) / 64 * 64;
+    p->nb1 = I / 32;        /* 64-row blocks of gate_up: 32 gate + 32 up rows */
+    p->nb2 = (H + 63) / 64; /* 64-row blocks of down */
+    p->x = x, p->wts = wts, p->ptrs = ptrs;
+    return 0;
+}
+
+/* the plan's buffers, carved from cv (a first pass with base NULL sums their size) */
+static void moe_carve(Carve *cv, MoePlan *p, int E) {
+    const size_t S = (size_t)p->S;
+    p->count = (int *)carve(cv, sizeof(int) * ((size_t)E + 1));
+    p->order = (int *)carve(cv, sizeof(int) * (S + 1));
+    p->uniq = (int *)carve(cv, sizeof(int) * (S + 1));
+    p->ustart = (int *)carve(cv, sizeof(int) * (S + 1));
+    p->xq = (XQ *)carve(cv, sizeof(XQ) * ((size_t)p->M + 1));
+    p->hq = (XQ *)carve(cv, sizeof(XQ) * (S + 1));
+    p->xmem = p->hmem = NULL;
+    p->hf = NULL;
+    if (p->quant) {
+        p->xmem = (char *)carve(cv, p->xbH * p->M);
+        p->hmem = (char *)carve(cv, p->xbI * S);
+    } else {
+        p->hf = (float *)carve(cv, sizeof(float) * S * p->I);
+    }
+}
+
+/* group the kept slots (id >= 0) by expert (counting sort); the int8 groups of the hidden rows laid out */
+static void moe_group(MoePlan *p, const int32_t *ids, int E) {
+    int *count = p->count;
+    memset(count, 0, sizeof(int) * ((size_t)E + 1));
+    for (int s = 0; s < p->S; s++)
+        if (ids[s] >= 0) count[ids[s] + 1]++;
+    for (int e = 0; e < E; e++) count[e + 1] += count[e];
+    p->kept = count[E];
+    p->nu = 0;
+    for (int e = 0; e < E; e++)
+        if (count[e + 1] > count[e]) { p->uniq[p->nu] = e; p->ustart[p->nu] = count[e]; p->nu++; }
+    p->ustart[p->nu] = p->kept;
+    for (int s = 0; s < p->S; s++)
+        if (ids[s] >= 0) p->order[count[ids[s]]++] = s;
+    if (p->quant)
+        for (int j = 0; j < p->kept; j++) xq_init(&p->hq[p->order[j]], p->I, p->hmem + p->xbI * p->order[j]);
+}
+
+static void moe_quantize_row(const Kernels *kn, MoePlan *p, int m) {
+    xq_init(&p->xq[m], p->H, p->xmem + p->xbH * m);
+    xq_quantize(&p->xq[m], p->x + (size_t)m * p->H, 0, kn->xq32);
+}
+
+/* phase 1 item `it` = (expert, 64-row block of gate_up): 32 outputs of h, one activation group, quantized there */
+static void moe_item1(const Kernels *kn, const MoePlan *p, int it) {
+    float o64[64], h32[32];
+    const int u = it / p->nb1, c = it % p->nb1, H = p->H, I = p->I;
+    const int64_t *w = p->ptrs + (size_t)p->uniq[u] * 4;
+    for (int j = p->ustart[u]; j < p->ustart[u + 1]; j++) {
+        int s = p->order[j], m = s / p->topk;
+        if (p->q4)
+            kn->q4b((const uint8_t *)w[0] + (size_t)c * H * 32, (const uint16_t *)w[1], 2 * I, 64 * c, H, p->gsh,
+                    &p->xq[m], o64);
+        else
+            rows_dot(kn, p->codec, (const void *)w[0], (const void *)w[1], NULL, H, 64 * c, 64 * c + 64,
+                     p->quant ? &p->xq[m] : NULL, p->x + (size_t)m * H, o64);
+        for (int d = 0; d < 32; d++) h32[d] = silu(o64[d]) * o64[d + 32];
+        if (p->quant) kn->xq32(&p->hq[s], c, h32);
+        else memcpy(p->hf + (size_t)s * I + 32 * c, h32, sizeof(h32));
+    }
+}
+
+/* phase 2 block b = 64 rows of down: every selected expert summed into them, in a fixed order */
+static void moe_block2(const Kernels *kn, const MoePlan *p, int b, float *out) {
+    float o64[64];
+    const int H = p->H, I = p->I;
+    const int r0 = 64 * b, r1 = r0 + 64 < H ? r0 + 64 : H;
+    for (int m = 0; m < p->M; m++) memset(out + (size_t)m * H + r0, 0, sizeof(float) * (r1 - r0));
+    for (int u = 0; u < p->nu; u++) {
+        const int64_t *w = p->ptrs + (size_t)p->uniq[u] * 4;
+        for (int j = p->ustart[u]; j < p->ustart[u + 1]; j++) {
+            int s = p->order[j], m = s / p->topk;
+            if (p->q4)
+                kn->q4b((const uint8_t *)w[2] + (size_t)b * I * 32, (const uint16_t *)w[3], H, r0, I, p->gsh,
+                        &p->hq[s], o64);
+            else
+                rows_dot(kn, p->codec, (const void *)w[2], (const void *)w[3], NULL, I, r0, r1,
+                         p->quant ? &p->hq[s] : NULL, p->hf + (size_t)s * I, o64);
+            float wgt = p->wts[s];
+            float *dst = out + (size_t)m * H + r0;
+            for (int r = 0; r < r1 - r0; r++) dst[r] += wgt * o64[r];
+        }
+    }
 }
 
 /* Routed experts of one MoE layer. x [M, H]; ids/wts [M, topk]; ptrs [E, 4] = per expert the
@@ -422,107 +551,34 @@ int krs_linear(int codec, const float *x, int M, int K, int N, const void *w0, c
 int krs_moe(int codec, const float *x, int M, int H, int I, int E, int topk, const int32_t *ids, const float *wts,
             const int64_t *ptrs, float *out) {
     init();
-    const int q4 = is_q4(codec), gsh = q4_shift(codec);
-    if (I % (32 << gsh) || H % 64) return -1;
+    MoePlan p;
+    if (moe_plan(&p, codec, x, M, H, I, topk, wts, ptrs)) return -1;
     const Kernels *kn = &KERNELS[g_isa];
-    const int quant = codec == CODEC_Q8 || q4;
-    const int S = M * topk;
-    for (int s = 0; s < S; s++)
+    for (int s = 0; s < p.S; s++)
         if (ids[s] >= E) return -3;
-    size_t xbH = (xq_bytes(H) + 63) / 64 * 64, xbI = (xq_bytes(I) + 63) / 64 * 64;
-    int *count = NULL, *order = NULL, *uniq = NULL, *ustart = NULL;
-    XQ *xq = NULL, *hq = NULL;
-    char *xmem = NULL, *hmem = NULL;
-    float *hf = NULL;
     Carve cv = {NULL, 0};
-    for (int pass = 0; pass < 2; pass++) { /* pass 0 sizes the block, pass 1 hands out its pieces */
-        count = (int *)carve(&cv, sizeof(int) * ((size_t)E + 1));
-        order = (int *)carve(&cv, sizeof(int) * ((size_t)S + 1));
-        uniq = (int *)carve(&cv, sizeof(int) * ((size_t)S + 1));
-        ustart = (int *)carve(&cv, sizeof(int) * ((size_t)S + 1));
-        xq = (XQ *)carve(&cv, sizeof(XQ) * ((size_t)M + 1));
-        hq = (XQ *)carve(&cv, sizeof(XQ) * ((size_t)S + 1));
-        if (quant) {
-            xmem = (char *)carve(&cv, xbH * M);
-            hmem = (char *)carve(&cv, xbI * S);
-        } else {
-            hf = (float *)carve(&cv, sizeof(float) * (size_t)S * I);
-        }
-        if (pass == 0) {
-            if (!(cv.base = scratch(SCRATCH_CALL, cv.off))) return -2;
-            cv.off = 0;
-        }
-    }
-    /* group the kept slots by expert (counting sort) */
-    memset(count, 0, sizeof(int) * ((size_t)E + 1));
-    for (int s = 0; s < S; s++)
-        if (ids[s] >= 0) count[ids[s] + 1]++;
-    for (int e = 0; e < E; e++) count[e + 1] += count[e];
-    const int kept = count[E];
-    int nu = 0;
-    for (int e = 0; e < E; e++)
-        if (count[e + 1] > count[e]) { uniq[nu] = e; ustart[nu] = count[e]; nu++; }
-    ustart[nu] = kept;
-    for (int s = 0; s < S; s++)
-        if (ids[s] >= 0) order[count[ids[s]]++] = s;
-    if (!kept) {
+    moe_carve(&cv, &p, E);
+    if (!(cv.base = scratch(SCRATCH_CALL, cv.off))) return -2;
+    cv.off = 0;
+    moe_carve(&cv, &p, E);
+    moe_group(&p, ids, E);
+    if (!p.kept) {
         memset(out, 0, sizeof(float) * (size_t)M * H);
         return 0;
     }
-    if (quant) {
+    if (p.quant) {
 #pragma omp parallel for schedule(static) num_threads(g_threads) if (M > 8)
-        for (int m = 0; m < M; m++) {
-            xq_init(&xq[m], H, xmem + xbH * m);
-            xq_quantize(&xq[m], x + (size_t)m * H, 0, kn->xq32);
-        }
-        for (int j = 0; j < kept; j++) xq_init(&hq[order[j]], I, hmem + xbI * order[j]);
+        for (int m = 0; m < M; m++) moe_quantize_row(kn, &p, m);
     }
-    const int nb1 = I / 32;            /* 64-row blocks of gate_up: 32 gate + 32 up rows */
-    const int nb2 = (H + 63) / 64;     /* 64-row blocks of down */
-    const int items1 = nu * nb1;
-    const int nt = g_threads;
-#pragma omp parallel num_threads(nt)
+    const int items1 = p.nu * p.nb1;
+#pragma omp parallel num_threads(g_threads)
     {
-        float o64[64], h32[32];
 #pragma omp for schedule(dynamic) /* as krs_linear_multi's chunks */
-        for (int it = 0; it < items1; it++) {
-            int u = it / nb1, c = it % nb1, e = uniq[u];
-            const int64_t *p = ptrs + (size_t)e * 4;
-            for (int j = ustart[u]; j < ustart[u + 1]; j++) {
-                int s = order[j], m = s / topk;
-                if (q4)
-                    kn->q4b((const uint8_t *)p[0] + (size_t)c * H * 32, (const uint16_t *)p[1], 2 * I, 64 * c, H,
-                            gsh, &xq[m], o64);
-                else
-                    rows_dot(kn, codec, (const void *)p[0], (const void *)p[1], NULL, H, 64 * c, 64 * c + 64,
-                             quant ? &xq[m] : NULL, x + (size_t)m * H, o64);
-                for (int d = 0; d < 32; d++) h32[d] = silu(o64[d]) * o64[d + 32];
-                if (quant) kn->xq32(&hq[s], c, h32);
-                else memcpy(hf + (size_t)s * I + 32 * c, h32, sizeof(h32));
-            }
-        }
+        for (int it = 0; it < items1; it++) moe_item1(kn, &p, it);
         /* no xq_finish for h: its permuted scales and reordered values feed only the q4 rows kernel,
          * which experts never use; a barrier less per layer (each costs a few us at 16 threads) */
 #pragma omp for schedule(dynamic) nowait
-        for (int b = 0; b < nb2; b++) {
-            int r0 = 64 * b, r1 = r0 + 64 < H ? r0 + 64 : H;
-            for (int m = 0; m < M; m++) memset(out + (size_t)m * H + r0, 0, sizeof(float) * (r1 - r0));
-            for (int u = 0; u < nu; u++) {
-                const int64_t *p = ptrs + (size_t)uniq[u] * 4;
-                for (int j = ustart[u]; j < ustart[u + 1]; j++) {
-                    int s = order[j], m = s / topk;
-                    if (q4)
-                        kn->q4b((const uint8_t *)p[2] + (size_t)b * I * 32, (const uint16_t *)p[3], H, r0, I, gsh,
-                                &hq[s], o64);
-                    else
-                        rows_dot(kn, codec, (const void *)p[2], (const void *)p[3], NULL, I, r0, r1,
-                                 quant ? &hq[s] : NULL, hf + (size_t)s * I, o64);
-                    float wgt = wts[s];
-                    float *dst = out + (size_t)m * H + r0;
-                    for (int r = 0; r < r1 - r0; r++) dst[r] += wgt * o64[r];
-                }
-            }
-        }
+        for (int b = 0; b < p.nb2; b++) moe_block2(kn, &p, b, out);
     }
     return 0;
 }
@@ -588,78 +644,107 @@ int krs_moe_serve(int codec, int H, int I, int E, int topk, int L, const int64_t
  * the heads of a group read each key and value row once between them, and a long cache is split in
  * parts so every thread has some (one token has only nkv groups: 4 for Qwen3-30B-A3B); each part
  * leaves its max, exp sum and unnormalized output, and a second pass combines the parts of each head. */
+typedef struct {
+    const Kernels *kn;
+    const float *q;
+    const uint16_t *kc, *vc;
+    float *out, *pm, *pl, *po;
+    int T, nq, nkv, hd, start, G, part, parts, items;
+    float scale;
+} AttnPlan;
+
+/* ~4 items a thread, parts of 64 to ATTN_PART positions: a part's fixed cost is the work of a few rows, and the kv
+ * heads of one part run one after another (items are ordered token, part, kv head), so a long cache is read in
+ * windows of ATTN_PART rows (all heads) that stay in cache, not once per head. Sized for all nt threads: a smaller
+ * team (sized to a short cache's work) left the other threads asleep, and waking them for the next kernel made a
+ * 16-core step 3x slower (docs/BENCHMARKS.md, session 10). Returns -1 for shapes it does not take. */
+static int attn_plan(AttnPlan *a, const float *q, int T, int nq, int nkv, int hd, const uint16_t *kc,
+                     const uint16_t *vc, int start, float *out, int nt) {
+    if (nq % nkv || T < 1 || hd < 1) return -1;
+    enum { ATTN_PART = 256 };
+    const int S = start + T;
+    /* the vector kernels take rows of whole 8-float vectors */
+    a->kn = hd % 8 ? &KERNELS[ISA_SCALAR] : &KERNELS[g_isa];
+    a->q = q, a->kc = kc, a->vc = vc, a->out = out;
+    a->T = T, a->nq = nq, a->nkv = nkv, a->hd = hd, a->start = start, a->G = nq / nkv;
+    a->scale = 1.f / sqrtf((float)hd);
+    long want = (long)S * T * nkv / (4L * nt);
+    int part = want < 64 ? 64 : (want > ATTN_PART ? ATTN_PART : (int)((want + 63) / 64 * 64));
+    a->part = part > S ? S : part;
+    a->parts = (S + a->part - 1) / a->part;
+    a->items = T * nkv * a->parts;
+    return 0;
+}
+
+static void attn_carve(Carve *cv, AttnPlan *a) {
+    const size_t n = (size_t)a->items * a->G;
+    a->pm = (float *)carve(cv, sizeof(float) * n);
+    a->pl = (float *)carve(cv, sizeof(float) * n);
+    a->po = (float *)carve(cv, sizeof(float) * n * a->hd);
+}
+
+/* item it = (token, part, kv head): its max, exp sum and unnormalized output per head of the group; sc holds
+ * 8 * part floats of scores */
+static void attn_item(const AttnPlan *a, int it, float *sc) {
+    const int nkv = a->nkv, G = a->G, hd = a->hd;
+    const int t = it / (nkv * a->parts), j = it / nkv % a->parts, kvh = it % nkv;
+    const int s0 = j * a->part, n = a->start + t + 1, s1 = s0 + a->part < n ? s0 + a->part : n;
+    const size_t at = ((size_t)t * nkv + kvh) * a->parts + j; /* partials stay in (token, head, part) order */
+    float *m = a->pm + at * G, *l = a->pl + at * G;
+    if (s0 >= s1) { /* past this token's causal limit: an empty part */
+        for (int g = 0; g < G; g++) { m[g] = -INFINITY; l[g] = 0.f; }
+        return;
+    }
+    a->kn->attn(a->q + ((size_t)t * a->nq + (size_t)kvh * G) * hd, G, hd, a->kc + (size_t)kvh * hd,
+                a->vc + (size_t)kvh * hd, nkv * hd, s0, s1, a->scale, sc, m, l, a->po + at * G * hd);
+}
+
+/* query head th = (token, head): its parts combined into out */
+static void attn_combine(const AttnPlan *a, int th) {
+    const int nq = a->nq, G = a->G, hd = a->hd, parts = a->parts;
+    const int t = th / nq, h = th % nq, kvh = h / G, g = h % G;
+    const size_t first = ((size_t)t * a->nkv + kvh) * parts;
+    const float *pm = a->pm, *pl = a->pl;
+    float mx = -INFINITY, tot = 0.f;
+    for (int j = 0; j < parts; j++) { /* an empty part has l = 0; a kept one l >= 1 (its max's own term) */
+        const size_t at = (first + j) * G + g;
+        if (pl[at] > 0.f && pm[at] > mx) mx = pm[at];
+    }
+    float *o = a->out + (size_t)th * hd;
+    for (int i = 0; i < hd; i++) o[i] = 0.f;
+    for (int j = 0; j < parts; j++) {
+        const size_t at = (first + j) * G + g;
+        if (!(pl[at] > 0.f)) continue;
+        const float c = expf(pm[at] - mx);
+        const float *src = a->po + at * hd;
+        tot += c * pl[at];
+        for (int i = 0; i < hd; i++) o[i] += c * src[i];
+    }
+    const float inv = 1.f / tot;
+    for (int i = 0; i < hd; i++) o[i] *= inv;
+}
+
 int krs_attention(const float *q, int T, int nq, int nkv, int hd, const uint16_t *kc, const uint16_t *vc, int start,
                   float *out) {
     init();
-    if (nq % nkv || T < 1 || hd < 1) return -1;
-    /* the vector kernels take rows of whole 8-float vectors */
-    const Kernels *kn = hd % 8 ? &KERNELS[ISA_SCALAR] : &KERNELS[g_isa];
-    const int S = start + T, G = nq / nkv, nt = g_threads;
-    const float scale = 1.f / sqrtf((float)hd);
-    /* ~4 items a thread, parts of 64 to ATTN_PART positions: a part's fixed cost is the work of a few rows,
-     * and the kv heads of one part run one after another (items are ordered token, part, kv head), so a
-     * long cache is read in windows of ATTN_PART rows (all heads) that stay in cache, not once per head.
-     * The team is always all threads: a smaller one (sized to a short cache's work) left the other threads
-     * asleep, and waking them for the next kernel made a 16-core step 3x slower (docs/BENCHMARKS.md,
-     * session 10) */
-    enum { ATTN_PART = 256 };
-    long want = (long)S * T * nkv / (4L * nt);
-    int part = want < 64 ? 64 : (want > ATTN_PART ? ATTN_PART : (int)((want + 63) / 64 * 64));
-    if (part > S) part = S;
-    const int parts = (S + part - 1) / part, items = T * nkv * parts;
+    AttnPlan a;
+    if (attn_plan(&a, q, T, nq, nkv, hd, kc, vc, start, out, g_threads)) return -1;
     Carve cv = {NULL, 0};
-    float *pm = NULL, *pl = NULL, *po = NULL;
-    for (int pass = 0; pass < 2; pass++) {
-        pm = (float *)carve(&cv, sizeof(float) * (size_t)items * G);
-        pl = (float *)carve(&cv, sizeof(float) * (size_t)items * G);
-        po = (float *)carve(&cv, sizeof(float) * (size_t)items * G * hd);
-        if (pass == 0) {
-            if (!(cv.base = scratch(SCRATCH_CALL, cv.off))) return -2;
-            cv.off = 0;
-        }
-    }
-    const int threaded = items > 1 && (size_t)S * T * nq * hd > 65536;
+    attn_carve(&cv, &a);
+    if (!(cv.base = scratch(SCRATCH_CALL, cv.off))) return -2;
+    cv.off = 0;
+    attn_carve(&cv, &a);
+    const int threaded = a.items > 1 && (size_t)(start + T) * T * nq * hd > 65536;
     int fail = 0;
-#pragma omp parallel num_threads(nt) if (threaded) reduction(| : fail)
+#pragma omp parallel num_threads(g_threads) if (threaded) reduction(| : fail)
     {
-        float *sc = (float *)scratch(SCRATCH_WORKER, sizeof(float) * 8 * (size_t)part);
+        float *sc = (float *)scratch(SCRATCH_WORKER, sizeof(float) * 8 * (size_t)a.part);
         if (!sc) fail = 1;
 #pragma omp for schedule(static)
-        for (int it = 0; it < items; it++) {
-            if (!sc) continue;
-            const int t = it / (nkv * parts), j = it / nkv % parts, kvh = it % nkv;
-            const int s0 = j * part, n = start + t + 1, s1 = s0 + part < n ? s0 + part : n;
-            const size_t at = ((size_t)t * nkv + kvh) * parts + j; /* partials stay in (token, head, part) order */
-            float *m = pm + at * G, *l = pl + at * G;
-            if (s0 >= s1) { /* past this token's causal limit: an empty part */
-                for (int g = 0; g < G; g++) { m[g] = -INFINITY; l[g] = 0.f; }
-                continue;
-            }
-            kn->attn(q + ((size_t)t * nq + (size_t)kvh * G) * hd, G, hd, kc + (size_t)kvh * hd, vc + (size_t)kvh * hd,
-                     nkv * hd, s0, s1, scale, sc, m, l, po + at * G * hd);
-        }
+        for (int it = 0; it < a.items; it++)
+            if (sc) attn_item(&a, it, sc);
 #pragma omp for schedule(static)
-        for (int th = 0; th < T * nq; th++) {
-            const int t = th / nq, h = th % nq, kvh = h / G, g = h % G;
-            const size_t first = ((size_t)t * nkv + kvh) * parts;
-            float mx = -INFINITY, tot = 0.f;
-            for (int j = 0; j < parts; j++) { /* an empty part has l = 0; a kept one l >= 1 (its max's own term) */
-                const size_t at = (first + j) * G + g;
-                if (pl[at] > 0.f && pm[at] > mx) mx = pm[at];
-            }
-            float *o = out + (size_t)th * hd;
-            for (int i = 0; i < hd; i++) o[i] = 0.f;
-            for (int j = 0; j < parts; j++) {
-                const size_t at = (first + j) * G + g;
-                if (!(pl[at] > 0.f)) continue;
-                const float c = expf(pm[at] - mx);
-                const float *src = po + at * hd;
-                tot += c * pl[at];
-                for (int i = 0; i < hd; i++) o[i] += c * src[i];
-            }
-            const float inv = 1.f / tot;
-            for (int i = 0; i < hd; i++) o[i] *= inv;
-        }
+        for (int th = 0; th < T * nq; th++) attn_combine(&a, th);
     }
     return fail ? -2 : 0;
 }
@@ -780,61 +865,199 @@ static inline void stage_mark(int stage, double *t) {
     *t = now;
 }
 
+/* A barrier for the threads of one parallel region that only spins: libgomp's ends in a futex wake (a system call),
+ * and its fork and join cost ~7.5 us at 16 threads on the GPU host's guests, where a step forked ~5 regions a layer
+ * (docs/BENCHMARKS.md, session 10). Each thread raises its own flag (its own cache line) to the barrier's epoch;
+ * thread 0 waits for them all, then raises the release flag. Every thread of the region must take every barrier. */
+typedef struct {
+    _Alignas(64) int v;
+} Flag64;
+
+static inline void cpu_relax(void) {
+#ifdef KRS_X86
+    _mm_pause();
+#endif
+}
+
+static inline void spin_until(const int *flag, int e) {
+    /* past ~1,000 spins the thread it waits for is likely not running (more threads than cores): give it the core */
+    for (unsigned spins = 0; __atomic_load_n(flag, __ATOMIC_ACQUIRE) != e; spins++) {
+        if (spins < 1024) cpu_relax();
+        else sched_yield();
+    }
+}
+
+static void spin_barrier(Flag64 *arrive, Flag64 *release, int tid, int nt, int *epoch) {
+    const int e = ++*epoch;
+    if (tid) {
+        __atomic_store_n(&arrive[tid].v, e, __ATOMIC_RELEASE);
+        spin_until(&release->v, e);
+        return;
+    }
+    for (int i = 1; i < nt; i++) spin_until(&arrive[i].v, e);
+    __atomic_store_n(&release->v, e, __ATOMIC_RELEASE);
+}
+
+/* the next item of a loop whose items threads take as they free up */
+static inline int next_item(Flag64 *counter) { return __atomic_fetch_add(&counter->v, 1, __ATOMIC_RELAXED); }
+
+enum { NX_QKV, NX_O, NX_ROUTER, NX_MOE1, NX_MOE2, NX_LOOPS };
+
 int krs_decode_layers(const int64_t *table, int L, const int32_t *dims, float eps, int pos, const float *cs,
                       const float *sn, float *x, float *h) {
     init();
     const int H = dims[0], nq = dims[1], nkv = dims[2], hd = dims[3], E = dims[4], I = dims[5], topk = dims[6];
-    const int renorm = dims[7], nqd = nq * hd, nkd = nkv * hd;
+    const int renorm = dims[7], nqd = nq * hd, nkd = nkv * hd, nt = g_threads;
     const int ns[3] = {nqd, nkd, nkd};
-    if (topk < 1 || topk > 64 || E < topk) return -1;
-    /* scratch: q|k|v, the normed and rotated q and k, attention out, o, logits, ids and weights, MoE out. Its
-     * own slot: the kernels below carve SCRATCH_CALL for their own buffers */
+    if (topk < 1 || topk > 64 || E < topk || hd % 2) return -1;
+    const Kernels *kn = &KERNELS[g_isa];
+    for (int l = 0; l < L; l++) { /* what each kernel would refuse, refused before anything is written */
+        const int64_t *t = table + (size_t)l * DL_FIELDS;
+        if (!rows_codec_ok((int)t[DL_QKV_CODEC], H, 3) || !rows_codec_ok((int)t[DL_O_CODEC], nqd, 1) ||
+            !rows_codec_ok((int)t[DL_ROUTER_CODEC], H, 1) || t[DL_EXPERT_CODEC] != table[DL_EXPERT_CODEC])
+            return -1; /* the experts' buffers are sized once, for one codec */
+    }
+    AttnPlan att;
+    MoePlan moe;
+    if (attn_plan(&att, NULL, 1, nq, nkv, hd, NULL, NULL, pos, NULL, nt)) return -1;
+    if (moe_plan(&moe, (int)table[DL_EXPERT_CODEC], h, 1, H, I, topk, NULL, NULL)) return -1;
+    /* scratch: q|k|v, the normed and rotated q and k, attention out, o, logits, ids and weights, MoE out, the int8
+     * groups of h (for q|k|v and the router) and of the attention's output (o_proj), the attention's partials,
+     * the MoE's buffers, the barrier's flags and the loops' counters. Its own slot: SCRATCH_CALL stays free */
+    const size_t xbH = (xq_bytes(H) + 63) / 64 * 64, xbQ = (xq_bytes(nqd) + 63) / 64 * 64;
     Carve cv = {NULL, 0};
-    float *qkv = NULL, *qr = NULL, *kr = NULL, *att = NULL, *o = NULL, *logits = NULL, *wts = NULL, *moe = NULL;
+    float *qkv = NULL, *qr = NULL, *kr = NULL, *ao = NULL, *o = NULL, *logits = NULL, *wts = NULL, *mo = NULL;
     int32_t *ids = NULL;
+    XQ *xq = NULL;
+    char *xh = NULL, *xr = NULL, *xa = NULL;
+    Flag64 *arrive = NULL, *release = NULL, *next = NULL;
     for (int pass = 0; pass < 2; pass++) {
         qkv = (float *)carve(&cv, sizeof(float) * (size_t)(nqd + 2 * nkd));
         qr = (float *)carve(&cv, sizeof(float) * (size_t)nqd);
         kr = (float *)carve(&cv, sizeof(float) * (size_t)nkd);
-        att = (float *)carve(&cv, sizeof(float) * (size_t)nqd);
+        ao = (float *)carve(&cv, sizeof(float) * (size_t)nqd);
         o = (float *)carve(&cv, sizeof(float) * (size_t)H);
         logits = (float *)carve(&cv, sizeof(float) * (size_t)E);
         wts = (float *)carve(&cv, sizeof(float) * (size_t)topk);
         ids = (int32_t *)carve(&cv, sizeof(int32_t) * (size_t)topk);
-        moe = (float *)carve(&cv, sizeof(float) * (size_t)H);
+        mo = (float *)carve(&cv, sizeof(float) * (size_t)H);
+        xq = (XQ *)carve(&cv, sizeof(XQ) * 3);
+        xh = (char *)carve(&cv, xbH);
+        xr = (char *)carve(&cv, xbH);
+        xa = (char *)carve(&cv, xbQ);
+        attn_carve(&cv, &att);
+        moe_carve(&cv, &moe, E);
+        arrive = (Flag64 *)carve(&cv, sizeof(Flag64) * (size_t)nt);
+        release = (Flag64 *)carve(&cv, sizeof(Flag64));
+        next = (Flag64 *)carve(&cv, sizeof(Flag64) * NX_LOOPS);
         if (pass == 0) {
             if (!(cv.base = scratch(SCRATCH_STEP, cv.off))) return -2;
             cv.off = 0;
         }
     }
-    int rc = 0;
+    memset(arrive, 0, sizeof(Flag64) * (size_t)nt);
+    memset(release, 0, sizeof(Flag64));
+    XQ *xq_h = &xq[0], *xq_r = &xq[1], *xq_a = &xq[2];
+    xq_init(xq_h, H, xh);
+    xq_init(xq_r, H, xr);
+    xq_init(xq_a, nqd, xa);
+    att.q = qr, att.out = ao;
+    moe.wts = wts;
+    RowsPlan pq, po, pr;
+    const void *qkv_parts[9], *o_parts[3], *r_parts[3];
+    const int oN[1] = {H}, rN[1] = {E};
+    int rc = 0, items1 = 0;
     double clock = g_stage_s ? now_s() : 0.0;
-    for (int l = 0; l < L && !rc; l++) {
-        const int64_t *t = table + (size_t)l * DL_FIELDS;
-        const void *qkv_parts[9];
-        for (int i = 0; i < 9; i++) qkv_parts[i] = (const void *)t[DL_QKV_PARTS + i];
-        uint16_t *keys = (uint16_t *)t[DL_KEYS], *values = (uint16_t *)t[DL_VALUES];
-        rc = krs_linear_multi((int)t[DL_QKV_CODEC], h, 1, H, 3, ns, qkv_parts, qkv);
-        stage_mark(DS_QKV, &clock);
-        if (!rc) rc = krs_norm_rope(qkv, 1, nq, hd, (const float *)t[DL_Q_NORM], eps, cs, sn, qr);
-        if (!rc) rc = krs_norm_rope(qkv + nqd, 1, nkv, hd, (const float *)t[DL_K_NORM], eps, cs, sn, kr);
-        if (!rc) rc = krs_kv_store(kr, qkv + nqd + nkd, nkd, keys + (size_t)pos * nkd, values + (size_t)pos * nkd);
-        stage_mark(DS_ROPE_KV, &clock);
-        if (!rc) rc = krs_attention(qr, 1, nq, nkv, hd, keys, values, pos, att);
-        stage_mark(DS_ATTENTION, &clock);
-        if (!rc) rc = krs_linear((int)t[DL_O_CODEC], att, 1, nqd, H, (const void *)t[DL_O_PARTS],
-                                 (const void *)t[DL_O_PARTS + 1], (const void *)t[DL_O_PARTS + 2], o);
-        stage_mark(DS_O, &clock);
-        if (!rc) rc = krs_add_rms_norm(x, o, 1, H, (const float *)t[DL_MLP_NORM], eps, h);
-        stage_mark(DS_NORMS, &clock);
-        if (!rc) rc = krs_linear((int)t[DL_ROUTER_CODEC], h, 1, H, E, (const void *)t[DL_ROUTER], NULL, NULL, logits);
-        if (!rc) rc = krs_route(logits, 1, E, topk, renorm, ids, wts);
-        stage_mark(DS_ROUTER, &clock);
-        if (!rc) rc = krs_moe((int)t[DL_EXPERT_CODEC], h, 1, H, I, E, topk, ids, wts, (const int64_t *)t[DL_EXPERT_PTRS],
-                              moe);
-        stage_mark(DS_MOE, &clock);
-        if (!rc) rc = krs_add_rms_norm(x, moe, 1, H, (const float *)t[DL_NEXT_NORM], eps, h);
-        stage_mark(DS_NORMS, &clock);
+    /* One region for the whole step: the kernels' work loops (the same bodies as krs_linear_multi, krs_attention and
+     * krs_moe run, so the results are the model loop's bit for bit), thread 0 alone between them for the small
+     * serial steps (norms, rotary, KV write, routing, quantizing a loop's input), a spin barrier after each. */
+#pragma omp parallel num_threads(nt)
+    {
+        const int tid = omp_get_thread_num(), team = omp_get_num_threads();
+        int epoch = 0;
+        float *sc = (float *)scratch(SCRATCH_WORKER, sizeof(float) * 8 * (size_t)att.part);
+        if (!sc) __atomic_store_n(&rc, -2, __ATOMIC_RELAXED);
+        for (int l = 0; l < L; l++) {
+            const int64_t *t = table + (size_t)l * DL_FIELDS;
+            const int qkv_codec = (int)t[DL_QKV_CODEC], o_codec = (int)t[DL_O_CODEC], r_codec = (int)t[DL_ROUTER_CODEC];
+            if (tid == 0) { /* q|k|v's input: h, the last layer's (or the caller's) normed residual */
+                for (int i = 0; i < 9; i++) qkv_parts[i] = (const void *)t[DL_QKV_PARTS + i];
+                rows_plan(&pq, 3, ns, qkv_parts, team);
+                if (qkv_codec == CODEC_Q8 || is_q4(qkv_codec)) xq_quantize(xq_h, h, is_q4(qkv_codec), kn->xq32);
+                for (int i = 0; i < NX_LOOPS; i++) next[i].v = 0;
+                stage_mark(DS_NORMS, &clock);
+            }
+            spin_barrier(arrive, release, tid, team, &epoch);
+            const int qkv_quant = qkv_codec == CODEC_Q8 || is_q4(qkv_codec);
+            for (int c = next_item(&next[NX_QKV]); c < pq.nchunks; c = next_item(&next[NX_QKV]))
+                rows_chunk(kn, qkv_codec, &pq, c, 1, H, qkv_quant ? xq_h : NULL, h, qkv);
+            spin_barrier(arrive, release, tid, team, &epoch);
+            if (tid == 0) {
+                stage_mark(DS_QKV, &clock);
+                uint16_t *keys = (uint16_t *)t[DL_KEYS], *values = (uint16_t *)t[DL_VALUES];
+                for (int i = 0; i < nq; i++)
+                    kn->nrope(qkv + (size_t)i * hd, (const float *)t[DL_Q_NORM], hd, eps, cs, sn, qr + (size_t)i * hd);
+                for (int i = 0; i < nkv; i++)
+                    kn->nrope(qkv + nqd + (size_t)i * hd, (const float *)t[DL_K_NORM], hd, eps, cs, sn,
+                              kr + (size_t)i * hd);
+                krs_kv_store(kr, qkv + nqd + nkd, nkd, keys + (size_t)pos * nkd, values + (size_t)pos * nkd);
+                att.kc = keys, att.vc = values;
+                stage_mark(DS_ROPE_KV, &clock);
+            }
+            spin_barrier(arrive, release, tid, team, &epoch);
+            if (sc)
+                for (int it = att.items * tid / team; it < att.items * (tid + 1) / team; it++) attn_item(&att, it, sc);
+            spin_barrier(arrive, release, tid, team, &epoch);
+            for (int th = nq * tid / team; th < nq * (tid + 1) / team; th++) attn_combine(&att, th);
+            spin_barrier(arrive, release, tid, team, &epoch);
+            if (tid == 0) { /* o_proj's input: the attention's output */
+                stage_mark(DS_ATTENTION, &clock);
+                for (int i = 0; i < 3; i++) o_parts[i] = (const void *)t[DL_O_PARTS + i];
+                rows_plan(&po, 1, oN, o_parts, team);
+                if (o_codec == CODEC_Q8 || is_q4(o_codec)) xq_quantize(xq_a, ao, is_q4(o_codec), kn->xq32);
+            }
+            spin_barrier(arrive, release, tid, team, &epoch);
+            const int o_quant = o_codec == CODEC_Q8 || is_q4(o_codec);
+            for (int c = next_item(&next[NX_O]); c < po.nchunks; c = next_item(&next[NX_O]))
+                rows_chunk(kn, o_codec, &po, c, 1, nqd, o_quant ? xq_a : NULL, ao, o);
+            spin_barrier(arrive, release, tid, team, &epoch);
+            if (tid == 0) { /* the residual add and the MoE's norm; the router's input */
+                stage_mark(DS_O, &clock);
+                kn->addrms(x, o, (const float *)t[DL_MLP_NORM], H, eps, h);
+                stage_mark(DS_NORMS, &clock);
+                r_parts[0] = (const void *)t[DL_ROUTER], r_parts[1] = r_parts[2] = NULL;
+                rows_plan(&pr, 1, rN, r_parts, team);
+                if (r_codec == CODEC_Q8 || is_q4(r_codec)) xq_quantize(xq_r, h, is_q4(r_codec), kn->xq32);
+            }
+            spin_barrier(arrive, release, tid, team, &epoch);
+            const int r_quant = r_codec == CODEC_Q8 || is_q4(r_codec);
+            for (int c = next_item(&next[NX_ROUTER]); c < pr.nchunks; c = next_item(&next[NX_ROUTER]))
+                rows_chunk(kn, r_codec, &pr, c, 1, H, r_quant ? xq_r : NULL, h, logits);
+            spin_barrier(arrive, release, tid, team, &epoch);
+            if (tid == 0) { /* routing; the MoE's slots grouped by expert and its input quantized */
+                const int r = krs_route(logits, 1, E, topk, renorm, ids, wts);
+                moe.ptrs = (const int64_t *)t[DL_EXPERT_PTRS];
+                if (r) { /* nothing to route: no expert is read, the MoE adds zeros */
+                    __atomic_store_n(&rc, r, __ATOMIC_RELAXED);
+                    moe.nu = moe.kept = 0;
+                } else {
+                    moe_group(&moe, ids, E);
+                    if (moe.quant) moe_quantize_row(kn, &moe, 0);
+                }
+                items1 = moe.nu * moe.nb1;
+                stage_mark(DS_ROUTER, &clock);
+            }
+            spin_barrier(arrive, release, tid, team, &epoch);
+            for (int it = next_item(&next[NX_MOE1]); it < items1; it = next_item(&next[NX_MOE1])) moe_item1(kn, &moe, it);
+            spin_barrier(arrive, release, tid, team, &epoch);
+            for (int b = next_item(&next[NX_MOE2]); b < moe.nb2; b = next_item(&next[NX_MOE2])) moe_block2(kn, &moe, b, mo);
+            spin_barrier(arrive, release, tid, team, &epoch);
+            if (tid == 0) { /* the residual add and the next layer's norm (or the final one) */
+                stage_mark(DS_MOE, &clock);
+                kn->addrms(x, mo, (const float *)t[DL_NEXT_NORM], H, eps, h);
+            }
+        }
+        if (tid == 0) stage_mark(DS_NORMS, &clock);
     }
     return rc;
 }
