@@ -831,9 +831,10 @@ int krs_route(const float *logits, int T, int E, int k, int renorm, int32_t *ids
     return 0;
 }
 
-/* A decode step's layers for one token, all in C: the same kernel calls, in the same order and on the same
- * inputs, as the Python model makes one by one (models/qwen3_moe.py forward), so the results are bit-equal;
- * what goes is the ~0.1-0.2 ms a layer of Python, ctypes and tensor set-up between them. The layer is
+/* A decode step's layers for one token, all in C: the work of the kernels the Python model calls one by one
+ * (models/qwen3_moe.py forward), in the same order, on the same inputs and by the same loop bodies, so the results
+ * are bit-equal; what goes is the ~0.1-0.2 ms a layer of Python, ctypes and tensor set-up between them, and the
+ * kernels' forks and joins (one parallel region for the step, below). The layer is
  * Qwen3-MoE's: attention with per-head q/k RMSNorm and rotary over a bf16 KV cache, then a routed MoE, each
  * residual add fused with the norm after it. x [H] is the residual stream (updated in place); h [H] enters as
  * the first layer's normed input and leaves as the final norm's output. dims = {H, nq, nkv, hd, E, I, topk,
