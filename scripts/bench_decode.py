@@ -350,7 +350,9 @@ def main() -> None:
                 codec, group = split_quant(quant)
                 compiled = compile_artifact(folder, out, codec, dense_quant, q4_group=group)
             if args.stages_only:
-                print(f"{quant}/{dense_quant} " + stage_line(stage_profile(out, threads)), flush=True)
+                stages = stage_profile(out, threads)
+                print(f"{quant}/{dense_quant} " + (stage_line(stages) if stages else "no one-call step to clock"),
+                      flush=True)
                 continue
             for kernel in args.kernels.split(","):
                 bandwidth = read_bandwidth(threads)  # beside each run: it drifts on shared machines

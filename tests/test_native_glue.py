@@ -248,3 +248,18 @@ def test_decode_layers_declines_what_it_does_not_run(tmp_path):
     assert not ops.decode_layers([], x.double(), x.clone(), cache, 0, cos, sin, dims, 1e-6)
     assert not ops.decode_layers([], x, x[:, :-1], cache, 0, cos, sin, dims, 1e-6)
     assert torch.equal(x, before)
+
+
+def test_stage_profile_accounts_for_the_step(tiny_per_expert):
+    """bench_decode's stage clock: every stage of the one-call step timed, the stages and the rest summing to the
+    step, and each weight-reading stage's bytes counted (together less than a token's, which adds the lm_head)."""
+    import krasis_run
+    from scripts.bench_decode import bytes_per_token, stage_profile
+
+    path = tiny_per_expert.artifact("q4", "q8")
+    r = stage_profile(path, threads=2, steps=6, prompt=4)
+    assert set(r["stage_ms"]) == {*native.DECODE_STAGES, "rest"}
+    assert all(r["stage_ms"][name] > 0 for name in native.DECODE_STAGES)
+    assert sum(r["stage_ms"].values()) == pytest.approx(r["step_ms"])
+    assert set(r["stage_bytes"]) == {"qkv", "o_proj", "router", "moe"} and min(r["stage_bytes"].values()) > 0
+    assert sum(r["stage_bytes"].values()) < bytes_per_token(krasis_run.load(path, kernel="native").artifact)
