@@ -32,6 +32,8 @@ enum { ISA_SCALAR = 0, ISA_AVX2 = 1, ISA_AVX512 = 2 };
 enum { CODEC_BF16 = 1, CODEC_Q8 = 2, CODEC_Q4 = 3, CODEC_F32 = 4, CODEC_Q4_G64 = 5 };
 static inline int is_q4(int codec) { return codec == CODEC_Q4 || codec == CODEC_Q4_G64; }
 static inline int q4_shift(int codec) { return codec == CODEC_Q4_G64; }
+/* the codecs whose kernels take the activations as int8 groups */
+static inline int int8_input(int codec) { return codec == CODEC_Q8 || is_q4(codec); }
 
 typedef struct {
     int K, Kp, G;   /* length, padded to 32, groups */
@@ -350,7 +352,7 @@ static inline void rows_dot(const Kernels *kn, int codec, const void *w0, const 
  * is read once for all M activations. */
 #define KRS_MAX_MATRICES 8
 typedef struct {
-    int count, N, chunk, nchunks;
+    int N, chunk, nchunks;
     int col[KRS_MAX_MATRICES], first[KRS_MAX_MATRICES + 1];
     const int *ns;
     const void *const *parts;
@@ -358,7 +360,7 @@ typedef struct {
 
 /* ~4 chunks a thread of 8 to 256 rows; the first chunk of each matrix and its first output column */
 static void rows_plan(RowsPlan *p, int count, const int *ns, const void *const *parts, int nt) {
-    p->count = count, p->ns = ns, p->parts = parts, p->N = 0;
+    p->ns = ns, p->parts = parts, p->N = 0;
     for (int i = 0; i < count; i++) {
         p->col[i] = p->N;
         p->N += ns[i];
@@ -394,7 +396,7 @@ int krs_linear_multi(int codec, const float *x, int M, int K, int count, const i
     init();
     if (!rows_codec_ok(codec, K, count)) return -1;
     const Kernels *kn = &KERNELS[g_isa];
-    const int quant = codec == CODEC_Q8 || is_q4(codec);
+    const int quant = int8_input(codec);
     const int nt = g_threads;
     XQ *xq = NULL;
     if (quant) {
@@ -447,7 +449,7 @@ static int moe_plan(MoePlan *p, int codec, const float *x, int M, int H, int I, 
                     const int64_t *ptrs) {
     p->codec = codec, p->q4 = is_q4(codec), p->gsh = q4_shift(codec);
     if (I % (32 << p->gsh) || H % 64) return -1;
-    p->quant = codec == CODEC_Q8 || p->q4;
+    p->quant = int8_input(codec);
     p->M = M, p->H = H, p->I = I, p->topk = topk, p->S = M * topk;
     p->xbH = (xq_bytes(H) + 63) / 64 * 64, p->xbI = (xq_bytes(I) + 63) / 64 * 64;
     p->nb1 = I / 32;        /* 64-row blocks of gate_up: 32 gate + 32 up rows */
@@ -904,6 +906,20 @@ static inline int next_item(Flag64 *counter) { return __atomic_fetch_add(&counte
 
 enum { NX_QKV, NX_O, NX_ROUTER, NX_MOE1, NX_MOE2, NX_LOOPS };
 
+/* thread 0 before a dense-rows loop of the step: its chunks for this team, its input x quantized where it must be */
+static void rows_stage_prepare(const Kernels *kn, int codec, RowsPlan *p, int count, const int *ns,
+                               const void *const *parts, int team, XQ *xq, const float *x) {
+    rows_plan(p, count, ns, parts, team);
+    if (int8_input(codec)) xq_quantize(xq, x, is_q4(codec), kn->xq32);
+}
+
+/* every thread: the loop's chunks as they come (krs_linear_multi's bodies, one activation row) */
+static void rows_stage_run(const Kernels *kn, int codec, const RowsPlan *p, Flag64 *next, int K, const XQ *xq,
+                           const float *x, float *y) {
+    for (int c = next_item(next); c < p->nchunks; c = next_item(next))
+        rows_chunk(kn, codec, p, c, 1, K, int8_input(codec) ? xq : NULL, x, y);
+}
+
 int krs_decode_layers(const int64_t *table, int L, const int32_t *dims, float eps, int pos, const float *cs,
                       const float *sn, float *x, float *h) {
     init();
@@ -983,15 +999,12 @@ int krs_decode_layers(const int64_t *table, int L, const int32_t *dims, float ep
             const int qkv_codec = (int)t[DL_QKV_CODEC], o_codec = (int)t[DL_O_CODEC], r_codec = (int)t[DL_ROUTER_CODEC];
             if (tid == 0) { /* q|k|v's input: h, the last layer's (or the caller's) normed residual */
                 for (int i = 0; i < 9; i++) qkv_parts[i] = (const void *)t[DL_QKV_PARTS + i];
-                rows_plan(&pq, 3, ns, qkv_parts, team);
-                if (qkv_codec == CODEC_Q8 || is_q4(qkv_codec)) xq_quantize(xq_h, h, is_q4(qkv_codec), kn->xq32);
+                rows_stage_prepare(kn, qkv_codec, &pq, 3, ns, qkv_parts, team, xq_h, h);
                 for (int i = 0; i < NX_LOOPS; i++) next[i].v = 0;
                 stage_mark(DS_NORMS, &clock);
             }
             spin_barrier(arrive, release, tid, team, &epoch);
-            const int qkv_quant = qkv_codec == CODEC_Q8 || is_q4(qkv_codec);
-            for (int c = next_item(&next[NX_QKV]); c < pq.nchunks; c = next_item(&next[NX_QKV]))
-                rows_chunk(kn, qkv_codec, &pq, c, 1, H, qkv_quant ? xq_h : NULL, h, qkv);
+            rows_stage_run(kn, qkv_codec, &pq, &next[NX_QKV], H, xq_h, h, qkv);
             spin_barrier(arrive, release, tid, team, &epoch);
             if (tid == 0) {
                 stage_mark(DS_QKV, &clock);
@@ -1014,26 +1027,20 @@ int krs_decode_layers(const int64_t *table, int L, const int32_t *dims, float ep
             if (tid == 0) { /* o_proj's input: the attention's output */
                 stage_mark(DS_ATTENTION, &clock);
                 for (int i = 0; i < 3; i++) o_parts[i] = (const void *)t[DL_O_PARTS + i];
-                rows_plan(&po, 1, oN, o_parts, team);
-                if (o_codec == CODEC_Q8 || is_q4(o_codec)) xq_quantize(xq_a, ao, is_q4(o_codec), kn->xq32);
+                rows_stage_prepare(kn, o_codec, &po, 1, oN, o_parts, team, xq_a, ao);
             }
             spin_barrier(arrive, release, tid, team, &epoch);
-            const int o_quant = o_codec == CODEC_Q8 || is_q4(o_codec);
-            for (int c = next_item(&next[NX_O]); c < po.nchunks; c = next_item(&next[NX_O]))
-                rows_chunk(kn, o_codec, &po, c, 1, nqd, o_quant ? xq_a : NULL, ao, o);
+            rows_stage_run(kn, o_codec, &po, &next[NX_O], nqd, xq_a, ao, o);
             spin_barrier(arrive, release, tid, team, &epoch);
             if (tid == 0) { /* the residual add and the MoE's norm; the router's input */
                 stage_mark(DS_O, &clock);
                 kn->addrms(x, o, (const float *)t[DL_MLP_NORM], H, eps, h);
                 stage_mark(DS_NORMS, &clock);
                 r_parts[0] = (const void *)t[DL_ROUTER], r_parts[1] = r_parts[2] = NULL;
-                rows_plan(&pr, 1, rN, r_parts, team);
-                if (r_codec == CODEC_Q8 || is_q4(r_codec)) xq_quantize(xq_r, h, is_q4(r_codec), kn->xq32);
+                rows_stage_prepare(kn, r_codec, &pr, 1, rN, r_parts, team, xq_r, h);
             }
             spin_barrier(arrive, release, tid, team, &epoch);
-            const int r_quant = r_codec == CODEC_Q8 || is_q4(r_codec);
-            for (int c = next_item(&next[NX_ROUTER]); c < pr.nchunks; c = next_item(&next[NX_ROUTER]))
-                rows_chunk(kn, r_codec, &pr, c, 1, H, r_quant ? xq_r : NULL, h, logits);
+            rows_stage_run(kn, r_codec, &pr, &next[NX_ROUTER], H, xq_r, h, logits);
             spin_barrier(arrive, release, tid, team, &epoch);
             if (tid == 0) { /* routing; the MoE's slots grouped by expert and its input quantized */
                 const int r = krs_route(logits, 1, E, topk, renorm, ids, wts);
